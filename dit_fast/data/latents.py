@@ -1,0 +1,286 @@
+"""Packed latent storage: a few large .npy shards plus index.json, read with memory mapping.
+
+Layout of a features directory (written by extract_features.py or ``write_latent_dataset``)::
+
+    index.json                    format, version, num_images, latent_shape [C, h, w], dtype,
+                                  class_names, num_classes, image_size, vae, latent_scale, flips,
+                                  shards [{name, count}], num_skipped
+    shard-00000.latents.npy       (n, 2, C, h, w) float32|float16: [:, 0] the image, [:, 1] its
+                                  horizontal flip (the trainer picks one per visit)
+    shard-00000.labels.npy        (n,) int64
+    shard-00000.meta.json         count, skipped paths and the settings fingerprint; written last,
+                                  so its presence marks a finished shard (resume skips it)
+    skipped.txt                   images that could not be read, one "path<TAB>reason" a line
+
+Pixel-space data (``--vae none``) uses the same layout with the [-1, 1] pixels as "latents".
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+INDEX_NAME = "index.json"
+FORMAT_NAME = "dit_fast.latents"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("float32", "float16")
+_INDEX_KEYS = ("format", "version", "num_images", "latent_shape", "dtype", "class_names",
+               "image_size", "vae", "shards")
+_RUN_EXTRACT = "run extract_features.py --data-path <images> --features-path <this dir> first"
+
+
+def shard_name(shard: int) -> str:
+    """Base name of shard number ``shard`` (``shard-00000``)."""
+    return f"shard-{shard:05d}"
+
+
+def _fsync_and_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def atomic_write_json(obj, path: str | os.PathLike) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    _fsync_and_replace(tmp, path)
+
+
+def atomic_save_npy(arr: np.ndarray, path: str | os.PathLike) -> None:
+    """np.save to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(arr))
+    _fsync_and_replace(tmp, path)
+
+
+def open_shard_writer(out_dir: str | os.PathLike, shard: int, capacity: int,
+                      per_item_shape: tuple[int, ...], dtype: str) -> np.memmap:
+    """A writable memory-mapped temp .npy of shape (capacity, *per_item_shape) for one shard.
+
+    Filling the shard through a memmap keeps host memory flat even for pixel-space shards of
+    several GB; ``finish_shard`` renames it into place.
+    """
+    # ".partial", not ".tmp": finish_shard may write the final file via a .tmp of its own.
+    tmp = Path(out_dir) / f".{shard_name(shard)}.latents.npy.partial{os.getpid()}"
+    return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
+                                     shape=(capacity, *per_item_shape))
+
+
+def finish_shard(out_dir: str | os.PathLike, shard: int, buf: np.memmap, count: int,
+                 labels: np.ndarray, meta: dict) -> None:
+    """Make a shard final: latents, then labels, then meta.json (the completion marker)."""
+    out_dir = Path(out_dir)
+    name = shard_name(shard)
+    tmp = Path(buf.filename)
+    buf.flush()
+    if count < buf.shape[0]:  # images were skipped: rewrite with the exact row count
+        atomic_save_npy(np.asarray(buf[:count]), out_dir / f"{name}.latents.npy")
+        del buf
+        tmp.unlink()
+    else:
+        del buf
+        _fsync_and_replace(tmp, out_dir / f"{name}.latents.npy")
+    atomic_save_npy(np.asarray(labels, dtype=np.int64), out_dir / f"{name}.labels.npy")
+    atomic_write_json(dict(meta, count=int(count)), out_dir / f"{name}.meta.json")
+
+
+def read_shard_meta(out_dir: str | os.PathLike, shard: int) -> dict | None:
+    """The meta of a finished shard, or None when the shard is missing or unfinished."""
+    out_dir = Path(out_dir)
+    name = shard_name(shard)
+    meta_path = out_dir / f"{name}.meta.json"
+    if not meta_path.exists():
+        return None
+    if not all((out_dir / f"{name}.{kind}.npy").exists() for kind in ("latents", "labels")):
+        return None  # a file was removed after the fact: recompute this shard
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_latent_dataset(out_dir: str | os.PathLike, latents, labels, *, class_names,
+                         image_size: int, vae: str = "none", flips: str = "horizontal",
+                         dtype: str = "float32", shard_size: int = 4096,
+                         latent_scale: float | None = None) -> Path:
+    """Write in-memory (N, 2, C, h, w) latents and (N,) labels in the packed format.
+
+    For tests, the bundled demo, and anyone with features from elsewhere. ``flips`` documents
+    what slot 1 holds: "horizontal" (the flipped image) or "duplicate" (the same image twice).
+    """
+    latents = np.asarray(latents)
+    labels = np.asarray(labels, dtype=np.int64)
+    if latents.ndim != 5 or latents.shape[1] != 2:
+        raise ValueError(f"latents must be (N, 2, C, h, w), got {latents.shape}")
+    if labels.shape != (latents.shape[0],):
+        raise ValueError(f"labels must be ({latents.shape[0]},), got {labels.shape}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for shard, start in enumerate(range(0, len(labels), shard_size)):
+        stop = min(start + shard_size, len(labels))
+        buf = open_shard_writer(out_dir, shard, stop - start, latents.shape[1:], dtype)
+        buf[:] = latents[start:stop]
+        finish_shard(out_dir, shard, buf, stop - start, labels[start:stop], {"skipped": []})
+        shards.append({"name": shard_name(shard), "count": stop - start})
+    write_index(out_dir, shards=shards, latent_shape=latents.shape[2:], dtype=dtype,
+                class_names=class_names, image_size=image_size, vae=vae, flips=flips,
+                latent_scale=latent_scale)
+    return out_dir
+
+
+def write_index(out_dir: str | os.PathLike, *, shards: list[dict], latent_shape, dtype: str,
+                class_names, image_size: int, vae: str, flips: str = "horizontal",
+                latent_scale: float | None = None, num_skipped: int = 0, **extra) -> dict:
+    """Write index.json atomically (the last step: a directory without it is unfinished)."""
+    index = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "num_images": int(sum(s["count"] for s in shards)),
+        "latent_shape": [int(v) for v in latent_shape], "dtype": dtype,
+        "class_names": [str(c) for c in class_names], "num_classes": len(class_names),
+        "image_size": int(image_size), "vae": vae, "latent_scale": latent_scale,
+        "flips": flips, "shards": shards, "num_skipped": int(num_skipped), **extra,
+    }
+    atomic_write_json(index, Path(out_dir) / INDEX_NAME)
+    return index
+
+
+def read_index(path: str | os.PathLike) -> dict:
+    """Load and validate index.json of a features directory, with errors that say what to do."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"features path {str(path)!r} does not exist; {_RUN_EXTRACT}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"features path {str(path)!r} is not a directory; "
+                                 "it must be the folder extract_features.py wrote")
+    index_path = path / INDEX_NAME
+    if not index_path.exists():
+        if any(path.glob("shard-*.meta.json")):
+            raise FileNotFoundError(
+                f"{str(path)!r} holds shards but no {INDEX_NAME}: the extraction did not finish. "
+                "Rerun extract_features.py with the same arguments; it keeps the finished shards.")
+        raise FileNotFoundError(f"no {INDEX_NAME} in {str(path)!r} (empty or not a features "
+                                f"directory); {_RUN_EXTRACT}")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"corrupt {index_path}: {err}. Delete it and rerun extract_features.py "
+                         "with the same arguments (finished shards are kept).") from err
+    missing = [k for k in _INDEX_KEYS if not isinstance(index, dict) or k not in index]
+    if missing or index.get("format") != FORMAT_NAME:
+        raise ValueError(f"corrupt or foreign {index_path}: missing keys {missing} or format "
+                         f"{index.get('format') if isinstance(index, dict) else None!r} != "
+                         f"{FORMAT_NAME!r}; rerun extract_features.py")
+    if index["version"] > FORMAT_VERSION:
+        raise ValueError(f"{index_path} has format version {index['version']}, this dit_fast "
+                         f"reads up to {FORMAT_VERSION}; upgrade dit_fast")
+    if index["num_images"] <= 0:
+        raise ValueError(f"{str(path)!r} holds no images (num_images=0); check the source images "
+                         "and skipped.txt, then rerun extract_features.py")
+    return index
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Memory-mapped packed latents -> (latents float32 (2, C, h, w), label int).
+
+    Slot 0 is the image, slot 1 its horizontal flip (the same image twice when
+    ``flips == "duplicate"``). Attributes: ``latent_shape`` (C, h, w), ``num_classes``,
+    ``class_names``, ``image_size``, ``vae``, ``latent_scale``, ``flips``, ``labels`` (int64 array).
+    All files are checked here, so a broken directory fails before any training step.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index = read_index(self.path)
+        self.index = index
+        self.latent_shape = tuple(int(v) for v in index["latent_shape"])
+        self.class_names = list(index["class_names"])
+        self.num_classes = len(self.class_names)
+        self.image_size = int(index["image_size"])
+        self.vae = index["vae"]
+        self.latent_scale = index.get("latent_scale")
+        self.flips = index.get("flips", "horizontal")
+        self.dtype = index["dtype"]
+        self._shard_names = [s["name"] for s in index["shards"]]
+        counts = [int(s["count"]) for s in index["shards"]]
+        self._starts = np.cumsum([0] + counts).tolist()
+        self.labels = np.concatenate([self._check_shard(n, c) for n, c in
+                                      zip(self._shard_names, counts)] or [np.zeros(0, np.int64)])
+        self._mmaps: dict[int, np.ndarray] = {}
+
+    def _check_shard(self, name: str, count: int) -> np.ndarray:
+        files = {k: self.path / f"{name}.{k}.npy" for k in ("latents", "labels")}
+        for f in files.values():
+            if not f.exists():
+                raise FileNotFoundError(f"shard file {str(f)!r} listed in {INDEX_NAME} is missing; "
+                                        "rerun extract_features.py with the same arguments")
+        try:
+            lat = np.load(files["latents"], mmap_mode="r")
+            labels = np.load(files["labels"])
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read shard {name} in {str(self.path)!r}: {err}; delete its "
+                             "files and rerun extract_features.py") from err
+        want = (count, 2, *self.latent_shape)
+        if lat.shape != want or labels.shape != (count,):
+            raise ValueError(f"shard {name}: latents {lat.shape} / labels {labels.shape}, but "
+                             f"{INDEX_NAME} says {want} / ({count},); delete the shard's files "
+                             "and rerun extract_features.py")
+        return labels.astype(np.int64, copy=False)
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _shard(self, k: int) -> np.ndarray:
+        if k not in self._mmaps:  # opened lazily so DataLoader workers each map their own
+            self._mmaps[k] = np.load(self.path / f"{self._shard_names[k]}.latents.npy",
+                                     mmap_mode="r")
+        return self._mmaps[k]
+
+    def __getstate__(self):
+        # Pickling a memmap copies its data; workers reopen the files instead.
+        return {**self.__dict__, "_mmaps": {}}
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        i = i % len(self)
+        k = bisect.bisect_right(self._starts, i) - 1
+        row = np.array(self._shard(k)[i - self._starts[k]], dtype=np.float32)  # (2, C, h, w)
+        return torch.from_numpy(row), int(self.labels[i])
+
+    def check_labels(self, num_classes: int) -> None:
+        """Raise ValueError naming each label value outside [0, num_classes) and its count."""
+        check_labels(self.labels, num_classes, source=str(self.path))
+
+    def check_latent_shape(self, channels: int, size: int) -> None:
+        """Raise ValueError unless the stored latents are (channels, size, size)."""
+        if self.latent_shape != (channels, size, size):
+            raise ValueError(
+                f"latents in {str(self.path)!r} are {self.latent_shape} (image_size "
+                f"{self.image_size}, vae {self.vae!r}), but the model expects "
+                f"({channels}, {size}, {size}); match --image-size/--model/--vae to the "
+                "extraction or extract again")
+
+
+def check_labels(labels, num_classes: int, source: str = "the data") -> None:
+    """Raise ValueError naming each label value outside [0, num_classes) and how often it occurs."""
+    labels = np.asarray(labels)
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        values, counts = np.unique(labels[bad], return_counts=True)
+        listed = ", ".join(f"label {v} x {c}" for v, c in list(zip(values, counts))[:10])
+        fix = (f"pass --num-classes {int(labels.max()) + 1} or higher" if labels.min() >= 0
+               else "labels must be non-negative: extract the features again")
+        raise ValueError(
+            f"{int(bad.sum())} labels in {source} are outside [0, {num_classes}): {listed}"
+            f"{' ...' if len(values) > 10 else ''}; {fix}")
