@@ -1,4 +1,4 @@
-"""dit_fast.checkpoint: download cache, safe loading, key handling, strict fitting, atomic saving."""
+"""dit_fast.checkpoint: download cache, safe loading, key handling, strict fitting, atomic save."""
 import argparse
 import http.server
 import io

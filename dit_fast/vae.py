@@ -1,0 +1,162 @@
+"""The Stable Diffusion VAE as DiT uses it (diffusers AutoencoderKL, latent scale 0.18215).
+
+diffusers is imported inside the functions that need it: ``import dit_fast`` never imports it
+and never touches the network. ``--vae none`` (pixel-space diffusion) needs no VAE at all.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import torch
+
+# DiT multiplies VAE latents by this so that they have roughly unit variance (from LDM).
+LATENT_SCALE = 0.18215
+
+VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class VAEError(RuntimeError):
+    """The VAE could not be found or loaded."""
+
+
+class VAE:
+    """An AutoencoderKL with DiT's scaling: images in [-1, 1] <-> scaled latents.
+
+    Attributes: ``vae`` (the diffusers module, eval mode, frozen), ``latent_channels``,
+    ``downsample`` (pixels per latent along each side: 8 for the SD VAEs).
+    """
+
+    def __init__(self, vae):
+        self.vae = vae.eval().requires_grad_(False)
+        self.latent_channels = int(vae.config.latent_channels)
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.in_channels = int(vae.config.in_channels)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] -> latents (N, latent_channels, H/ds, W/ds) * 0.18215.
+
+        The latent is sampled from the posterior, as fast-DiT's extract_features does; pass a
+        ``generator`` (on the VAE's device) for reproducible samples.
+        """
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"VAE.encode expects images of shape (N, {self.in_channels}, H, W) in [-1, 1]; "
+                f"got {tuple(x.shape)}."
+            )
+        if x.shape[2] % self.downsample or x.shape[3] % self.downsample:
+            raise ValueError(
+                f"Image size {tuple(x.shape[2:])} is not divisible by the VAE's downsampling "
+                f"factor {self.downsample}; resize or crop (e.g. --image-size 256)."
+            )
+        x = x.to(self.device, self.dtype)
+        return self.vae.encode(x).latent_dist.sample(generator=generator) * LATENT_SCALE
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (N, latent_channels, h, w) -> images (N, C, h*ds, w*ds), about [-1, 1]."""
+        if z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"VAE.decode expects latents of shape (N, {self.latent_channels}, h, w); got "
+                f"{tuple(z.shape)}. Is the model's in_channels the VAE's latent_channels?"
+            )
+        z = z.to(self.device, self.dtype)
+        # Divide (not multiply by the reciprocal) exactly as DiT's sample.py, bit for bit.
+        return self.vae.decode(z / LATENT_SCALE).sample
+
+    def to(self, device=None, dtype=None) -> "VAE":
+        self.vae.to(device=device, dtype=dtype)
+        return self
+
+
+def load_vae(spec, device="cpu", dtype=torch.float32) -> VAE | None:
+    """Load the VAE named by ``spec``; ``None`` for ``"none"`` (pixel-space diffusion).
+
+    spec: ``"ema"`` / ``"mse"`` (stabilityai/sd-vae-ft-ema / -mse), a local directory written by
+    ``save_pretrained`` or ``huggingface-cli download`` (a ``vae/`` subfolder is found too), or
+    another Hugging Face repo id. Hub ids are first looked up in the local cache; the network is
+    tried only when ``HF_HUB_OFFLINE`` is not set. Failure raises ``VAEError`` saying how to
+    get the files.
+    """
+    if spec is None or str(spec).lower() == "none":
+        return None
+    spec = str(spec)
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        vae = _from_directory(local, dtype)
+    elif spec in VAE_REPOS or _REPO_ID.match(spec):
+        vae = _from_hub(VAE_REPOS.get(spec, spec), dtype)
+    else:
+        raise VAEError(
+            f"--vae {spec!r} is not 'ema', 'mse', 'none', an existing directory or a Hugging Face "
+            f"repo id (owner/name). If it is meant to be a directory, check the path."
+        )
+    return VAE(vae.to(device))
+
+
+def _load_kwargs(dtype) -> dict:
+    # low_cpu_mem_usage needs accelerate; asking for it without accelerate only prints a warning.
+    has_accelerate = importlib.util.find_spec("accelerate") is not None
+    return dict(torch_dtype=dtype, low_cpu_mem_usage=has_accelerate)
+
+
+def _from_directory(path: Path, dtype):
+    from diffusers import AutoencoderKL
+
+    subfolder = None
+    if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        subfolder = "vae"  # a whole Stable Diffusion pipeline directory
+    try:
+        return AutoencoderKL.from_pretrained(
+            str(path), subfolder=subfolder, local_files_only=True, **_load_kwargs(dtype)
+        )
+    except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError, ...
+        raise VAEError(
+            f"Could not load a VAE (diffusers AutoencoderKL) from the directory {path}: {e}\n"
+            f"It should hold config.json and diffusion_pytorch_model.safetensors (or .bin)."
+        ) from e
+
+
+def _hub_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
+def _from_hub(repo_id: str, dtype):
+    from diffusers import AutoencoderKL
+
+    try:
+        # The local cache first: no request at all when the files are already here.
+        return AutoencoderKL.from_pretrained(repo_id, local_files_only=True, **_load_kwargs(dtype))
+    except Exception as cached_error:
+        if _hub_offline():
+            raise _missing_vae(repo_id, cached_error, offline=True) from cached_error
+    try:
+        return AutoencoderKL.from_pretrained(repo_id, **_load_kwargs(dtype))
+    except Exception as e:
+        raise _missing_vae(repo_id, e, offline=False) from e
+
+
+def _missing_vae(repo_id: str, error: Exception, offline: bool) -> VAEError:
+    why = ("HF_HUB_OFFLINE is set, so nothing can be downloaded here" if offline
+           else "downloading it failed (no network?)")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return VAEError(
+        f"The VAE {repo_id!r} is not in the local Hugging Face cache and {why} ({first_line}).\n"
+        f"Get it on a machine with network access:\n"
+        f"    huggingface-cli download {repo_id} --local-dir DIR\n"
+        f"copy DIR here and pass --vae DIR. Or use --vae none to train and sample in pixel space "
+        f"without a VAE."
+    )
