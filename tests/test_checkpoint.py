@@ -304,3 +304,28 @@ def test_atomic_save_replaces_and_creates_dirs(tmp_path):
     atomic_save({"step": 2}, path)
     assert safe_torch_load(path) == {"step": 2}
     assert [p.name for p in path.parent.iterdir()] == ["0000100.pt"]
+
+
+# --------------------------------------------------------------------------- with the real DiT
+
+def _small_dit(**kwargs):
+    models = pytest.importorskip("dit_fast.models")
+    torch.manual_seed(0)
+    return models.DiT(input_size=8, patch_size=4, hidden_size=48, depth=2, num_heads=2,
+                      **kwargs).eval()  # eval: no random label dropout
+
+
+def test_dit_training_checkpoint_roundtrip(tmp_path):
+    src = _small_dit(num_classes=10)
+    with torch.no_grad():  # adaLN-Zero starts at zero: perturb so the outputs test something
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    wrapped = {"module." + k: v for k, v in src.state_dict().items()}
+    atomic_save({"model": wrapped, "ema": src.state_dict(), "args": argparse.Namespace(a=1)},
+                tmp_path / "0000010.pt")
+    dst = load_into_model(_small_dit(num_classes=10), load_state_dict(tmp_path / "0000010.pt"))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([3, 7])
+    torch.testing.assert_close(dst(x, t, y), src(x, t, y), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"y_embedder.embedding_table.weight: checkpoint "
+                                              r"\(11, 48\) vs model \(1001, 48\)"):
+        load_into_model(_small_dit(), src.state_dict())
