@@ -204,7 +204,10 @@ def load_state_dict(path_or_name, prefer_ema: bool = True) -> dict[str, torch.Te
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
+            raise CheckpointError(f"Could not read {path} as a .safetensors file: {e}") from e
     else:
         state = _pick_state_dict(safe_torch_load(path), prefer_ema, path)
     return normalize_keys(state, source=path)
