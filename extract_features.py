@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from dit_fast.data.extract import ExtractConfig, extract_features
+from dit_fast.vae import VAEError  # light: diffusers is imported only when a VAE is loaded
 
 
 def parse_args(argv=None) -> ExtractConfig:
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
         extract_features(cfg)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+    except (FileNotFoundError, NotADirectoryError, ValueError, VAEError) as err:
         # Bad input: one clear line instead of a traceback (bugs still raise other types).
         print(f"extract_features.py: error: {err}", file=sys.stderr)
         return 2

@@ -137,7 +137,8 @@ def test_latent_dataset_roundtrip_mmap_and_pickle(tmp_path):
                          image_size=16, vae="ema", shard_size=3, latent_scale=0.18215)
     assert sorted(p.name for p in (tmp_path / "f").glob("*.latents.npy")) == [
         "shard-00000.latents.npy", "shard-00001.latents.npy", "shard-00002.latents.npy"]
-    assert np.load(tmp_path / "f" / "shard-00001.latents.npy", mmap_mode="r").shape == (3, 2, 4, 2, 2)
+    shard1 = np.load(tmp_path / "f" / "shard-00001.latents.npy", mmap_mode="r")
+    assert shard1.shape == (3, 2, 4, 2, 2)
     ds = LatentDataset(tmp_path / "f")
     assert len(ds) == 7 and ds.latent_shape == (4, 2, 2) and ds.num_classes == 3
     assert ds.class_names == ["x", "y", "z"] and ds.image_size == 16 and ds.vae == "ema"
@@ -194,7 +195,8 @@ def test_latent_dataset_errors(tmp_path):
 
 def test_check_labels_names_values_and_counts(tmp_path):
     check_labels(np.array([0, 1, 2]), 3)
-    with pytest.raises(ValueError, match=r"outside \[0, 3\): label 3 x 2, label 7 x 1.*--num-classes 8"):
+    msg = r"outside \[0, 3\): label 3 x 2, label 7 x 1.*--num-classes 8"
+    with pytest.raises(ValueError, match=msg):
         check_labels(np.array([0, 3, 3, 7, 1]), 3)
     with pytest.raises(ValueError, match="label -1 x 1.*non-negative"):
         check_labels(np.array([-1, 0]), 3)

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import inspect
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ class DistContext:
 
 
 def init_distributed() -> DistContext:
-    """Read the launcher's env; join a process group (nccl on CUDA, gloo on CPU) if WORLD_SIZE > 1."""
+    """Read the launcher's env; join a process group (nccl on CUDA, gloo on CPU) if world > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -238,12 +239,14 @@ def _run_shards(cfg, folder, shards, vae, latent_shape, ctx) -> None:
         _, buf, labels, skipped, row = state
         for i, err in bad:
             path = folder.samples[i][0]
-            tqdm.write(f"[rank {ctx.rank}] skipping unreadable image {path}: {err}")
+            tqdm.write(f"[rank {ctx.rank}] skipping unreadable image {path}: {err}",
+                       file=sys.stderr)
             skipped.append([path, err])
         if good:
             z = encode_pair(pixels, vae, ctx.device, posterior_seed(cfg.global_seed, shard, b))
             if tuple(z.shape[2:]) != latent_shape:
-                raise RuntimeError(f"encoder returned {tuple(z.shape[2:])}, expected {latent_shape}")
+                raise RuntimeError(f"encoder returned {tuple(z.shape[2:])}, "
+                                   f"expected {latent_shape}")
             buf[row : row + len(good)] = z.float().cpu().numpy().astype(cfg.dtype)
             labels.extend(folder.samples[i][1] for i in good)
             row += len(good)

@@ -63,10 +63,11 @@ def pixels_to_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def find_classes(root: str | os.PathLike) -> list[str]:
-    """Sorted names of the sub-folders of ``root`` (one per class), like torchvision's ImageFolder."""
+    """Sorted names of the sub-folders of ``root`` (one per class), as torchvision sorts them."""
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist; pass --data-path <dir>")
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist; "
+                                "pass --data-path <dir>")
     if not root.is_dir():
         raise NotADirectoryError(f"{str(root)!r} is not a directory; --data-path needs a folder "
                                  "with one sub-folder per class")
@@ -133,7 +134,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the flip pattern of ``epoch`` (each epoch flips a different, reproducible half)."""
+        """Select the flip pattern of ``epoch`` (each epoch flips another reproducible half)."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
