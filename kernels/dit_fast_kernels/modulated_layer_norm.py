@@ -1,0 +1,351 @@
+"""Fused adaLN modulation: ``LayerNorm(x, no affine) * (1 + scale) + shift``, forward and backward.
+
+DiT applies this before every attention and MLP sublayer. Unfused it costs a LayerNorm pass plus two
+broadcast elementwise passes (and their backward); fused it is one read of x and one write.
+
+Anatomy (STYLE.md): reference -> Triton kernels -> launchers -> custom ops (``dit_fast::``) with fake
+and autograd registrations -> public function.
+
+Kernel layout: the grid is (chunks of T, N). A program owns ``rows_per_program`` consecutive tokens
+of ONE sample, so a block of rows never straddles two samples and the sample's shift/scale vectors are
+loaded once per program instead of once per row. Rows are processed ``BLOCK_T`` at a time; the whole
+row (BLOCK_D = next_power_of_2(D), masked) sits in registers, so the variance is an exact two-pass
+``mean((x - mean)^2)`` (no one-pass cancellation for rows with a large mean). All statistics and
+accumulations are fp32. The backward writes per-(sample, chunk) partial sums of dshift/dscale to a
+buffer that a torch sum reduces: no atomics, so two runs give identical bits.
+"""
+import os
+import types
+
+import torch
+
+from dit_fast_kernels.runtime import triton_status
+
+try:  # Triton is optional: without it the custom ops run the reference.
+    import triton
+    import triton.language as tl
+
+    jit = triton.jit
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    triton = None
+    tl = types.SimpleNamespace(constexpr=None)  # keeps the kernel signatures below importable
+
+    def jit(fn):
+        return fn
+
+# Kernels are built as interpreter functions only if TRITON_INTERPRET=1 is set when this module is
+# imported; remember it to give a clear error instead of a cryptic one later.
+KERNELS_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_D = 65536  # a whole row must fit in one program's registers
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (readable torch, fp32 upcast)
+# ---------------------------------------------------------------------------------------------
+
+def modulated_layer_norm_ref(x, shift, scale, eps=1e-6, upcast=True):
+    """LayerNorm(x, no affine, eps) * (1 + scale[:, None]) + shift[:, None], in x's dtype.
+
+    ``upcast=False`` computes in the input dtype (the "PyTorch in the same dtype" error baseline).
+    """
+    dtype = x.dtype
+    if upcast:  # to fp32, or keep float64 (the tests' gold)
+        wide = torch.promote_types(dtype, torch.float32)
+        x, shift, scale = x.to(wide), shift.to(wide), scale.to(wide)
+    mean = x.mean(-1, keepdim=True)  # (N, T, 1)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)  # biased, as nn.LayerNorm
+    out = (x - mean) * torch.rsqrt(var + eps) * (1 + scale[:, None]) + shift[:, None]
+    return out.to(dtype)
+
+
+def _forward_ref(x, shift, scale, eps):
+    """(out, mean, rstd) like the Triton forward; mean/rstd (N, T) fp32."""
+    xf = x.float()
+    mean = xf.mean(-1)
+    rstd = torch.rsqrt((xf - mean[..., None]).pow(2).mean(-1) + eps)
+    xhat = (xf - mean[..., None]) * rstd[..., None]
+    out = xhat * (1 + scale.float()[:, None]) + shift.float()[:, None]
+    return out.to(x.dtype), mean, rstd
+
+
+def _backward_ref(dout, x, scale, mean, rstd):
+    """(dx, dshift, dscale) from the saved statistics, in fp32, cast to the input dtypes."""
+    xhat = (x.float() - mean[..., None]) * rstd[..., None]  # (N, T, D)
+    dy = dout.float()
+    g = dy * (1 + scale.float()[:, None])  # gradient w.r.t. xhat
+    dx = rstd[..., None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dy.sum(1).to(scale.dtype), (dy * xhat).sum(1).to(scale.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels (shared row helpers are also used by gated_residual.py)
+# ---------------------------------------------------------------------------------------------
+
+@jit
+def modulated_norm_tile(x, mask, shift, scale1, D, eps):
+    """x (BLOCK_T, BLOCK_D) fp32 (0 where masked) -> (y, mean (BLOCK_T,), rstd (BLOCK_T,))."""
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)  # two-pass variance
+    y = xc * rstd[:, None] * scale1[None, :] + shift[None, :]
+    return y, mean, rstd
+
+
+@jit
+def modulated_norm_grad_tile(dy, xhat, scale1, rstd, D):
+    """d(loss)/dx for y = xhat * scale1 + shift; dy, xhat (BLOCK_T, BLOCK_D) fp32, 0 where masked."""
+    g = dy * scale1[None, :]
+    c_mean = tl.sum(g, axis=1) / D
+    c_proj = tl.sum(g * xhat, axis=1) / D
+    return (g - c_mean[:, None] - xhat * c_proj[:, None]) * rstd[:, None]
+
+
+@jit
+def _mln_fwd_kernel(
+    X,  # (N, T, D) any dtype, strides (stride_xn, stride_xt, 1)
+    SHIFT,  # (N, D) strides (stride_shift, 1)
+    SCALE,  # (N, D) strides (stride_scale, 1)
+    OUT,  # (N, T, D) contiguous, x's dtype
+    MEAN,  # (N, T) fp32 contiguous
+    RSTD,  # (N, T) fp32 contiguous
+    T, D, rows_per_program,
+    stride_xn, stride_xt, stride_shift, stride_scale,
+    eps,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(1).to(tl.int64)
+    t_start = tl.program_id(0) * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    shift = tl.load(SHIFT + n * stride_shift + cols, mask=col_ok, other=0.0).to(tl.float32)
+    scale1 = 1.0 + tl.load(SCALE + n * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < t_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + n * stride_xn + rows[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0)
+        y, mean, rstd = modulated_norm_tile(x.to(tl.float32), mask, shift, scale1, D, eps)
+        out_rows = n * T + rows
+        tl.store(OUT + out_rows[:, None] * D + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(MEAN + out_rows, mean, mask=row_ok)
+        tl.store(RSTD + out_rows, rstd, mask=row_ok)
+
+
+@jit
+def _mln_bwd_kernel(
+    DOUT,  # (N, T, D) strides (stride_dn, stride_dt, 1)
+    X,  # (N, T, D) strides (stride_xn, stride_xt, 1)
+    SCALE,  # (N, D) strides (stride_scale, 1)
+    MEAN,  # (N, T) fp32 contiguous
+    RSTD,  # (N, T) fp32 contiguous
+    DX,  # (N, T, D) contiguous, x's dtype
+    DSHIFT_PART,  # (N, n_chunks, D) fp32: this program's partial sum over its rows
+    DSCALE_PART,  # (N, n_chunks, D) fp32
+    T, D, rows_per_program, n_chunks,
+    stride_dn, stride_dt, stride_xn, stride_xt, stride_scale,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(0)
+    t_start = chunk * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    scale1 = 1.0 + tl.load(SCALE + n * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+    # 2-D accumulators: summed over rows once at the end, not per tile
+    acc_dshift = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    acc_dscale = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < t_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + n * stride_xn + rows[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DOUT + n * stride_dn + rows[:, None] * stride_dt + cols[None, :], mask=mask, other=0.0)
+        dy = dy.to(tl.float32)
+        mean = tl.load(MEAN + n * T + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + n * T + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+        dx = modulated_norm_grad_tile(dy, xhat, scale1, rstd, D)
+        tl.store(DX + (n * T + rows)[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        acc_dshift += dy
+        acc_dscale += dy * xhat
+    part = (n * n_chunks + chunk) * D + cols
+    tl.store(DSHIFT_PART + part, tl.sum(acc_dshift, axis=0), mask=col_ok)
+    tl.store(DSCALE_PART + part, tl.sum(acc_dscale, axis=0), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+class LaunchConfig(types.SimpleNamespace):
+    """BLOCK_T rows x BLOCK_D columns per tile, rows_per_program tokens per program, n_chunks per sample."""
+
+
+def launch_config(N, T, D, tile_elems=4096, target_programs=2048, block_t=None, rows_per_program=None):
+    """Tile and grid sizes. ``block_t`` / ``rows_per_program`` override the heuristics (tests use
+    tiny values so that the interpreter exercises multi-tile loops and chunk tails)."""
+    if D > MAX_D:
+        raise ValueError(f"D={D} is too large for the fused adaLN kernels (at most {MAX_D}); "
+                         "use the torch backend (fused_adaln=False)")
+    block_d = triton.next_power_of_2(D)
+    if block_t is None:
+        # several rows per tile when D is small, so every program moves a useful amount of memory
+        block_t = max(1, min(tile_elems // block_d, triton.next_power_of_2(T)))
+    if rows_per_program is None:
+        tiles = triton.cdiv(T, block_t)
+        chunks = min(tiles, max(1, triton.cdiv(target_programs, N)))
+        rows_per_program = triton.cdiv(tiles, chunks) * block_t
+    n_chunks = triton.cdiv(T, rows_per_program)
+    num_warps = min(16, max(4, block_t * block_d // 512))  # ~16 fp32 values per thread per tensor
+    return LaunchConfig(BLOCK_T=block_t, BLOCK_D=block_d, rows_per_program=rows_per_program,
+                        n_chunks=n_chunks, num_warps=num_warps)
+
+
+def check_launchable(device):
+    """Raise a clear error if the kernels were built for the wrong mode (interpreter vs GPU)."""
+    if triton is None:
+        raise RuntimeError("the 'triton' package is not installed (pip install triton)")
+    if device.type == "cpu" and not KERNELS_INTERPRETED:
+        raise RuntimeError("Triton kernels on the CPU need TRITON_INTERPRET=1 set before dit_fast_kernels "
+                           "is imported (it was set later, or not at all)")
+
+
+def last_dim_contiguous(t):
+    """t itself when its last dimension has stride 1 (row strides are passed to the kernels)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def modulated_layer_norm_fwd(x, shift, scale, eps, **config_overrides):
+    """Triton forward: (out (N, T, D) x.dtype, mean (N, T) fp32, rstd (N, T) fp32)."""
+    check_launchable(x.device)
+    x, shift, scale = last_dim_contiguous(x), last_dim_contiguous(shift), last_dim_contiguous(scale)
+    N, T, D = x.shape
+    cfg = launch_config(N, T, D, **config_overrides)
+    out = torch.empty((N, T, D), dtype=x.dtype, device=x.device)
+    mean = torch.empty((N, T), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    _mln_fwd_kernel[(cfg.n_chunks, N)](
+        x, shift, scale, out, mean, rstd, T, D, cfg.rows_per_program,
+        x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps,
+        BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
+    )
+    return out, mean, rstd
+
+
+def modulated_layer_norm_bwd(dout, x, scale, mean, rstd, **config_overrides):
+    """Triton backward: (dx x.dtype, dshift, dscale scale.dtype); deterministic (no atomics)."""
+    check_launchable(x.device)
+    dout, x, scale = last_dim_contiguous(dout), last_dim_contiguous(x), last_dim_contiguous(scale)
+    N, T, D = x.shape
+    config_overrides.setdefault("target_programs", 1024)  # fewer chunks: smaller partial-sum buffers
+    cfg = launch_config(N, T, D, **config_overrides)
+    dx = torch.empty((N, T, D), dtype=x.dtype, device=x.device)
+    dshift_part = torch.empty((N, cfg.n_chunks, D), dtype=torch.float32, device=x.device)
+    dscale_part = torch.empty_like(dshift_part)
+    _mln_bwd_kernel[(cfg.n_chunks, N)](
+        dout, x, scale, mean, rstd, dx, dshift_part, dscale_part,
+        T, D, cfg.rows_per_program, cfg.n_chunks,
+        dout.stride(0), dout.stride(1), x.stride(0), x.stride(1), scale.stride(0),
+        BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
+    )
+    return dx, dshift_part.sum(1).to(scale.dtype), dscale_part.sum(1).to(scale.dtype)
+
+
+def use_triton(device) -> bool:
+    """Run the Triton kernels (True) or the reference (False) on ``device``."""
+    return triton is not None and triton_status(device)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: one opaque node for torch.compile, with fake and autograd registrations
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("dit_fast::modulated_layer_norm", mutates_args=())
+def _mln_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x.device):
+        return modulated_layer_norm_fwd(x, shift, scale, eps)
+    return _forward_ref(x, shift, scale, eps)
+
+
+@_mln_op.register_fake
+def _(x, shift, scale, eps):
+    N, T, D = x.shape
+    stats = x.new_empty((N, T), dtype=torch.float32)
+    return x.new_empty((N, T, D)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("dit_fast::modulated_layer_norm_backward", mutates_args=())
+def _mln_backward_op(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                     rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x.device):
+        return modulated_layer_norm_bwd(dout, x, scale, mean, rstd)
+    return _backward_ref(dout, x, scale, mean, rstd)
+
+
+@_mln_backward_op.register_fake
+def _(dout, x, scale, mean, rstd):
+    N, T, D = x.shape
+    return x.new_empty((N, T, D)), scale.new_empty((N, D)), scale.new_empty((N, D))
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, scale, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.shift_dtype = shift.dtype
+
+
+def _backward(ctx, dout, _dmean, _drstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale = _mln_backward_op(dout, x, scale, mean, rstd)
+    return dx, dshift.to(ctx.shift_dtype), dscale, None
+
+
+_mln_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+
+def check_modulation(name, x, v):
+    """v must be (N, D) for x (N, T, D), on x's device, with unit stride along D."""
+    if v.dim() != 2 or v.shape[0] != x.shape[0] or v.shape[1] != x.shape[2]:
+        raise ValueError(f"{name} must have shape (N, D) = ({x.shape[0]}, {x.shape[2]}) for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(v.shape)}")
+    if v.device != x.device:
+        raise ValueError(f"{name} is on {v.device} but x is on {x.device}; move them to one device")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+
+
+def check_tokens(name, x):
+    """x must be a floating-point (N, T, D) tensor."""
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (N, T, D), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def modulated_layer_norm(x, shift, scale, eps=1e-6):
+    """DiT's ``modulate(LayerNorm(x), shift, scale)`` in one fused pass.
+
+    Args:
+        x: (N, T, D) tokens, fp32 / fp16 / bf16 (any strides with unit stride along D are fine).
+        shift, scale: (N, D) per-sample modulation, any float dtype; views such as chunks of the
+            adaLN output (N, 6D) are used without a copy.
+        eps: LayerNorm epsilon (DiT uses 1e-6).
+    Returns:
+        (N, T, D) in x's dtype: ``LayerNorm(x, no affine, eps) * (1 + scale[:, None]) + shift[:, None]``
+        with fp32 statistics. Differentiable w.r.t. x, shift and scale (deterministic backward).
+    Runs the Triton kernels on CUDA (or on the CPU under TRITON_INTERPRET=1), the fp32 reference
+    otherwise; it is a ``dit_fast::modulated_layer_norm`` custom op, so torch.compile does not break.
+    """
+    check_tokens("x", x)
+    check_modulation("shift", x, shift)
+    check_modulation("scale", x, scale)
+    return _mln_op(x, shift, scale, float(eps))[0]
