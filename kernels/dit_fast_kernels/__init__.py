@@ -1,0 +1,10 @@
+"""dit_fast_kernels: Triton kernels for DiT (fused adaLN modulation, gated residuals, flash attention).
+
+Each op lives in its own file with the same anatomy: readable torch reference -> Triton kernels ->
+launcher -> autograd wrapper registered as a torch custom op (namespace ``dit_fast``) -> public function.
+Importing this package never touches CUDA and works without Triton installed; ``triton_status`` says
+whether the Triton kernels can run on a given device. This package never imports ``dit_fast``.
+"""
+from dit_fast_kernels.runtime import triton_status
+
+__all__ = ["triton_status"]
