@@ -163,6 +163,7 @@ def test_two_ranks_match_one_rank(image_tree, tmp_path):
     _run(image_tree, one)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # two ranks on one GPU would trip NCCL: compare on gloo/CPU
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            str(REPO / "extract_features.py"), "--data-path", str(image_tree),
@@ -213,4 +214,8 @@ def test_tiny_vae_latents_both_flips_scaled(image_tree, tmp_path):
             assert abs(eps.mean().item()) < 0.1 and 0.9 < eps.std().item() < 1.1, (slot, eps.std())
     again = tmp_path / "again"
     _run(image_tree, again, "--vae", str(vae_dir))  # seeded posterior: reproducible
-    assert all((out / n).read_bytes() == (again / n).read_bytes() for n in _shard_files(out))
+    z_again = torch.stack([LatentDataset(again)[k][0] for k in range(len(ds))])
+    if torch.cuda.is_available():  # cuDNN may pick other conv algorithms between runs
+        torch.testing.assert_close(z_again, z, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(z_again, z)

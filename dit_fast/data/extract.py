@@ -1,10 +1,10 @@
 """Feature pre-extraction: ImageFolder -> ADM crop -> VAE encode (image and its flip) -> shards.
 
 Runs as one process or under torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK).
-Shards are fixed ranges of the sorted image list, dealt to ranks round-robin; each is written
-atomically, so a rerun with the same arguments skips finished shards and a crash loses at most
-the shards in flight. Rank 0 writes index.json after a barrier. The features directory must be
-on a filesystem every rank sees.
+Shards are fixed ranges of the sorted image list; the unfinished ones are dealt to ranks
+round-robin. Each shard is written atomically, so a rerun with the same arguments skips finished
+shards and a crash loses at most the shards in flight. Rank 0 writes index.json after a barrier.
+The features directory must be on a filesystem every rank sees.
 """
 from __future__ import annotations
 
@@ -300,7 +300,9 @@ def extract_features(cfg: ExtractConfig) -> dict | None:
         num_shards = -(-len(folder) // cfg.shard_size)
         Path(cfg.features_path).mkdir(parents=True, exist_ok=True)
         pending, done = find_pending(cfg, folder, num_shards)
-        mine = [s for s in pending if s % ctx.world_size == ctx.rank]
+        # Every rank must see the same pending list before any rank finishes a shard.
+        ctx.barrier()
+        mine = pending[ctx.rank :: ctx.world_size]  # round-robin, balanced on resume too
         if ctx.rank == 0:
             print(f"{len(folder):,} images in {len(folder.classes):,} classes -> {num_shards} "
                   f"shards ({len(done)} already done) in {cfg.features_path}; "
