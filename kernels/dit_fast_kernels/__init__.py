@@ -5,6 +5,7 @@ launcher -> autograd wrapper registered as a torch custom op (namespace ``dit_fa
 Importing this package never touches CUDA and works without Triton installed; ``triton_status`` says
 whether the Triton kernels can run on a given device. This package never imports ``dit_fast``.
 """
+from dit_fast_kernels.flash_attention import flash_attention
 from dit_fast_kernels.runtime import triton_status
 
-__all__ = ["triton_status"]
+__all__ = ["flash_attention", "triton_status"]
