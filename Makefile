@@ -6,14 +6,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dit_fast_installed
 TORCH_CPU := torch==2.13.0
+DEEPSPEED := deepspeed==0.19.8
 
 .PHONY: setup demo test bench table gpu-check clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=24" "setuptools>=64" wheel
+	$(PY) -m pip install -q "setuptools>=70" wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -e ".[all]"
+	# DeepSpeed ships as source: build it against the torch above (an isolated build would fetch another torch).
+	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation $(DEEPSPEED)
+	$(PY) -m pip install -q --no-build-isolation -e ".[all]"
 	touch $(STAMP)
 
 setup: $(STAMP)
