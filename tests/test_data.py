@@ -147,6 +147,11 @@ def test_latent_dataset_roundtrip_mmap_and_pickle(tmp_path):
         assert z.dtype == torch.float32 and z.shape == (2, 4, 2, 2) and y == labels[i]
         assert torch.equal(z, torch.from_numpy(lat[i]))
     assert torch.equal(ds[-1][0], ds[6][0])
+    for flip in (0, 1):
+        z, y = ds.get(5, flip)
+        assert torch.equal(z, torch.from_numpy(lat[5, flip])) and y == labels[5]
+    with pytest.raises(ValueError, match="flip"):
+        ds.get(0, 2)
     with pytest.raises(IndexError):
         ds[7]
     clone = pickle.loads(pickle.dumps(ds))  # what DataLoader workers receive

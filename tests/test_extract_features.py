@@ -219,3 +219,13 @@ def test_tiny_vae_latents_both_flips_scaled(image_tree, tmp_path):
         torch.testing.assert_close(z_again, z, atol=1e-5, rtol=1e-5)
     else:
         assert torch.equal(z_again, z)
+
+
+def test_shard_of_only_corrupt_images_is_empty_not_lost(image_tree, tmp_path):
+    _run(image_tree, tmp_path / "four")
+    _run(image_tree, tmp_path / "one", "--shard-size", "1")  # corrupt.png alone in shard 8
+    one, four = LatentDataset(tmp_path / "one"), LatentDataset(tmp_path / "four")
+    assert [s["count"] for s in one.index["shards"]].count(0) == 1 and len(one) == len(four) == 11
+    for k in range(11):
+        assert torch.equal(one[k][0], four[k][0]) and one[k][1] == four[k][1]
+        assert torch.equal(one.get(k, 1)[0], four[k][0][1])

@@ -250,12 +250,24 @@ class LatentDataset(torch.utils.data.Dataset):
         # Pickling a memmap copies its data; workers reopen the files instead.
         return {**self.__dict__, "_mmaps": {}}
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def _locate(self, i: int) -> tuple[int, int, int]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         i = i % len(self)
-        k = bisect.bisect_right(self._starts, i) - 1
-        row = np.array(self._shard(k)[i - self._starts[k]], dtype=np.float32)  # (2, C, h, w)
+        k = bisect.bisect_right(self._starts, i) - 1  # empty shards share a start: take the last
+        return i, k, i - self._starts[k]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        i, k, j = self._locate(i)
+        row = np.array(self._shard(k)[j], dtype=np.float32)  # (2, C, h, w)
+        return torch.from_numpy(row), int(self.labels[i])
+
+    def get(self, i: int, flip: int) -> tuple[torch.Tensor, int]:
+        """One slot only, (latents float32 (C, h, w), label): half the reads of ``self[i]``."""
+        if flip not in (0, 1):
+            raise ValueError(f"flip must be 0 (image) or 1 (mirror), got {flip!r}")
+        i, k, j = self._locate(i)
+        row = np.array(self._shard(k)[j, flip], dtype=np.float32)  # (C, h, w)
         return torch.from_numpy(row), int(self.labels[i])
 
     def check_labels(self, num_classes: int) -> None:
