@@ -21,8 +21,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .images import ImageFolder, pixels_to_tensor
-from .latents import (STORAGE_DTYPES, atomic_write_json, finish_shard, open_shard_writer,
-                      read_shard_meta, shard_name, write_index)
+from .latents import (STORAGE_DTYPES, finish_shard, open_shard_writer, read_shard_meta,
+                      shard_name, write_index)
 
 
 @dataclasses.dataclass
