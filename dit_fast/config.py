@@ -1,0 +1,274 @@
+"""One typed config tree for dit_fast: CLI -> Config -> components.
+
+Every knob is a dataclass field with a docstring (the string literal under it). Each component gets
+only its own section (``cfg.model`` to build the DiT, ``cfg.train`` for the loop, ...). The resolved
+tree is printed at start, saved as ``config.json`` in the run dir and, as a plain dict, in every
+checkpoint (so checkpoints load with ``torch.load(weights_only=True)``).
+
+    cfg = config_from_args(args)        # argparse.Namespace from train.py
+    print(format_config(cfg))
+    save_config(cfg, run_dir / "config.json")
+    cfg2 = config_from_dict(config_to_dict(cfg))   # == cfg
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class ModelConfig:
+    """Which DiT to build and its speed switches (switches never change the numbers)."""
+
+    model: str = "DiT-XL/2"
+    """Name in ``dit_fast.models.DiT_models`` (``DiT-XL/2`` ... ``DiT-S/8``)."""
+    image_size: int = 256
+    """Image side in pixels; the model's input is ``image_size // downsample`` (8 with the SD VAE)."""
+    num_classes: int = 1000
+    """Number of class labels; the data's labels must lie in [0, num_classes)."""
+    learn_sigma: bool = True
+    """Predict the variance too (out_channels = 2 * in_channels), as DiT does."""
+    class_dropout_prob: float = 0.1
+    """Label dropout for classifier-free guidance."""
+    in_channels: Optional[int] = None
+    """Latent channels; derived from the data (4 for SD-VAE latents, 3/1 for pixels)."""
+    input_size: Optional[int] = None
+    """Latent (or pixel) side the model sees; derived from image_size and the VAE downsample."""
+    depth: Optional[int] = None
+    """Override the named model's depth (small test models, ablations); None keeps the name's."""
+    hidden_size: Optional[int] = None
+    """Override the named model's width; None keeps the name's."""
+    num_heads: Optional[int] = None
+    """Override the named model's head count; None keeps the name's."""
+    attn_backend: str = "sdpa"
+    """Attention backend (see dit_fast.dispatch): sdpa | math | triton | flash_attn | xformers | auto."""
+    fused_adaln: bool = False
+    """Use the fused (Triton) adaLN-modulated LayerNorm / gated residual kernels."""
+    grad_checkpointing: float = 0.0
+    """Fraction of blocks (0..1) whose activations are recomputed in backward; 1.0 = all."""
+
+    @property
+    def patch_size(self) -> int:
+        """The patch size encoded in the model name (``DiT-XL/2`` -> 2)."""
+        return int(self.model.rsplit("/", 1)[-1])
+
+
+@dataclass
+class DiffusionConfig:
+    """The Gaussian diffusion used for the loss (DiT's create_diffusion arguments)."""
+
+    diffusion_steps: int = 1000
+    """Number of training timesteps T; t ~ randint(0, T) per sample."""
+    noise_schedule: str = "linear"
+    """Beta schedule (DiT: linear)."""
+    timestep_respacing: str = ""
+    """Training uses the full chain (DiT: "")."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training data comes from."""
+
+    features_path: Optional[str] = None
+    """Pre-extracted latents (extract_features.py output): the fast path."""
+    data_path: Optional[str] = None
+    """Raw ImageFolder tree (one folder per class); encoded by the VAE on the fly."""
+    vae: str = "ema"
+    """VAE for --data-path: ema | mse | a local dir | a repo id | none (pixel-space data)."""
+    num_workers: int = 4
+    """DataLoader worker processes per rank."""
+    random_flip: bool = True
+    """Pick the image or its horizontal flip at random each time it is seen."""
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent cell: 1 for pixel-space data, 8 for the SD VAEs."""
+        return 1 if str(self.vae).lower() == "none" else 8
+
+
+@dataclass
+class OptimConfig:
+    """AdamW exactly as DiT: lr 1e-4, no weight decay, constant learning rate."""
+
+    lr: float = 1e-4
+    """Learning rate (constant)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple = (0.9, 0.999)
+    """AdamW betas (torch defaults, as DiT)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 0.0
+    """Gradient-norm clipping threshold; 0 disables it (DiT does not clip)."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: batch, precision, duration, logging, checkpoints."""
+
+    global_batch_size: int = 256
+    """Images per optimizer step over all ranks (= micro batch x grad accumulation x world size)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    micro_batch_size: Optional[int] = None
+    """Per-rank micro batch; derived from global batch, accumulation and world size."""
+    precision: str = "bf16"
+    """bf16 | fp16 (dynamic loss scaling) | fp32: DeepSpeed's mixed-precision mode."""
+    epochs: int = 1400
+    """Passes over the data (DiT's default); --max-steps may stop earlier."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (counted from the start of the run, across resumes)."""
+    global_seed: int = 0
+    """Seed; rank r uses global_seed * world_size + r, as DiT."""
+    log_every: int = 100
+    """Log the averaged loss every N steps."""
+    ckpt_every: int = 50_000
+    """Save a checkpoint every N steps (and always at the end)."""
+    keep_last: int = 2
+    """Keep the newest K complete checkpoints (0 keeps all)."""
+    results_dir: str = "results"
+    """Parent of the per-run directories ``NNN-<model>``."""
+    resume: Optional[str] = None
+    """A checkpoint dir, or "auto" for the newest complete one under results_dir."""
+    compile: bool = False
+    """torch.compile each transformer block before wrapping in DeepSpeed."""
+    deepspeed_config: Optional[str] = None
+    """ZeRO-knobs JSON (configs/deepspeed/zero2.json ...); None = ZeRO stage 0."""
+    ema_decay: float = 0.9999
+    """EMA decay per optimizer step (fp32 EMA, DiT's 0.9999)."""
+
+
+# ---- sampling section: the sampling owner adds SampleConfig here (keep Config's field order) ----
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model section."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Diffusion section."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data section."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer section."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training-loop section."""
+
+
+_SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
+             "optim": OptimConfig, "train": TrainConfig}
+
+# CLI dest -> (section, field) where the names differ or live in another section.
+_ARG_MAP = {
+    "model": ("model", "model"), "image_size": ("model", "image_size"),
+    "num_classes": ("model", "num_classes"), "attn_backend": ("model", "attn_backend"),
+    "fused_adaln": ("model", "fused_adaln"), "grad_checkpointing": ("model", "grad_checkpointing"),
+    "depth": ("model", "depth"), "hidden_size": ("model", "hidden_size"),
+    "num_heads": ("model", "num_heads"), "learn_sigma": ("model", "learn_sigma"),
+    "class_dropout_prob": ("model", "class_dropout_prob"),
+    "diffusion_steps": ("diffusion", "diffusion_steps"),
+    "noise_schedule": ("diffusion", "noise_schedule"),
+    "features_path": ("data", "features_path"), "data_path": ("data", "data_path"),
+    "vae": ("data", "vae"), "num_workers": ("data", "num_workers"),
+    "lr": ("optim", "lr"), "weight_decay": ("optim", "weight_decay"),
+    "grad_clip": ("optim", "grad_clip"),
+    "global_batch_size": ("train", "global_batch_size"), "grad_accum": ("train", "grad_accum"),
+    "precision": ("train", "precision"), "epochs": ("train", "epochs"),
+    "max_steps": ("train", "max_steps"), "global_seed": ("train", "global_seed"),
+    "log_every": ("train", "log_every"), "ckpt_every": ("train", "ckpt_every"),
+    "keep_last": ("train", "keep_last"), "results_dir": ("train", "results_dir"),
+    "resume": ("train", "resume"), "compile": ("train", "compile"),
+    "deepspeed_config": ("train", "deepspeed_config"), "ema_decay": ("train", "ema_decay"),
+}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the tree from parsed CLI flags (unknown or None-valued flags keep the defaults)."""
+    cfg = Config()
+    for dest, (section, name) in _ARG_MAP.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            setattr(getattr(cfg, section), name, value)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Raise ValueError for values that can never work, naming the flag to change."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    checks = [
+        (t.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {t.precision!r}"),
+        (0.0 <= m.grad_checkpointing <= 1.0,
+         f"--grad-checkpointing is a fraction of blocks in [0, 1], got {m.grad_checkpointing}"),
+        (t.global_batch_size > 0, f"--global-batch-size must be positive, got {t.global_batch_size}"),
+        (t.grad_accum > 0, f"--grad-accum must be positive, got {t.grad_accum}"),
+        (t.log_every > 0, f"--log-every must be positive, got {t.log_every}"),
+        (t.ckpt_every > 0, f"--ckpt-every must be positive, got {t.ckpt_every}"),
+        (t.keep_last >= 0, f"--keep-last must be >= 0, got {t.keep_last}"),
+        (t.max_steps is None or t.max_steps > 0, f"--max-steps must be positive, got {t.max_steps}"),
+        (0.0 <= t.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {t.ema_decay}"),
+        (cfg.optim.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {cfg.optim.grad_clip}"),
+        (bool(d.features_path) != bool(d.data_path),
+         "give exactly one of --features-path (pre-extracted latents) or --data-path (images)"),
+        ("/" in m.model and m.model.rsplit("/", 1)[-1].isdigit(),
+         f"--model must look like DiT-XL/2, got {m.model!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if m.image_size % d.downsample:
+        raise ValueError(f"--image-size {m.image_size} is not divisible by the VAE downsample "
+                         f"{d.downsample}")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict of built-in types (JSON- and weights_only-safe)."""
+    out = dataclasses.asdict(cfg)
+    out["optim"]["betas"] = list(out["optim"]["betas"])
+    return out
+
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of config_to_dict; unknown sections/keys raise so stale files are noticed."""
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = dict(d.get(name, {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"config section {name!r} has unknown keys {sorted(unknown)}")
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        sections[name] = cls(**values)
+    return Config(**sections)
+
+
+def format_config(cfg: Config) -> str:
+    """Human-readable dump, one ``section.key = value`` per line."""
+    lines = []
+    for section, values in config_to_dict(cfg).items():
+        lines += [f"{section}.{k} = {v!r}" for k, v in values.items()]
+    return "\n".join(lines)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as JSON (atomically: temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read a config.json written by save_config."""
+    return config_from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,196 @@
+"""Training checkpoints: atomic directories, keep-last-K, resume lookup, RNG capture.
+
+Layout of one checkpoint (``<run>/checkpoints/step-0000100/``)::
+
+    ds/                       DeepSpeed's engine.save_checkpoint (module, ZeRO optimizer shards)
+    train_state.pt            rank 0: step, data position (epoch, step_in_epoch), world size,
+                              resolved config (plain dict), fp16 skipped-step count
+    ema-0000100.pt            rank 0: {"ema": fp32 state dict}; loads with DiT's sample.py and
+                              dit_fast.checkpoint.load_state_dict
+    rng-rank00000.pt ...      one per global rank: torch / cuda / numpy / python RNG states
+
+All ranks write into ``step-0000100.tmp/``; after a barrier rank 0 renames it to ``step-0000100/``.
+A kill mid-save therefore leaves only a ``.tmp`` dir, which resume ignores and the next save
+removes. Our files load with ``torch.load(weights_only=True)``; ``ds/`` is read by DeepSpeed.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import atomic_save, safe_torch_load
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAIN_STATE = "train_state.pt"
+DS_TAG = "ds"
+FORMAT_VERSION = 1
+# Test hook: kill rank 0 with SIGKILL after the files of this step are written, before the rename.
+CRASH_ENV = "DIT_FAST_TEST_KILL_IN_SAVE_AT_STEP"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def ema_file_name(step: int) -> str:
+    return f"ema-{step:07d}.pt"
+
+
+def rng_file_name(rank: int) -> str:
+    return f"rng-rank{rank:05d}.pt"
+
+
+def is_complete(ckpt: Path) -> bool:
+    """A finished checkpoint dir: renamed from .tmp and holding the rank-0 state."""
+    return ckpt.is_dir() and STEP_DIR.match(ckpt.name) is not None and (ckpt / TRAIN_STATE).is_file()
+
+
+def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under one run's checkpoints/ dir, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(STEP_DIR.match(p.name).group(1)), p) for p in ckpt_root.iterdir()
+             if STEP_DIR.match(p.name) and is_complete(p)]
+    return sorted(found)
+
+
+def find_latest_checkpoint(results_dir: str | os.PathLike) -> Path | None:
+    """Newest complete checkpoint in any run under results_dir (highest step, then newest file)."""
+    best = None
+    for run in Path(results_dir).glob("*/checkpoints"):
+        for step, path in list_checkpoints(run):
+            key = (step, (path / TRAIN_STATE).stat().st_mtime)
+            if best is None or key > best[0]:
+                best = (key, path)
+    return best[1] if best else None
+
+
+def resolve_resume(spec: str | None, results_dir: str) -> Path | None:
+    """--resume value -> a complete checkpoint dir, or None to start fresh."""
+    if not spec:
+        return None
+    if spec == "auto":
+        return find_latest_checkpoint(results_dir)
+    path = Path(spec)
+    if path.name.endswith(".tmp"):
+        raise ValueError(f"--resume {spec!r} is an unfinished save (.tmp); resume from a complete "
+                         "step-NNNNNNN dir or use --resume auto")
+    if not is_complete(path):
+        raise FileNotFoundError(f"--resume {spec!r} is not a complete checkpoint dir (expected "
+                                f"<run>/checkpoints/step-NNNNNNN/ with {TRAIN_STATE})")
+    return path
+
+
+# ---------------------------------------------------------------- RNG states (plain tensors only)
+
+def capture_rng() -> dict:
+    """This process's RNG states as tensors/ints, so the file loads with weights_only=True."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------- save / load
+
+def save_training_checkpoint(engine, ema_state: dict | None, train_state: dict, run_dir: Path,
+                             step: int, rank: int, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint dir."""
+    root = run_dir / "checkpoints"
+    final, tmp = root / step_dir_name(step), root / (step_dir_name(step) + ".tmp")
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # a stale half-written save of this very step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    atomic_save(capture_rng(), tmp / rng_file_name(rank))
+    if rank == 0:
+        atomic_save({"ema": ema_state}, tmp / ema_file_name(step))
+        atomic_save({**train_state, "version": FORMAT_VERSION}, tmp / TRAIN_STATE)
+        if os.environ.get(CRASH_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+    if rank == 0:
+        _publish(tmp, final)
+        prune_checkpoints(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename tmp -> final; an existing final (re-run of an older resume) is replaced."""
+    old = None
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints and every stale .tmp/.old."""
+    complete = list_checkpoints(root)
+    if keep_last > 0:
+        for _, path in complete[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in root.iterdir():
+        if path.is_dir() and (path.name.endswith(".tmp") or path.name.endswith(".old")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_training_checkpoint(engine, ckpt: Path, rank: int, world_size: int) -> tuple[dict, dict | None]:
+    """Collective: restore engine (module + optimizer) and this rank's RNG.
+
+    Returns (train_state, ema_state); ema_state is None on ranks other than 0.
+    """
+    state = safe_torch_load(ckpt / TRAIN_STATE)
+    if state.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{ckpt}: checkpoint format {state.get('version')} is not "
+                         f"{FORMAT_VERSION}; it was written by another dit_fast version")
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no engine state under {ckpt / DS_TAG}")
+    rng_file = ckpt / rng_file_name(rank)
+    # Exact continuation needs the same ranks; with another world size the caller warns and the
+    # per-rank seeds set at start stay in effect.
+    if state["world_size"] == world_size and rng_file.is_file():
+        restore_rng(safe_torch_load(rng_file))
+    ema = safe_torch_load(ckpt / ema_file_name(state["step"]))["ema"] if rank == 0 else None
+    return state, ema

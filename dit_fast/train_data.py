@@ -1,0 +1,157 @@
+"""Training data: per-rank sharding with an exact, resumable order, and the checks that run first.
+
+The order of an epoch is a function of (seed, epoch) only, like torch's DistributedSampler, so a run
+resumed at (epoch, step_in_epoch) sees exactly the batches the uninterrupted run saw. For packed
+latents (both flips stored) the flip is drawn per visit from the same seeded generator.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config
+
+
+@dataclass
+class DataInfo:
+    """What the model needs to know about the data."""
+
+    dataset: torch.utils.data.Dataset
+    in_channels: int
+    input_size: int
+    has_flips: bool  # items are (2, C, h, w): pick a slot per visit
+
+
+class FlipPicker(torch.utils.data.Dataset):
+    """Wraps a LatentDataset: index (i, flip) -> (latents[flip] (C, h, w), label)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, flip = key
+        both, label = self.dataset[i]  # (2, C, h, w)
+        return both[flip], label
+
+
+class ResumableShardSampler(torch.utils.data.Sampler):
+    """Per-rank micro-batches of one epoch, optionally starting after ``skip_batches``.
+
+    Rank r takes positions r, r + W, r + 2W, ... of a seeded permutation (DistributedSampler's
+    split, padded by wrapping so every rank gets the same count) and cuts them into full
+    micro-batches (DiT drops the last partial batch). Items are ``(index, flip)`` when
+    ``with_flips`` else plain indices.
+    """
+
+    def __init__(self, num_items: int, rank: int, world_size: int, micro_batch: int, seed: int,
+                 with_flips: bool):
+        self.n, self.rank, self.world = num_items, rank, world_size
+        self.micro_batch, self.seed, self.with_flips = micro_batch, seed, with_flips
+        self.epoch, self.skip_batches = 0, 0
+        self.per_rank = math.ceil(num_items / world_size)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch's order; skip its first ``skip_batches`` micro-batches (resume)."""
+        self.epoch, self.skip_batches = int(epoch), int(skip_batches)
+
+    def batches_per_epoch(self) -> int:
+        return self.per_rank // self.micro_batch
+
+    def _epoch_items(self) -> list:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        flips = torch.randint(0, 2, (self.n,), generator=g)  # one flip per position and visit
+        pad = self.per_rank * self.world - self.n
+        positions = torch.arange(self.n + pad) % self.n
+        mine = positions[self.rank::self.world]
+        if not self.with_flips:
+            return perm[mine].tolist()
+        return list(zip(perm[mine].tolist(), flips[mine].tolist()))
+
+    def __iter__(self):
+        items = self._epoch_items()
+        for b in range(self.skip_batches, self.batches_per_epoch()):
+            yield items[b * self.micro_batch:(b + 1) * self.micro_batch]
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.skip_batches)
+
+
+def open_training_data(cfg: Config) -> DataInfo:
+    """Open --features-path or --data-path and check it against the model config before any step.
+
+    Raises FileNotFoundError / ValueError with what was wrong and the flag to change.
+    """
+    d, m = cfg.data, cfg.model
+    if d.features_path:
+        return _open_latents(d.features_path, cfg)
+    from .data import ImageFolder
+    root = Path(d.data_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-path {str(root)!r} is not a directory of class folders")
+    ds = ImageFolder(root, m.image_size, random_flip=d.random_flip, seed=cfg.train.global_seed)
+    if len(ds) == 0:
+        raise ValueError(f"--data-path {str(root)!r} has no images")
+    _check_label_list(ds.targets, m.num_classes, str(root))
+    return DataInfo(ds, in_channels=-1, input_size=m.image_size // d.downsample, has_flips=False)
+
+
+def _open_latents(path: str, cfg: Config) -> DataInfo:
+    from .data import LatentDataset
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--features-path {str(p)!r} does not exist; run extract_features.py "
+                                "--data-path <images> --features-path <dir> first")
+    if p.is_dir() and not any(p.iterdir()):
+        raise FileNotFoundError(f"--features-path {str(p)!r} is empty; run extract_features.py first")
+    ds = LatentDataset(p)
+    if len(ds) == 0:
+        raise ValueError(f"--features-path {str(p)!r} holds no latents")
+    m = cfg.model
+    size = m.image_size // cfg.data.downsample
+    if ds.latent_shape[1:] != (size, size):
+        raise ValueError(
+            f"latents in {str(p)!r} are {tuple(ds.latent_shape)} (extracted at image size "
+            f"{ds.image_size}, vae {ds.vae!r}), but --image-size {m.image_size} with --vae "
+            f"{cfg.data.vae!r} needs {size}x{size}; pass --image-size {ds.image_size}"
+            f"{' --vae none' if str(ds.vae) == 'none' else ''} or extract the features again")
+    ds.check_labels(m.num_classes)
+    return DataInfo(ds, in_channels=ds.latent_shape[0], input_size=size, has_flips=True)
+
+
+def _check_label_list(labels, num_classes: int, source: str) -> None:
+    from .data import check_labels
+    check_labels(labels, num_classes, source=source)
+
+
+def build_loader(info: DataInfo, cfg: Config, rank: int, world_size: int):
+    """DataLoader + its sampler; the loader never draws from the global torch RNG."""
+    micro = cfg.train.micro_batch_size
+    sampler = ResumableShardSampler(len(info.dataset), rank, world_size, micro,
+                                    cfg.train.global_seed, with_flips=info.has_flips)
+    if sampler.batches_per_epoch() < cfg.train.grad_accum:
+        raise ValueError(
+            f"{len(info.dataset)} items give rank {rank} fewer than one optimizer step per epoch "
+            f"(micro batch {micro} x grad accumulation {cfg.train.grad_accum}); lower "
+            "--global-batch-size or use more data")
+    dataset = FlipPicker(info.dataset) if info.has_flips else info.dataset
+    # A private generator: DataLoader draws a base seed per iterator, which would otherwise
+    # consume the global RNG and make a resumed run diverge from the uninterrupted one.
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        generator=torch.Generator().manual_seed(cfg.train.global_seed))
+    return loader, sampler
+
+
+def set_data_epoch(info: DataInfo, sampler: ResumableShardSampler, epoch: int, skip: int) -> None:
+    """Select ``epoch``'s order (and ImageFolder's flips), skipping ``skip`` micro-batches."""
+    sampler.set_epoch(epoch, skip)
+    if hasattr(info.dataset, "set_epoch"):
+        info.dataset.set_epoch(epoch)

@@ -1,0 +1,393 @@
+"""DiT training under DeepSpeed: build everything, then the loop (EMA, logging, checkpoints).
+
+No CLI parsing here (train.py does that): ``train(cfg)`` takes a resolved ``Config``.
+
+    cfg = config_from_args(args)
+    train(cfg)      # under `deepspeed train.py`, `torchrun train.py` or plain `python train.py`
+
+Training semantics are DiT's: t ~ randint(0, T) per sample, loss = training_losses(...)["loss"]
+.mean(), AdamW at a constant lr, EMA (0.9999) after every optimizer step, rank r seeded with
+global_seed * world_size + r.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import Config, config_to_dict, format_config, save_config
+from .train_checkpoint import load_training_checkpoint, resolve_resume, save_training_checkpoint
+from .train_data import build_loader, open_training_data, set_data_epoch
+from .train_setup import (EMA, apply_compile, build_deepspeed_config, build_model, build_optimizer,
+                          engine_dtype, env_world, init_distributed, zero_stage)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the run stops without saving a checkpoint of the bad state."""
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done and the data position."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+def prepare(cfg: Config):
+    """All input checks that need no process group: DeepSpeed JSON vs flags, the data vs the model.
+
+    Returns (ds_config, data_info). Raises before any step with a message naming the bad input.
+    """
+    _, world_size, _ = env_world()
+    ds_config = build_deepspeed_config(cfg, world_size)
+    info = open_training_data(cfg)
+    if info.in_channels < 0:  # raw images: the VAE (or none) decides the channels
+        info.in_channels = _raw_channels(cfg, info)
+    cfg.model.in_channels, cfg.model.input_size = info.in_channels, info.input_size
+    return ds_config, info
+
+
+def _raw_channels(cfg: Config, info) -> int:
+    if cfg.data.downsample == 1:
+        return int(info.dataset[0][0].shape[0])
+    return 4  # SD VAEs; checked against the loaded VAE in _load_vae
+
+
+def make_run_dir(cfg: Config, rank: int, resume_from: Path | None) -> Path:
+    """results/NNN-<model> (DiT's naming), or the run that holds the resumed checkpoint."""
+    if resume_from is not None:
+        run_dir = resume_from.parent.parent
+    elif rank == 0:
+        root = Path(cfg.train.results_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        index = len(list(root.glob("*")))
+        run_dir = root / f"{index:03d}-{cfg.model.model.replace('/', '-')}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+    else:
+        run_dir = None
+    shared = [str(run_dir) if run_dir is not None else None]
+    dist.broadcast_object_list(shared, src=0)
+    return Path(shared[0])
+
+
+def make_logger(run_dir: Path, rank: int) -> logging.Logger:
+    """Rank 0 logs to stdout and run_dir/log.txt (DiT's format); other ranks stay silent."""
+    logger = logging.getLogger(f"dit_fast.train.{run_dir}")
+    logger.propagate = False
+    logger.handlers.clear()
+    if rank == 0:
+        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", "%Y-%m-%d %H:%M:%S")
+        for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "log.txt")):
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, world: int):
+    """Model -> activation checkpointing (constructor flag) -> compile -> EMA copy -> engine."""
+    import deepspeed
+    # Every rank builds the same initial weights (DiT's DDP broadcast of rank 0's init, whose
+    # seed is global_seed * world_size); ZeRO-3 partitions these local copies without a broadcast.
+    seed_everything(cfg.train.global_seed * world)
+    model = build_model(cfg)
+    ema = EMA(model, cfg.train.ema_decay, keep=rank == 0, device=device)
+    if cfg.train.compile:
+        apply_compile(model)
+    optimizer = build_optimizer(model, cfg, ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, ema
+
+
+def _load_vae(cfg: Config, device: torch.device):
+    if cfg.data.features_path or cfg.data.downsample == 1:
+        return None
+    from .vae import load_vae
+    vae = load_vae(cfg.data.vae, device=device)
+    if vae.latent_channels != cfg.model.in_channels or vae.downsample != cfg.data.downsample:
+        raise ValueError(f"VAE {cfg.data.vae!r} has {vae.latent_channels} channels / downsample "
+                         f"{vae.downsample}; dit_fast expects 4 / 8 (SD VAEs)")
+    return vae
+
+
+def train(cfg: Config) -> Position:
+    """Run (or resume) training as configured. Collective: every rank calls it."""
+    ds_config, info = prepare(cfg)
+    device = init_distributed()
+    rank, world, _ = env_world()
+    resume_from = resolve_resume(cfg.train.resume, cfg.train.results_dir)
+    run_dir = make_run_dir(cfg, rank, resume_from)
+    logger = make_logger(run_dir, rank)
+    if rank == 0:
+        save_config(cfg, run_dir / "config.json")
+        logger.info(f"Experiment directory: {run_dir}  (world size {world})")
+        logger.info("Config:\n" + format_config(cfg))
+        logger.info("DeepSpeed config: " + json.dumps(ds_config, sort_keys=True))
+    engine, ema = build_engine(cfg, ds_config, device, rank, world)
+    if rank == 0:
+        n_params = sum(p.numel() for p in ema.model.parameters())
+        logger.info(f"DiT Parameters: {n_params:,}")
+    loop = TrainLoop(cfg, engine, ema, info, device, run_dir, logger, ds_config)
+    seed_everything(cfg.train.global_seed * world + rank)  # DiT's per-rank seed
+    if resume_from is not None:
+        loop.resume(resume_from)  # restores this rank's RNG states too
+    else:
+        loop.ema.update(engine.module, loop.zero3, decay=0.0)  # DiT: EMA starts as the weights
+    return loop.run()
+
+
+class TrainLoop:
+    """The optimizer-step loop; holds the engine, EMA, data and logging state."""
+
+    def __init__(self, cfg, engine, ema, info, device, run_dir, logger, ds_config):
+        from .diffusion import create_diffusion
+        self.cfg, self.engine, self.ema, self.info = cfg, engine, ema, info
+        self.device, self.run_dir, self.logger = device, run_dir, logger
+        self.rank, self.world, _ = env_world()
+        self.zero3 = zero_stage(ds_config) == 3
+        self.dtype = engine_dtype(cfg.train.precision)
+        self.diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
+                                          noise_schedule=cfg.diffusion.noise_schedule,
+                                          learn_sigma=cfg.model.learn_sigma,
+                                          diffusion_steps=cfg.diffusion.diffusion_steps)
+        self.loader, self.sampler = build_loader(info, cfg, self.rank, self.world)
+        self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.train.grad_accum
+        self.vae = _load_vae(cfg, device)
+        self.pos = Position()
+        self.skipped_base = 0
+        self.metrics = MetricsWriter(run_dir, self.rank)
+
+    # ------------------------------------------------------------ resume / save
+    def resume(self, ckpt: Path) -> None:
+        state, ema_state = load_training_checkpoint(self.engine, ckpt, self.rank, self.world)
+        if self.ema.model is not None:
+            self.ema.load_state_dict(ema_state)
+        self.pos = Position(state["step"], state["epoch"], state["step_in_epoch"])
+        self.skipped_base = int(state.get("skipped_steps", 0))
+        if state["world_size"] != self.world:
+            self.logger.warning(f"checkpoint was written by {state['world_size']} ranks, this run "
+                                f"has {self.world}: training continues, but not bit-exactly")
+        self.logger.info(f"Resumed from {ckpt} at step {self.pos.step} (epoch {self.pos.epoch}, "
+                         f"step {self.pos.step_in_epoch} of it)")
+
+    def save(self) -> Path:
+        train_state = {"step": self.pos.step, "epoch": self.pos.epoch,
+                       "step_in_epoch": self.pos.step_in_epoch, "world_size": self.world,
+                       "skipped_steps": self.skipped_steps(), "config": config_to_dict(self.cfg)}
+        ema_state = self.ema.state_dict() if self.ema.model is not None else None
+        path = save_training_checkpoint(self.engine, ema_state, train_state, self.run_dir,
+                                        self.pos.step, self.rank, self.cfg.train.keep_last)
+        self.logger.info(f"Saved checkpoint to {path}")
+        return path
+
+    def skipped_steps(self) -> int:
+        return self.skipped_base + int(getattr(self.engine, "skipped_steps", 0))
+
+    # ------------------------------------------------------------ the step
+    def model_fn(self, x, t, y):
+        """The engine in its precision; t stays an integer timestep (never rounded to bf16)."""
+        return self.engine(x.to(self.dtype), t, y).float()
+
+    def micro_step(self, x, y) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)  # (N, C, h, w)
+        y = y.to(self.device, non_blocking=True)  # (N,)
+        if self.vae is not None:
+            with torch.no_grad():
+                x = self.vae.encode(x)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.device)
+        loss = self.diffusion.training_losses(self.model_fn, x, t, dict(y=y))["loss"].mean()
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def optimizer_step(self, batches) -> torch.Tensor:
+        """grad_accum micro-steps = one optimizer step; returns the summed micro losses."""
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.cfg.train.grad_accum):
+            x, y = next(batches)
+            total += self.micro_step(x, y)
+        self.ema.update(self.engine.module, self.zero3)
+        return total
+
+    def run(self) -> Position:
+        """Train until --epochs or --max-steps; checkpoint every --ckpt-every and at the end."""
+        t = self.cfg.train
+        if self._normalize_position():
+            self.logger.info("Nothing to do: the resumed run already reached its end")
+            return self.pos
+        self.logger.info(f"Training for {t.epochs} epochs / {t.max_steps or 'no'} max steps, "
+                         f"{self.steps_per_epoch} steps per epoch")
+        self.engine.train()
+        stats = LogStats(self.device)
+        last_saved = self.pos.step if t.resume else -1
+        while not self._done():
+            set_data_epoch(self.info, self.sampler, self.pos.epoch,
+                           self.pos.step_in_epoch * t.grad_accum)
+            batches = iter(self.loader)
+            while self.pos.step_in_epoch < self.steps_per_epoch and not self._done():
+                loss_sum = self.optimizer_step(batches)
+                self.pos.step += 1
+                self.pos.step_in_epoch += 1
+                stats.add(loss_sum, t.grad_accum, self.pos.step, check=t.precision != "fp16")
+                if self.pos.step % t.log_every == 0:
+                    self.log(stats)
+                if self.pos.step % t.ckpt_every == 0:
+                    self._check_finite(stats)
+                    self.save()
+                    last_saved = self.pos.step
+            if self.pos.step_in_epoch >= self.steps_per_epoch:
+                self.pos.epoch += 1
+                self.pos.step_in_epoch = 0
+        if stats.count:
+            self.log(stats)
+        if last_saved != self.pos.step:
+            self._check_finite(stats)
+            self.save()
+        self.engine.eval()
+        self.logger.info("Done!")
+        self.metrics.close()
+        return self.pos
+
+    def _done(self) -> bool:
+        t = self.cfg.train
+        return self.pos.epoch >= t.epochs or (t.max_steps is not None and self.pos.step >= t.max_steps)
+
+    def _normalize_position(self) -> bool:
+        if self.pos.step_in_epoch >= self.steps_per_epoch:
+            self.pos.epoch, self.pos.step_in_epoch = self.pos.epoch + 1, 0
+        return self._done()
+
+    # ------------------------------------------------------------ logging
+    def _check_finite(self, stats: "LogStats") -> None:
+        bad = int(stats.first_bad.item())
+        if bad >= 0:
+            message = (f"non-finite loss (NaN/inf) at step {bad}: stopping without saving; the last "
+                       f"good checkpoint under {self.run_dir / 'checkpoints'} is intact. Lower --lr, "
+                       "or use --precision fp32/bf16 with --grad-clip")
+            self.logger.error(message)
+            raise NonFiniteLossError(message)
+
+    def log(self, stats: "LogStats") -> None:
+        """DiT's line, then throughput, memory, grad norm, loss scale (and fp16 skips)."""
+        t = self.cfg.train
+        self._check_finite(stats)
+        avg_loss, steps, seconds = stats.reduce(self.world)
+        steps_per_sec = steps / max(seconds, 1e-9)
+        grad_norm = _as_float(self.engine.get_global_grad_norm())
+        scale = _loss_scale(self.engine, t.precision)
+        line = (f"(step={self.pos.step:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: "
+                f"{steps_per_sec:.2f}, Images/Sec: {steps_per_sec * t.global_batch_size:.1f}, "
+                f"Peak Mem: {_peak_mem_mb(self.device):.0f} MB, Grad Norm: "
+                f"{'n/a' if grad_norm is None else f'{grad_norm:.4f}'}, Loss Scale: {scale:g}")
+        if t.precision == "fp16":
+            line += f", Skipped Steps: {self.skipped_steps()}"
+        self.logger.info(line)
+        self.metrics.write({"step": self.pos.step, "loss": avg_loss, "steps_per_sec": steps_per_sec,
+                            "grad_norm": grad_norm, "loss_scale": scale,
+                            "skipped_steps": self.skipped_steps()})
+
+
+class LogStats:
+    """Loss accumulated on the device between log lines (no per-step host sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.count, self.micro = 0, 0
+        self.start = time.time()
+
+    def add(self, loss_sum: torch.Tensor, micro: int, step: int, check: bool) -> None:
+        self.loss_sum += loss_sum.double()
+        self.count += 1
+        self.micro += micro
+        if check:  # remember the first step whose loss was not finite, without syncing
+            newly_bad = (~torch.isfinite(loss_sum)) & (self.first_bad < 0)
+            self.first_bad = torch.where(newly_bad, torch.full_like(self.first_bad, step),
+                                         self.first_bad)
+
+    def reduce(self, world: int) -> tuple[float, int, float]:
+        """(loss averaged over ranks and micro-steps, steps, seconds) since the last call."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - self.start
+        total = self.loss_sum.clone()
+        dist.all_reduce(total)
+        avg, steps = total.item() / (self.micro * world), self.count
+        self._reset()
+        return avg, steps, seconds
+
+
+class MetricsWriter:
+    """Rank 0: metrics.jsonl (full-precision losses) and TensorBoard scalars when installed."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+        self.tb = None
+        if rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and value is not None:
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _as_float(value) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def _loss_scale(engine, precision: str) -> float:
+    if precision != "fp16":
+        return 1.0
+    opt = engine.optimizer
+    for attr in ("cur_scale", "loss_scale"):
+        value = getattr(opt, attr, None)
+        if value is not None:
+            return float(value)
+    return float("nan")
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MB

@@ -1,0 +1,75 @@
+"""Train a DiT under DeepSpeed (ZeRO 0-3, bf16/fp16/fp32, EMA, exact resume).
+
+    deepspeed train.py --deepspeed_config configs/deepspeed/zero2.json --model DiT-XL/2 \\
+        --features-path /data/in1k-latents
+    torchrun --nproc_per_node 8 train.py ...       # also works; so does plain `python train.py ...`
+
+Flags keep DiT / fast-DiT names; batch size, accumulation, precision and clipping are injected into
+the DeepSpeed JSON (which holds ZeRO knobs only). See dit_fast/trainer.py for the semantics.
+"""
+import argparse
+import sys
+
+from dit_fast.config import PRECISIONS, config_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # DiT / fast-DiT flags (same names and defaults)
+    a("--model", type=str, default="DiT-XL/2", help="name in dit_fast.models.DiT_models")
+    a("--image-size", type=int, default=256)
+    a("--num-classes", type=int, default=1000)
+    a("--data-path", type=str, default=None, help="ImageFolder tree; VAE-encoded on the fly")
+    a("--features-path", type=str, default=None, help="latents from extract_features.py")
+    a("--results-dir", type=str, default="results")
+    a("--global-batch-size", type=int, default=256)
+    a("--global-seed", type=int, default=0)
+    a("--epochs", type=int, default=1400)
+    a("--log-every", type=int, default=100)
+    a("--ckpt-every", type=int, default=50_000)
+    a("--vae", type=str, default="ema", help="ema | mse | local dir | repo id | none (pixels)")
+    a("--num-workers", type=int, default=4)
+    # DeepSpeed and speed
+    a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", type=str, default=None,
+      help="ZeRO-knobs JSON (configs/deepspeed/zero{1,2,3}.json, zero2_offload.json); "
+           "default: ZeRO stage 0")
+    a("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+      help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK env is what counts
+    a("--precision", choices=PRECISIONS, default="bf16")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off (DiT)")
+    a("--lr", type=float, default=1e-4)
+    a("--weight-decay", type=float, default=0.0)
+    a("--grad-checkpointing", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+      help="recompute activations of this fraction of blocks (flag alone = all)")
+    a("--attn-backend", type=str, default="sdpa")
+    a("--fused-adaln", action="store_true", help="fused Triton adaLN kernels")
+    a("--compile", action="store_true", help="torch.compile each block")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    a("--resume", type=str, default=None, metavar="PATH|auto",
+      help="a checkpoints/step-NNNNNNN dir, or auto: newest under --results-dir")
+    a("--keep-last", type=int, default=2, help="checkpoints kept (0 = all)")
+    a("--ema-decay", type=float, default=0.9999)
+    # small models for tests and ablations: override the named size
+    a("--depth", type=int, default=None, help=argparse.SUPPRESS)
+    a("--hidden-size", type=int, default=None, help=argparse.SUPPRESS)
+    a("--num-heads", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from dit_fast.trainer import NonFiniteLossError, train
+    try:
+        cfg = config_from_args(args)
+        train(cfg)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2 if not isinstance(err, NonFiniteLossError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
