@@ -239,3 +239,12 @@ def test_write_digits_features_is_trainable_format(tmp_path):
     x, labels = digits_dataset(16)
     assert torch.equal(z[0], torch.from_numpy(x[10])) and y == labels[10]
     ds.check_labels(10)
+
+
+def test_digits_module_cli(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from dit_fast.data.digits import main
+
+    main(["--features-path", str(tmp_path / "d"), "--image-size", "8"])
+    assert "wrote 1797 digits" in capsys.readouterr().out
+    assert LatentDataset(tmp_path / "d").latent_shape == (1, 8, 8)

@@ -56,3 +56,21 @@ def write_digits_features(out_dir: str | os.PathLike, image_size: int = 16,
     return write_latent_dataset(out_dir, both, labels, class_names=[str(d) for d in range(10)],
                                 image_size=image_size, vae="none", flips="duplicate",
                                 shard_size=len(labels))
+
+
+def main(argv=None) -> None:
+    """``python -m dit_fast.data.digits --features-path DIR [--image-size 16]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write scikit-learn's digits as packed features "
+                                "(pixel space) for train.py --features-path DIR --vae none.")
+    p.add_argument("--features-path", required=True)
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--mode", choices=["bilinear", "nearest"], default="bilinear")
+    args = p.parse_args(argv)
+    out = write_digits_features(args.features_path, args.image_size, args.mode)
+    print(f"wrote 1797 digits ({args.image_size}x{args.image_size}, 10 classes) to {out}")
+
+
+if __name__ == "__main__":
+    main()
