@@ -16,12 +16,18 @@ def _nonzero_mask(t, x):
 class SamplingMixin:
     """Sampling methods; needs p_mean_variance, condition_mean/score, _extract, num_timesteps."""
 
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None):
-        """Sample x_{t-1} ~ p(x_{t-1} | x_t). Returns {'sample', 'pred_xstart'} of x's shape."""
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
+                 *, noise=None):
+        """Sample x_{t-1} ~ p(x_{t-1} | x_t). Returns {'sample', 'pred_xstart'} of x's shape.
+
+        noise (extension): a pre-drawn randn_like(x), e.g. for a compiled step whose own RNG would
+        differ from eager; None draws it here, after the model call, as the original does.
+        """
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        noise = torch.randn_like(x)
+        if noise is None:
+            noise = torch.randn_like(x)
         nonzero_mask = _nonzero_mask(t, x)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
@@ -29,9 +35,9 @@ class SamplingMixin:
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                    model_kwargs=None, eta=0.0):
+                    model_kwargs=None, eta=0.0, *, noise=None):
         """Sample x_{t-1} with DDIM (Song et al., eq. 12); eta = 0 is deterministic.
-        Returns {'sample', 'pred_xstart'}."""
+        Returns {'sample', 'pred_xstart'}; noise as in p_sample."""
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
@@ -46,7 +52,8 @@ class SamplingMixin:
             * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
             * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
-        noise = torch.randn_like(x)  # drawn even for eta = 0, as the original does
+        if noise is None:
+            noise = torch.randn_like(x)  # drawn even for eta = 0, as the original does
         mean_pred = (
             out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
             + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps

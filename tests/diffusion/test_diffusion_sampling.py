@@ -127,3 +127,17 @@ def test_cuda_loop_has_no_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+def test_predrawn_step_noise_matches_internal_draw():
+    d, m = create_diffusion("10"), Toy()
+    x, t = torch.randn(*SHAPE), torch.tensor([4, 4])
+    torch.manual_seed(11)
+    a = d.p_sample(m, x, t)["sample"]
+    torch.manual_seed(11)
+    b = d.p_sample(m, x, t, noise=torch.randn_like(x))["sample"]
+    torch.manual_seed(11)
+    c = d.ddim_sample(m, x, t, eta=0.7)["sample"]
+    torch.manual_seed(11)
+    e = d.ddim_sample(m, x, t, eta=0.7, noise=torch.randn_like(x))["sample"]
+    assert torch.equal(a, b) and torch.equal(c, e)
