@@ -1,0 +1,400 @@
+"""Classifier-free-guidance sampler for DiT with an optionally compiled per-step function.
+
+The original samples with ``diffusion.p_sample_loop(model.forward_with_cfg, ...)``, which rebuilds
+timestep and coefficient tensors from numpy on every step (host->device copies). Here the whole
+per-step update -- the CFG forward plus the DDPM / DDIM update -- is one function of device tensors:
+the per-step coefficients are precomputed once as float32 tables (the original looks them up in
+float64 and rounds to float32: the same values), so the Python loop only indexes views, draws the
+step's noise and calls the step. That function can be compiled once with static shapes
+(``fullgraph=True``; CUDA graphs on GPU).
+
+Eager fp32 sampling performs the original's operations in the original's order and draws random
+numbers in the original's order (x_T, then one ``randn`` of the full 2N batch per step, the last step
+included), so it gives bit-identical samples to ``p_sample_loop`` for the same seed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAMPLERS = ("ddpm", "ddim")
+DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the original sample.py's labels
+
+# Column order of the per-step coefficient table (all float32).
+_SQRT_RECIP_AC, _SQRT_RECIPM1_AC, _COEF1, _COEF2, _MIN_LOG, _MAX_LOG, _FIXED_LOGVAR, \
+    _ALPHA_BAR, _ALPHA_BAR_PREV, _NONZERO = range(10)
+
+
+@dataclass
+class SampleConfig:
+    """Everything sample.py / sample_ddp.py need to draw images (one section of the config tree)."""
+
+    model: str = "DiT-XL/2"            #: name in dit_fast.models.DiT_models
+    image_size: int = 256              #: output side in pixels (latent side = image_size // 8 with a VAE)
+    num_classes: int = 1000            #: classes of the model; the null (CFG) class is num_classes
+    cfg_scale: float = 4.0             #: guidance scale (sample.py always runs the CFG forward)
+    num_sampling_steps: int = 250      #: respaced diffusion steps
+    sampler: str = "ddpm"              #: "ddpm" (ancestral, as the original) or "ddim" (eta 0)
+    seed: int = 0                      #: torch.manual_seed before building anything, as the original
+    ckpt: Optional[str] = None         #: checkpoint path or official name; None: official for the size
+    vae: str = "mse"                   #: "ema" | "mse" | local diffusers dir | "none" (pixel space)
+    in_channels: int = 3               #: image channels of a pixel-space (--vae none) model
+    class_labels: list = field(default_factory=lambda: list(DEFAULT_CLASS_LABELS))  #: one image each
+    compile: bool = False              #: torch.compile the per-step function
+    compile_mode: Optional[str] = None  #: torch.compile mode; None: "reduce-overhead" on CUDA, default on CPU
+    precision: str = "fp32"            #: "fp32" | "bf16" | "fp16": autocast of the model call only
+    attn_backend: str = "sdpa"         #: passed to the model (dit_fast.dispatch)
+    fused_adaln: bool = False          #: fused adaLN kernels (dit_fast.dispatch)
+    tf32: bool = True                  #: TF32 matmuls on CUDA (the original sample.py turns them on)
+    out: str = "sample.png"            #: PNG grid path
+    device: Optional[str] = None       #: default: cuda if available else cpu
+
+
+@dataclass
+class StepTables:
+    """Per-step inputs on the device, row k for the k-th step (k = 0 is the noisiest)."""
+
+    t_model: torch.Tensor  # (S, B) int64: original timesteps the model sees (timestep_map applied)
+    coefs: torch.Tensor    # (S, 10) float32: the diffusion coefficients of that step
+
+    @property
+    def num_steps(self) -> int:
+        return self.t_model.shape[0]
+
+
+def build_step_tables(diffusion, batch: int, device) -> StepTables:
+    """Precompute the per-step model timesteps and float32 coefficients of a (spaced) diffusion."""
+    S = diffusion.num_timesteps
+    betas = np.asarray(diffusion.betas, dtype=np.float64)
+    post_var = np.asarray(diffusion.posterior_variance, dtype=np.float64)
+    var_name = diffusion.model_var_type.name
+    if var_name == "FIXED_LARGE":
+        fixed_logvar = np.log(np.append(post_var[1], betas[1:]) if S > 1 else betas)
+    else:  # FIXED_SMALL (LEARNED* ignore this column)
+        fixed_logvar = np.asarray(diffusion.posterior_log_variance_clipped, dtype=np.float64)
+    columns = [
+        diffusion.sqrt_recip_alphas_cumprod, diffusion.sqrt_recipm1_alphas_cumprod,
+        diffusion.posterior_mean_coef1, diffusion.posterior_mean_coef2,
+        diffusion.posterior_log_variance_clipped, np.log(betas), fixed_logvar,
+        diffusion.alphas_cumprod, diffusion.alphas_cumprod_prev,
+        (np.arange(S) != 0).astype(np.float64),
+    ]
+    # float64 -> float32 once: the same rounding as the original's per-step `arr[t].float()`.
+    table = torch.from_numpy(np.stack([np.asarray(c, dtype=np.float64) for c in columns], 1)).float()
+    timestep_map = getattr(diffusion, "timestep_map", list(range(S)))
+    t_model = torch.tensor(timestep_map, dtype=torch.int64)
+    order = torch.arange(S - 1, -1, -1)  # the loop runs t = S-1 ... 0
+    return StepTables(
+        t_model=t_model[order].view(S, 1).expand(S, batch).contiguous().to(device),
+        coefs=table[order].contiguous().to(device),
+    )
+
+
+def make_denoise_step(model, diffusion, *, sampler: str = "ddpm", cfg_scale: float = 4.0,
+                      use_cfg: bool = True, precision: str = "fp32", clip_denoised: bool = False,
+                      eta: float = 0.0) -> Callable:
+    """Return step(x, t, y, c, noise) -> x_prev, one reverse-diffusion step.
+
+    x (B, C, H, W) fp32 current sample (B = 2N with CFG: [cond half, null half]); t (B,) int64 model
+    timesteps; y (B,) labels; c (10,) float32 coefficient row of build_step_tables; noise like x.
+    The model runs under autocast for bf16/fp16; the diffusion math stays fp32.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    amp_dtype = PRECISIONS[precision]
+    learned = diffusion.model_var_type.name in ("LEARNED", "LEARNED_RANGE")
+    predicts_xstart = diffusion.model_mean_type.name == "START_X"
+    forward = model.forward_with_cfg if use_cfg else model.forward
+    device_type = next(model.parameters()).device.type
+
+    def model_call(x, t, y):
+        ctx = (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None
+               else contextlib.nullcontext())
+        with ctx:
+            out = forward(x, t, y, cfg_scale) if use_cfg else forward(x, t, y)
+        return out.float()
+
+    def mean_and_logvar(x, t, y, c):
+        # p_mean_variance of the original, term for term.
+        out = model_call(x, t, y)
+        C = x.shape[1]
+        if learned:
+            out, var_values = torch.split(out, C, dim=1)
+            frac = (var_values + 1) / 2
+            log_var = frac * c[_MAX_LOG] + (1 - frac) * c[_MIN_LOG]
+        else:
+            log_var = c[_FIXED_LOGVAR].expand_as(x)
+        if predicts_xstart:
+            pred_xstart = out
+        else:
+            pred_xstart = c[_SQRT_RECIP_AC] * x - c[_SQRT_RECIPM1_AC] * out
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean = c[_COEF1] * pred_xstart + c[_COEF2] * x
+        return mean, log_var, pred_xstart
+
+    def ddpm_step(x, t, y, c, noise):
+        mean, log_var, _ = mean_and_logvar(x, t, y, c)
+        return mean + c[_NONZERO] * torch.exp(0.5 * log_var) * noise
+
+    def ddim_step(x, t, y, c, noise):
+        _, _, pred_xstart = mean_and_logvar(x, t, y, c)
+        eps = (c[_SQRT_RECIP_AC] * x - pred_xstart) / c[_SQRT_RECIPM1_AC]
+        alpha_bar, alpha_bar_prev = c[_ALPHA_BAR], c[_ALPHA_BAR_PREV]
+        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+        mean_pred = pred_xstart * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
+        return mean_pred + c[_NONZERO] * sigma * noise
+
+    return ddpm_step if sampler == "ddpm" else ddim_step
+
+
+def default_compile_mode(device: torch.device) -> str:
+    """CUDA graphs on GPU (the step is launch-bound at small batch); inductor's default on CPU."""
+    return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+
+
+class Sampler:
+    """Draws class-conditional samples with classifier-free guidance, eager or compiled.
+
+        sampler = Sampler(model, create_diffusion("250"), cfg_scale=4.0, num_classes=1000)
+        sampler.compile(batch=8)                 # optional; returns compile seconds
+        latents = sampler.sample(z, labels)      # z (N, C, H, W) x_T, labels (N,) -> (N, C, H, W)
+
+    use_cfg=True runs model.forward_with_cfg on [z, z] with labels [y, num_classes] (what the
+    original sample.py always does); use_cfg=False runs model.forward on z alone (sample_ddp.py
+    with cfg_scale == 1).
+    """
+
+    def __init__(self, model, diffusion, *, cfg_scale: float = 4.0, num_classes: int = 1000,
+                 use_cfg: bool = True, sampler: str = "ddpm", precision: str = "fp32",
+                 clip_denoised: bool = False, eta: float = 0.0):
+        self.model = model
+        self.diffusion = diffusion
+        self.num_classes = num_classes
+        self.use_cfg = use_cfg
+        self.device = next(model.parameters()).device
+        self.step = make_denoise_step(model, diffusion, sampler=sampler, cfg_scale=cfg_scale,
+                                      use_cfg=use_cfg, precision=precision,
+                                      clip_denoised=clip_denoised, eta=eta)
+        self._eager_step = self.step
+        self._tables: dict[int, StepTables] = {}
+        self._cudagraphs = False
+        self.compile_seconds = 0.0
+
+    def tables(self, batch: int) -> StepTables:
+        if batch not in self._tables:
+            self._tables[batch] = build_step_tables(self.diffusion, batch, self.device)
+        return self._tables[batch]
+
+    def _model_batch(self, z: torch.Tensor, labels: torch.Tensor):
+        """[z, z] and [labels, null] for CFG (the original's order), else z and labels."""
+        if not self.use_cfg:
+            return z, labels
+        y_null = torch.full_like(labels, self.num_classes)
+        return torch.cat([z, z], 0), torch.cat([labels, y_null], 0)
+
+    def compile(self, z_shape, mode: Optional[str] = None, fullgraph: bool = True) -> float:
+        """Compile the per-step function for x_T of shape `z_shape` (N, C, H, W) and warm it up.
+
+        Returns the seconds spent (compilation plus warm-up runs), which sampling time excludes.
+        The global RNG state is restored afterwards, so compiling never changes the samples.
+        """
+        mode = mode or default_compile_mode(self.device)
+        self._cudagraphs = self.device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+        self.step = torch.compile(self._eager_step, mode=mode, fullgraph=fullgraph, dynamic=False)
+        z = torch.zeros(z_shape, device=self.device)
+        labels = torch.zeros(z_shape[0], dtype=torch.int64, device=self.device)
+        x, y = self._model_batch(z, labels)
+        tab = self.tables(x.shape[0])
+        devices = [self.device] if self.device.type == "cuda" else []
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            # CUDA graph trees run once to warm up and record on the second call.
+            for _ in range(2 if self._cudagraphs else 1):
+                self._call_step(x, tab.t_model[0], y, tab.coefs[0], torch.zeros_like(x))
+            _synchronize(self.device)
+        self.compile_seconds = time.perf_counter() - start
+        return self.compile_seconds
+
+    def _call_step(self, x, t, y, c, noise):
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+            # Outputs of a CUDA graph are overwritten by its next replay: own a copy.
+            return self.step(x, t, y, c, noise).clone()
+        return self.step(x, t, y, c, noise)
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None,
+               progress: bool = False) -> torch.Tensor:
+        """Run the reverse process from x_T = z (N, C, H, W) for `labels` (N,); returns x_0 (N, C, H, W).
+
+        Noise comes from `generator` if given, else from the global RNG (as the original). The loop
+        does no host synchronisation: everything it indexes is already on the device.
+        """
+        if labels.shape != (z.shape[0],):
+            raise ValueError(f"labels must have shape ({z.shape[0]},), got {tuple(labels.shape)}")
+        x, y = self._model_batch(z.float(), labels.to(device=z.device, dtype=torch.int64))
+        tab = self.tables(x.shape[0])
+        steps = range(tab.num_steps)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps)
+        for k in steps:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = self._call_step(x, tab.t_model[k], y, tab.coefs[k], noise)
+        if self.use_cfg:
+            x, _ = x.chunk(2, dim=0)  # drop the null-class half
+        return x
+
+
+def decode(samples: torch.Tensor, vae) -> torch.Tensor:
+    """Latents -> images in [-1, 1] through the VAE (dit_fast.vae: decode divides by 0.18215);
+    pixel-space samples (vae None) are returned unchanged."""
+    return samples if vae is None else vae.decode(samples)
+
+
+def autocast_supported(precision: str, device) -> bool:
+    """Whether `precision` can run on `device` (fp16 autocast needs CUDA or a recent CPU backend)."""
+    dtype = PRECISIONS[precision]
+    return dtype is None or torch.amp.is_autocast_available(torch.device(device).type)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device) -> tuple:
+    """Run fn() and return (result, seconds), synchronising the device around it."""
+    device = torch.device(device)
+    _synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    _synchronize(device)
+    return result, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------- CLI building blocks
+def vae_downsample(vae_spec: str) -> int:
+    """Pixels per latent along a side for --vae, read without loading the VAE (the original builds
+    the model before the VAE; keeping that order keeps the RNG stream): 1 for "none", the
+    config.json of a local diffusers directory, else 8 (the SD VAEs)."""
+    if str(vae_spec).lower() == "none":
+        return 1
+    local = Path(str(vae_spec)).expanduser()
+    for config in (local / "config.json", local / "vae" / "config.json"):
+        if config.is_file():
+            return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+    return 8
+
+
+def sample_size(image_size: int, downsample: int, patch_size: int) -> int:
+    """Side of the model's input: image_size // downsample (image_size // 8 with the SD VAEs, as the
+    original; image_size itself in pixel space). ValueError when the size does not divide."""
+    if image_size < 1:
+        raise ValueError(f"--image-size must be positive, got {image_size}")
+    factor = downsample * patch_size
+    if image_size % factor:
+        where = (f"the patch size {patch_size} (pixel space, --vae none)" if downsample == 1
+                 else f"the VAE's downsampling {downsample} x the patch size {patch_size}")
+        raise ValueError(f"--image-size {image_size} must be divisible by {factor}: {where}; e.g. 256 or 512")
+    return image_size // downsample
+
+
+def patch_size_of(model_name: str) -> int:
+    """The patch size in a DiT_models name ("DiT-XL/2" -> 2)."""
+    try:
+        return int(model_name.rsplit("/", 1)[-1])
+    except ValueError:
+        raise ValueError(f"cannot read the patch size from the model name {model_name!r} (like DiT-XL/2)")
+
+
+def check_official_defaults(model: str, image_size: int, num_classes: int, vae_spec: str) -> None:
+    """Without --ckpt the official DiT-XL/2 checkpoint is used: the other flags must fit it."""
+    problems = []
+    if model != "DiT-XL/2":
+        problems.append(f"--model {model} (official checkpoints are DiT-XL/2)")
+    if image_size not in (256, 512):
+        problems.append(f"--image-size {image_size} (official sizes are 256 and 512)")
+    if num_classes != 1000:
+        problems.append(f"--num-classes {num_classes} (official models have 1000)")
+    if str(vae_spec).lower() == "none":
+        problems.append("--vae none (official models are latent-space models)")
+    if problems:
+        raise ValueError("without --ckpt the official DiT-XL/2 checkpoint is loaded, which does not fit "
+                         + "; ".join(problems) + ". Pass --ckpt PATH to your own checkpoint.")
+
+
+def check_class_labels(labels, num_classes: int) -> None:
+    """Labels must be real classes: num_classes itself is the null (CFG) label."""
+    bad = [c for c in labels if not 0 <= int(c) < num_classes]
+    if bad:
+        raise ValueError(f"class labels {bad} are outside [0, {num_classes - 1}] (--num-classes "
+                         f"{num_classes}; label {num_classes} is reserved for guidance)")
+    if not labels:
+        raise ValueError("give at least one class label")
+
+
+def build_sampling_model(model_name: str, input_size: int, num_classes: int, in_channels: int,
+                         ckpt: str, device, attn_backend: str = "sdpa", fused_adaln: bool = False):
+    """DiT_models[model_name] built as the original sample.py does (random init, then .to(device),
+    then the checkpoint, then eval()), so the global RNG is left in the original's state."""
+    from dit_fast.checkpoint import load_into_model, load_state_dict
+    from dit_fast.models import DiT_models
+
+    if model_name not in DiT_models:
+        raise ValueError(f"unknown --model {model_name!r}; choose one of {', '.join(DiT_models)}")
+    model = DiT_models[model_name](input_size=input_size, num_classes=num_classes, in_channels=in_channels,
+                                   attn_backend=attn_backend, fused_adaln=fused_adaln).to(device)
+    hint = (f"the checkpoint does not fit --model {model_name} --image-size/--num-classes/--in-channels "
+            f"(input_size={input_size}, num_classes={num_classes}, in_channels={in_channels})")
+    load_into_model(model, load_state_dict(ckpt), hint=hint)
+    return model.eval()  # important: class dropout is a training-only behaviour
+
+
+def add_common_flags(parser, *, cfg_default: float) -> None:
+    """Flags sample.py and sample_ddp.py share (original names and defaults first)."""
+    from dit_fast.models import DiT_models
+
+    parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-XL/2")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="pixels; divisible by 8 x patch (VAE) or by the patch size (--vae none)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--cfg-scale", type=float, default=cfg_default)
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="DiT checkpoint (default: the official DiT-XL/2 one for --image-size, "
+                             "downloaded once into the cache)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument("--in-channels", type=int, default=3, help="image channels with --vae none")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the per-step function")
+    parser.add_argument("--compile-mode", type=str, default=None,
+                        help='torch.compile mode (default: "reduce-overhead" on CUDA, "default" on CPU)')
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="autocast dtype of the model call; the diffusion math stays fp32")
+    parser.add_argument("--attn-backend", type=str, default="sdpa")
+    parser.add_argument("--fused-adaln", action="store_true")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on CUDA (on by default, as the original)")
+    parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
+
+
+def resolve_device(name: Optional[str], tf32: bool = True) -> torch.device:
+    """The sampling device; on CUDA also applies the TF32 choice (the original turns TF32 on)."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        if tf32:  # cuDNN's TF32 is on by default anyway; sample_ddp.py's --no-tf32 leaves it, as the original
+            torch.backends.cudnn.allow_tf32 = True
+    return device

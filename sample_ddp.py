@@ -1,0 +1,202 @@
+"""Sample many images from a DiT on one or more processes and pack them for FID (the original's flags).
+
+    torchrun --nproc_per_node 8 sample_ddp.py --num-fid-samples 50000           # official DiT-XL/2
+    python sample_ddp.py --model DiT-S/2 --ckpt ckpt.pt --vae none --image-size 32 --num-fid-samples 1000
+
+Writes {index:06d}.png into <sample-dir>/<model>-<ckpt>-size-<size>-vae-<vae>-cfg-<cfg>-seed-<seed>
+(the original's folder), then rank 0 writes <folder>.npz with ``arr_0`` (N, H, W, 3) uint8 for the ADM
+evaluation suite, exactly --num-fid-samples images. Runs under torchrun (NCCL on GPUs, Gloo on CPU) or as
+a plain single process.
+
+Resuming: rerun the same command after a crash; batches whose PNGs all exist are skipped. To make a
+resumed run give the same images as an uninterrupted one, every batch draws its noise and labels from
+its own generator seeded by (global seed, rank, batch index). This differs from the original, which
+seeds each rank once (global_seed * world_size + rank) and draws all batches from that stream, so the
+images are statistically equivalent but not the original's pixels (sample.py does match them).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dit_fast.diffusion import create_diffusion
+from dit_fast.images import save_png, to_uint8_hwc, write_npz_from_pngs
+from dit_fast.sampling import (Sampler, add_common_flags, build_sampling_model, check_official_defaults,
+                               decode, patch_size_of, resolve_device, sample_size, vae_downsample)
+from dit_fast.vae import load_vae
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(parser, cfg_default=1.5)
+    parser.add_argument("--vae", type=str, default="ema", help="ema | mse | a local diffusers dir | none")
+    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--fid-ref", type=str, default=None,
+                        help="reference statistics .npz (mu, sigma): report FID when pytorch-fid and its "
+                             "Inception weights are available locally")
+    return parser
+
+
+def setup_distributed(device_name):
+    """(rank, world_size, device); initialises the process group only under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, resolve_device(device_name)
+    use_cuda = torch.cuda.is_available() and (device_name is None or device_name.startswith("cuda"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device_name = f"cuda:{local_rank % torch.cuda.device_count()}"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), resolve_device(device_name or "cpu")
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def folder_name(args) -> str:
+    """The original's folder name (a --vae directory or 'none' enters by its base name)."""
+    model = args.model.replace("/", "-")
+    ckpt = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
+    vae = os.path.basename(os.path.normpath(args.vae))
+    return f"{model}-{ckpt}-size-{args.image_size}-vae-{vae}-cfg-{args.cfg_scale}-seed-{args.global_seed}"
+
+
+def batch_seed(global_seed: int, rank: int, batch: int) -> int:
+    """A 64-bit seed for one batch of one rank, independent of every other batch (resume = same images)."""
+    return int(np.random.SeedSequence([global_seed, rank, batch]).generate_state(1, np.uint64)[0])
+
+
+def batch_indices(batch: int, n: int, rank: int, world_size: int) -> list:
+    """File indices of one batch: the original's interleaving i * world_size + rank + batch * G."""
+    return [i * world_size + rank + batch * n * world_size for i in range(n)]
+
+
+def check_resume_settings(folder: Path, settings: dict, rank: int, world_size: int) -> None:
+    """Refuse to continue a folder sampled with a different layout (it would mix two seed schemes)."""
+    meta = folder / "sample_ddp.json"
+    previous = json.loads(meta.read_text()) if meta.is_file() else None
+    barrier(world_size)  # everyone has read it before rank 0 (re)writes it
+    if previous is not None and previous != settings:
+        diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        raise ValueError(f"{folder} holds samples made with other settings {diff} (before, now); "
+                         f"use the same flags and number of processes to resume, or another --sample-dir")
+    if rank == 0 and previous is None:
+        tmp = meta.with_name(meta.name + ".tmp")
+        tmp.write_text(json.dumps(settings, indent=1))
+        os.replace(tmp, meta)
+
+
+def main(argv=None) -> dict:
+    """Run sample_ddp.py with `argv`; returns {"folder", "npz" (rank 0), "fid"}."""
+    args = build_parser().parse_args(argv)
+    if args.cfg_scale < 1.0:
+        raise ValueError(f"--cfg-scale must be >= 1.0 (1.0 disables guidance), got {args.cfg_scale}")
+    if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
+        raise ValueError("--per-proc-batch-size and --num-fid-samples must be >= 1")
+    if args.vae.lower() == "none" and args.in_channels != 3:
+        raise ValueError(f"the .npz for the ADM evaluation suite needs RGB images; --in-channels is {args.in_channels}")
+    input_size = sample_size(args.image_size, vae_downsample(args.vae), patch_size_of(args.model))
+    if args.ckpt is None:
+        check_official_defaults(args.model, args.image_size, args.num_classes, args.vae)
+    rank, world_size, device = setup_distributed(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    try:
+        with torch.no_grad():
+            return _sample_all(args, input_size, rank, world_size, device)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def _sample_all(args, input_size: int, rank: int, world_size: int, device) -> dict:
+    torch.manual_seed(args.global_seed * world_size + rank)  # the original's seed (model init only here)
+    print(f"Starting rank={rank}, world_size={world_size}, device={device}.")
+    in_channels = args.in_channels if args.vae.lower() == "none" else 4
+    model = build_sampling_model(args.model, input_size, args.num_classes, in_channels,
+                                 args.ckpt or f"DiT-XL-2-{args.image_size}x{args.image_size}.pt",
+                                 device, args.attn_backend, args.fused_adaln)
+    vae = load_vae(args.vae, device=device)
+    using_cfg = args.cfg_scale > 1.0
+    sampler = Sampler(model, create_diffusion(str(args.num_sampling_steps)), cfg_scale=args.cfg_scale,
+                      num_classes=args.num_classes, use_cfg=using_cfg, sampler=args.sampler,
+                      precision=args.precision)
+
+    folder = Path(args.sample_dir) / folder_name(args)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"Saving .png samples at {folder}")
+    barrier(world_size)
+    n = args.per_proc_batch_size
+    settings = dict(world_size=world_size, per_proc_batch_size=n, num_sampling_steps=args.num_sampling_steps,
+                    sampler=args.sampler, precision=args.precision, seeding="per-batch-v1")
+    check_resume_settings(folder, settings, rank, world_size)
+
+    global_batch = n * world_size
+    total = int(math.ceil(args.num_fid_samples / global_batch) * global_batch)
+    iterations = total // global_batch
+    todo = [b for b in range(iterations)
+            if not all((folder / f"{i:06d}.png").is_file() for i in batch_indices(b, n, rank, world_size))]
+    if rank == 0:
+        print(f"Total number of images that will be sampled: {total}"
+              + (f" ({iterations - len(todo)} of {iterations} batches per rank already done: resuming)"
+                 if len(todo) < iterations else ""))
+    if args.compile and todo:
+        seconds = sampler.compile((n, model.in_channels, input_size, input_size), mode=args.compile_mode)
+        if rank == 0:
+            print(f"Compiled the sampling step in {seconds:.1f} s.")
+    _run_batches(args, sampler, vae, folder, todo, iterations, rank, world_size, device,
+                 (n, model.in_channels, input_size, input_size))
+
+    barrier(world_size)  # all PNGs are on disk before the .npz is built
+    result = {"folder": folder, "npz": None, "fid": None}
+    if rank == 0:
+        npz = write_npz_from_pngs(folder, args.num_fid_samples)
+        print(f"Saved .npz file to {npz} [shape=({args.num_fid_samples}, {args.image_size}, "
+              f"{args.image_size}, 3)].")
+        result["npz"] = npz
+        if args.fid_ref:
+            from dit_fast.fid import fid_from_npz
+            result["fid"] = fid_from_npz(npz, args.fid_ref, device=device)
+        print("Done.")
+    barrier(world_size)
+    return result
+
+
+def _run_batches(args, sampler, vae, folder, todo, iterations, rank, world_size, device, shape) -> None:
+    from tqdm import tqdm
+    bar = tqdm(total=iterations, initial=iterations - len(todo), disable=rank != 0, desc="batches")
+    for b in todo:
+        g = torch.Generator(device).manual_seed(batch_seed(args.global_seed, rank, b))
+        z = torch.randn(shape, generator=g, device=device)
+        y = torch.randint(0, args.num_classes, (shape[0],), generator=g, device=device)
+        images = to_uint8_hwc(decode(sampler.sample(z, y, generator=g), vae))
+        for index, image in zip(batch_indices(b, shape[0], rank, world_size), images):
+            save_png(image, folder / f"{index:06d}.png")
+        bar.update(1)
+    bar.close()
+
+
+def cli(argv=None) -> None:
+    """Entry point: library errors (bad flags, missing checkpoint or VAE) become one clear line."""
+    from dit_fast.checkpoint import CheckpointError
+    from dit_fast.vae import VAEError
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, CheckpointError, VAEError) as e:
+        sys.exit(f"sample_ddp.py: error: {e}")
+
+
+if __name__ == "__main__":
+    cli()
