@@ -183,9 +183,14 @@ class LaunchConfig(types.SimpleNamespace):
     """BLOCK_T rows x BLOCK_D columns per tile, rows_per_program tokens per program, n_chunks per sample."""
 
 
-def launch_config(N, T, D, tile_elems=4096, target_programs=2048, block_t=None, rows_per_program=None):
-    """Tile and grid sizes. ``block_t`` / ``rows_per_program`` override the heuristics (tests use
-    tiny values so that the interpreter exercises multi-tile loops and chunk tails)."""
+def launch_config(N, T, D, tile_elems=8192, elems_per_thread=32, target_programs=2048, block_t=None,
+                  rows_per_program=None, num_warps=None):
+    """Tile and grid sizes. ``block_t`` / ``rows_per_program`` / ``num_warps`` override the heuristics
+    (tests use tiny values so that the interpreter exercises multi-tile loops and chunk tails).
+
+    The defaults were picked from compiled sm_90 register counts (no spills, the most bytes in flight
+    per SM) and are per kernel; benchmarks/test_bench_adaln.py's tile sweep measures alternatives.
+    """
     if D > MAX_D:
         raise ValueError(f"D={D} is too large for the fused adaLN kernels (at most {MAX_D}); "
                          "use the torch backend (fused_adaln=False)")
@@ -198,7 +203,8 @@ def launch_config(N, T, D, tile_elems=4096, target_programs=2048, block_t=None, 
         chunks = min(tiles, max(1, triton.cdiv(target_programs, N)))
         rows_per_program = triton.cdiv(tiles, chunks) * block_t
     n_chunks = triton.cdiv(T, rows_per_program)
-    num_warps = min(16, max(4, block_t * block_d // 512))  # ~16 fp32 values per thread per tensor
+    if num_warps is None:
+        num_warps = min(16, max(1, block_t * block_d // elems_per_thread))
     return LaunchConfig(BLOCK_T=block_t, BLOCK_D=block_d, rows_per_program=rows_per_program,
                         n_chunks=n_chunks, num_warps=num_warps)
 
@@ -239,8 +245,8 @@ def modulated_layer_norm_bwd(dout, x, scale, mean, rstd, **config_overrides):
     check_launchable(x.device)
     dout, x, scale = last_dim_contiguous(dout), last_dim_contiguous(x), last_dim_contiguous(scale)
     N, T, D = x.shape
-    config_overrides.setdefault("target_programs", 1024)  # fewer chunks: smaller partial-sum buffers
-    cfg = launch_config(N, T, D, **config_overrides)
+    # fewer chunks: smaller partial-sum buffers; 16 values per thread: two fp32 accumulators per value
+    cfg = launch_config(N, T, D, **{"target_programs": 1024, "elems_per_thread": 16, **config_overrides})
     dx = torch.empty((N, T, D), dtype=x.dtype, device=x.device)
     dshift_part = torch.empty((N, cfg.n_chunks, D), dtype=torch.float32, device=x.device)
     dscale_part = torch.empty_like(dshift_part)
