@@ -1,0 +1,181 @@
+"""sample.py and sample_ddp.py end to end with a tiny random DiT (CPU, pixel space or a tiny VAE)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.sampling_helpers import REPO, TINY_MODEL, register_tiny_model, save_tiny_checkpoint, write_launcher
+
+register_tiny_model()
+import sample  # noqa: E402  (the CLIs read DiT_models when they build their parsers)
+import sample_ddp  # noqa: E402
+
+SIZE, CLASSES = 8, 10
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'kernels'}")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a shared machine: OpenMP spinning costs ~50x
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", input_size=SIZE,
+                                in_channels=3, num_classes=CLASSES)
+
+
+def _sample_args(ckpt, out, *extra):
+    return ["--model", TINY_MODEL, "--ckpt", str(ckpt), "--vae", "none", "--image-size", str(SIZE),
+            "--num-classes", str(CLASSES), "--num-sampling-steps", "5", "--class-labels", "1", "2", "3", "4", "5",
+            "--out", str(out), *extra]
+
+
+def _png(path):
+    return np.asarray(Image.open(path))
+
+
+# --------------------------------------------------------------------------------------- sample.py
+def test_sample_writes_grid_and_is_the_original_pipeline(ckpt, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    result = sample.main(_sample_args(ckpt, out, "--seed", "3", "--cfg-scale", "2.5"))
+    assert str(out.resolve()) in capsys.readouterr().out
+    img = _png(out)
+    assert img.shape == (2 * (SIZE + 2) + 2, 4 * (SIZE + 2) + 2, 3)  # 5 images, 4 per row, padding 2
+
+    # The original sample.py, step for step (with dit_fast's model and diffusion).
+    from dit_fast.diffusion import create_diffusion
+    from dit_fast.models import DiT_models
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model = DiT_models[TINY_MODEL](input_size=SIZE, num_classes=CLASSES, in_channels=3)
+        model.load_state_dict(torch.load(ckpt, weights_only=True))
+        model.eval()
+        diffusion = create_diffusion("5")
+        z = torch.randn(5, 3, SIZE, SIZE)
+        y = torch.tensor([1, 2, 3, 4, 5])
+        z, y = torch.cat([z, z], 0), torch.cat([y, torch.tensor([CLASSES] * 5)], 0)
+        ref = diffusion.p_sample_loop(model.forward_with_cfg, z.shape, z, clip_denoised=False,
+                                      model_kwargs=dict(y=y, cfg_scale=2.5), device="cpu")
+    assert torch.equal(result["images"], ref.chunk(2)[0])
+
+
+def test_same_seed_same_image_other_seed_other_image(ckpt, tmp_path):
+    a, b, c = (tmp_path / f"{k}.png" for k in "abc")
+    sample.main(_sample_args(ckpt, a, "--seed", "7"))
+    sample.main(_sample_args(ckpt, b, "--seed", "7"))
+    sample.main(_sample_args(ckpt, c, "--seed", "8"))
+    assert np.array_equal(_png(a), _png(b)) and not np.array_equal(_png(a), _png(c))
+
+
+def test_compiled_matches_eager(ckpt, tmp_path, capsys):
+    eager = sample.main(_sample_args(ckpt, tmp_path / "eager.png", "--num-sampling-steps", "3"))
+    compiled = sample.main(_sample_args(ckpt, tmp_path / "compiled.png", "--num-sampling-steps", "3", "--compile"))
+    assert "Compiled the sampling step" in capsys.readouterr().out and compiled["compile_seconds"] > 0
+    torch.testing.assert_close(compiled["images"], eager["images"], atol=1e-3, rtol=1e-3)
+    assert np.abs(_png(tmp_path / "eager.png").astype(int) - _png(tmp_path / "compiled.png")).max() <= 1
+
+
+def test_latent_space_with_a_tiny_vae_directory(tmp_path):
+    from tests.vae_helpers import save_tiny_vae  # downsample 2, 4 latent channels
+    vae_dir = save_tiny_vae(tmp_path / "vae")
+    latent_ckpt = save_tiny_checkpoint(tmp_path / "latent.pt", input_size=4, in_channels=4, num_classes=CLASSES)
+    args = _sample_args(latent_ckpt, tmp_path / "g.png", "--precision", "bf16")
+    args[args.index("--vae") + 1] = str(vae_dir)
+    result = sample.main(args)
+    assert result["images"].shape == (5, 3, SIZE, SIZE)
+
+
+def test_clear_errors(ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        sample.main(_sample_args(tmp_path / "missing.pt", tmp_path / "x.png"))
+    with pytest.raises(ValueError, match="outside"):
+        sample.main(_sample_args(ckpt, tmp_path / "x.png", "--class-labels", "3", str(CLASSES)))
+    bad_size = _sample_args(ckpt, tmp_path / "x.png")
+    bad_size[bad_size.index("--image-size") + 1] = "9"
+    with pytest.raises(ValueError, match="divisible"):
+        sample.main(bad_size)
+    with pytest.raises(ValueError, match="--ckpt"):
+        sample.main(["--model", TINY_MODEL, "--vae", "none", "--image-size", "8"])
+    # As a script: one line on stderr, no traceback.
+    proc = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "missing.pt"),
+                           "--image-size", "100"], capture_output=True, text=True, env=ENV, cwd=tmp_path)
+    assert proc.returncode != 0 and "sample.py: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------- sample_ddp.py
+def _ddp_args(ckpt, sample_dir, *extra):
+    return ["--model", TINY_MODEL, "--ckpt", str(ckpt), "--vae", "none", "--image-size", str(SIZE),
+            "--num-classes", str(CLASSES), "--num-sampling-steps", "4", "--num-fid-samples", "10",
+            "--per-proc-batch-size", "4", "--sample-dir", str(sample_dir), *extra]
+
+
+def test_ddp_single_process_npz_and_resume(ckpt, tmp_path, monkeypatch):
+    full = sample_ddp.main(_ddp_args(ckpt, tmp_path / "a", "--cfg-scale", "1.5"))
+    assert full["folder"].name == "DiT-T-2-tiny-size-8-vae-none-cfg-1.5-seed-0"
+    arr = np.load(full["npz"])["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (10, SIZE, SIZE, 3)
+    assert len(list(full["folder"].glob("*.png"))) == 12  # 3 batches of 4, as the original
+    assert np.array_equal(arr[3], _png(full["folder"] / "000003.png"))
+
+    # A crash after 5 PNGs, then a rerun: the same images as the uninterrupted run.
+    import dit_fast.images
+    real_save, saved = dit_fast.images.save_png, []
+
+    def crashing_save(array, path):
+        if len(saved) == 5:
+            raise KeyboardInterrupt("simulated crash")
+        saved.append(path)
+        real_save(array, path)
+    monkeypatch.setattr(sample_ddp, "save_png", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        sample_ddp.main(_ddp_args(ckpt, tmp_path / "b", "--cfg-scale", "1.5"))
+    monkeypatch.setattr(sample_ddp, "save_png", real_save)
+    resumed = sample_ddp.main(_ddp_args(ckpt, tmp_path / "b", "--cfg-scale", "1.5"))
+    assert np.array_equal(np.load(resumed["npz"])["arr_0"], arr)
+
+    # Deleting PNGs resamples exactly those batches.
+    for name in ("000001.png", "000009.png"):
+        (resumed["folder"] / name).unlink()
+    again = sample_ddp.main(_ddp_args(ckpt, tmp_path / "b", "--cfg-scale", "1.5"))
+    assert np.array_equal(np.load(again["npz"])["arr_0"], arr)
+
+
+def test_ddp_without_guidance_and_bad_settings(ckpt, tmp_path):
+    out = sample_ddp.main(_ddp_args(ckpt, tmp_path, "--cfg-scale", "1.0", "--num-fid-samples", "3"))
+    assert np.load(out["npz"])["arr_0"].shape == (3, SIZE, SIZE, 3)
+    with pytest.raises(ValueError, match="other settings"):
+        sample_ddp.main(_ddp_args(ckpt, tmp_path, "--cfg-scale", "1.0", "--per-proc-batch-size", "2"))
+    with pytest.raises(ValueError, match="cfg-scale"):
+        sample_ddp.main(_ddp_args(ckpt, tmp_path, "--cfg-scale", "0.5"))
+
+
+def test_fid_ref_without_inception_says_how_to_get_it(ckpt, tmp_path, capsys):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    sample_ddp.main(_ddp_args(ckpt, tmp_path, "--num-fid-samples", "2", "--fid-ref", str(ref)))
+    text = capsys.readouterr().out
+    try:
+        import pytorch_fid  # noqa: F401
+    except ImportError:
+        assert "FID skipped" in text and "pip install pytorch-fid" in text
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(ckpt, tmp_path):
+    launcher = write_launcher(tmp_path, "sample_ddp.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+           *_ddp_args(ckpt, tmp_path, "--per-proc-batch-size", "3")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    folder = tmp_path / "DiT-T-2-tiny-size-8-vae-none-cfg-1.5-seed-0"
+    arr = np.load(folder.with_name(folder.name + ".npz"))["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (10, SIZE, SIZE, 3)
+    assert len(list(folder.glob("*.png"))) == 12  # ceil(10 / (2 x 3)) x 6
