@@ -14,9 +14,10 @@ import torch
 
 from dit_fast.diffusion import create_diffusion
 from dit_fast.images import save_image
-from dit_fast.sampling import (DEFAULT_CLASS_LABELS, Sampler, add_common_flags, build_sampling_model,
-                               check_class_labels, check_official_defaults, decode, patch_size_of,
-                               resolve_device, sample_size, timed, vae_downsample)
+from dit_fast.sampling import (DEFAULT_CLASS_LABELS, SampleConfig, Sampler, add_common_flags,
+                               build_sampling_model, check_class_labels, check_official_defaults, decode,
+                               format_sample_config, patch_size_of, resolve_device, sample_size, timed,
+                               vae_downsample)
 from dit_fast.vae import load_vae
 
 
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     """Run sample.py with `argv`; returns {"path", "images", "compile_seconds", "sample_seconds"}."""
-    args = build_parser().parse_args(argv)
+    args = SampleConfig.from_args(build_parser().parse_args(argv))
+    print(format_sample_config(args))
     device = resolve_device(args.device, args.tf32)
     input_size = sample_size(args.image_size, vae_downsample(args.vae), patch_size_of(args.model))
     check_class_labels(args.class_labels, args.num_classes)

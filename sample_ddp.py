@@ -27,8 +27,9 @@ import torch.distributed as dist
 
 from dit_fast.diffusion import create_diffusion
 from dit_fast.images import save_png, to_uint8_hwc, write_npz_from_pngs
-from dit_fast.sampling import (Sampler, add_common_flags, build_sampling_model, check_official_defaults,
-                               decode, patch_size_of, resolve_device, sample_size, vae_downsample)
+from dit_fast.sampling import (SampleConfig, Sampler, add_common_flags, build_sampling_model,
+                               check_official_defaults, decode, format_sample_config, patch_size_of,
+                               resolve_device, sample_size, vae_downsample)
 from dit_fast.vae import load_vae
 
 
@@ -99,7 +100,7 @@ def check_resume_settings(folder: Path, settings: dict, rank: int, world_size: i
 
 def main(argv=None) -> dict:
     """Run sample_ddp.py with `argv`; returns {"folder", "npz" (rank 0), "fid"}."""
-    args = build_parser().parse_args(argv)
+    args = SampleConfig.from_args(build_parser().parse_args(argv))
     if args.cfg_scale < 1.0:
         raise ValueError(f"--cfg-scale must be >= 1.0 (1.0 disables guidance), got {args.cfg_scale}")
     if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
@@ -122,6 +123,8 @@ def main(argv=None) -> dict:
 
 def _sample_all(args, input_size: int, rank: int, world_size: int, device) -> dict:
     torch.manual_seed(args.global_seed * world_size + rank)  # the original's seed (model init only here)
+    if rank == 0:
+        print(format_sample_config(args))
     print(f"Starting rank={rank}, world_size={world_size}, device={device}.")
     in_channels = args.in_channels if args.vae.lower() == "none" else 4
     model = build_sampling_model(args.model, input_size, args.num_classes, in_channels,

@@ -272,3 +272,63 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
 def load_config(path: str | os.PathLike) -> Config:
     """Read a config.json written by save_config."""
     return config_from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class SampleConfig:
+    """sample.py / sample_ddp.py: how images are drawn (flag names as in DiT's scripts)."""
+
+    model: str = "DiT-XL/2"
+    """Name in dit_fast.models.DiT_models."""
+    image_size: int = 256
+    """Output side in pixels; the model input is image_size // VAE downsampling (8), or image_size with vae none."""
+    num_classes: int = 1000
+    """Classes of the model; the null label used by guidance is num_classes itself."""
+    cfg_scale: float = 4.0
+    """Guidance scale (sample.py: 4.0, always the CFG forward; sample_ddp.py: 1.5, no CFG at 1.0)."""
+    num_sampling_steps: int = 250
+    """Respaced diffusion steps."""
+    sampler: str = "ddpm"
+    """ddpm (ancestral, as the original) or ddim (eta 0)."""
+    ckpt: Optional[str] = None
+    """Checkpoint path or official name; None: the official DiT-XL/2 checkpoint for image_size."""
+    vae: str = "mse"
+    """ema | mse | a local diffusers directory | none (pixel space)."""
+    in_channels: int = 3
+    """Image channels of a pixel-space (vae none) model."""
+    compile: bool = False
+    """torch.compile the per-step function (CFG forward + update) once, static shapes, fullgraph."""
+    compile_mode: Optional[str] = None
+    """torch.compile mode; None: reduce-overhead (CUDA graphs) on CUDA, default on CPU."""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16: autocast of the model call only; the diffusion math stays fp32."""
+    attn_backend: str = "sdpa"
+    """Attention backend (dit_fast.dispatch)."""
+    fused_adaln: bool = False
+    """Fused adaLN kernels (dit_fast.dispatch)."""
+    tf32: bool = True
+    """TF32 matmuls on CUDA (the original turns them on)."""
+    device: Optional[str] = None
+    """Sampling device; None: cuda if available, else cpu."""
+    seed: int = 0
+    """sample.py: torch.manual_seed before building anything, as the original."""
+    class_labels: list = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
+    """sample.py: one image per label (default: the original's eight)."""
+    out: str = "sample.png"
+    """sample.py: path of the PNG grid."""
+    global_seed: int = 0
+    """sample_ddp.py: seeds every batch from (global_seed, rank, batch index)."""
+    per_proc_batch_size: int = 32
+    """sample_ddp.py: images per process per batch."""
+    num_fid_samples: int = 50_000
+    """sample_ddp.py: images in the .npz."""
+    sample_dir: str = "samples"
+    """sample_ddp.py: parent folder of the PNG folder and the .npz."""
+    fid_ref: Optional[str] = None
+    """sample_ddp.py: reference statistics (.npz with mu, sigma) for an optional in-process FID."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SampleConfig":
+        """The config of a sample.py / sample_ddp.py command line (flags a script lacks keep defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})

@@ -18,12 +18,14 @@ import argparse
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+from dit_fast.config import SampleConfig  # noqa: F401  (the sampling section of the config tree)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLERS = ("ddpm", "ddim")
@@ -32,31 +34,6 @@ DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the original s
 # Column order of the per-step coefficient table (all float32).
 _SQRT_RECIP_AC, _SQRT_RECIPM1_AC, _COEF1, _COEF2, _MIN_LOG, _MAX_LOG, _FIXED_LOGVAR, \
     _ALPHA_BAR, _ALPHA_BAR_PREV, _NONZERO = range(10)
-
-
-@dataclass
-class SampleConfig:
-    """Everything sample.py / sample_ddp.py need to draw images (one section of the config tree)."""
-
-    model: str = "DiT-XL/2"            #: name in dit_fast.models.DiT_models
-    image_size: int = 256              #: output side in pixels (latent side = image_size // 8 with a VAE)
-    num_classes: int = 1000            #: classes of the model; the null (CFG) class is num_classes
-    cfg_scale: float = 4.0             #: guidance scale (sample.py always runs the CFG forward)
-    num_sampling_steps: int = 250      #: respaced diffusion steps
-    sampler: str = "ddpm"              #: "ddpm" (ancestral, as the original) or "ddim" (eta 0)
-    seed: int = 0                      #: torch.manual_seed before building anything, as the original
-    ckpt: Optional[str] = None         #: checkpoint path or official name; None: official for the size
-    vae: str = "mse"                   #: "ema" | "mse" | local diffusers dir | "none" (pixel space)
-    in_channels: int = 3               #: image channels of a pixel-space (--vae none) model
-    class_labels: list = field(default_factory=lambda: list(DEFAULT_CLASS_LABELS))  #: one image each
-    compile: bool = False              #: torch.compile the per-step function
-    compile_mode: Optional[str] = None  #: torch.compile mode; None: "reduce-overhead" on CUDA, default on CPU
-    precision: str = "fp32"            #: "fp32" | "bf16" | "fp16": autocast of the model call only
-    attn_backend: str = "sdpa"         #: passed to the model (dit_fast.dispatch)
-    fused_adaln: bool = False          #: fused adaLN kernels (dit_fast.dispatch)
-    tf32: bool = True                  #: TF32 matmuls on CUDA (the original sample.py turns them on)
-    out: str = "sample.png"            #: PNG grid path
-    device: Optional[str] = None       #: default: cuda if available else cpu
 
 
 @dataclass
@@ -388,6 +365,11 @@ def add_common_flags(parser, *, cfg_default: float) -> None:
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on CUDA (on by default, as the original)")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
+
+
+def format_sample_config(cfg) -> str:
+    """The resolved SampleConfig, one ``sample.key = value`` per line (printed at start)."""
+    return "\n".join(f"sample.{k} = {v!r}" for k, v in asdict(cfg).items())
 
 
 def resolve_device(name: Optional[str], tf32: bool = True) -> torch.device:
