@@ -9,7 +9,7 @@ and autograd registrations -> public function.
 Kernel layout: the grid is (chunks of T, N). A program owns ``rows_per_program`` consecutive tokens
 of ONE sample, so a block of rows never straddles two samples and the sample's shift/scale vectors are
 loaded once per program instead of once per row. Rows are processed ``BLOCK_T`` at a time; the whole
-row (BLOCK_D = next_power_of_2(D), masked) sits in registers, so the variance is an exact two-pass
+row (two power-of-two column blocks, see the kernels) sits in registers, so the variance is an exact two-pass
 ``mean((x - mean)^2)`` (no one-pass cancellation for rows with a large mean). All statistics and
 accumulations are fp32. The backward writes per-(sample, chunk) partial sums of dshift/dscale to a
 buffer that a torch sum reduces: no atomics, so two runs give identical bits.
@@ -78,26 +78,54 @@ def _backward_ref(dout, x, scale, mean, rstd):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels (shared row helpers are also used by gated_residual.py)
+# Triton kernels (the shared tile helpers are also used by gated_residual.py)
 # ---------------------------------------------------------------------------------------------
+# A row of D values is held as two power-of-two column blocks: A = [0, BLOCK_A), always inside D (no
+# column mask), and B = [BLOCK_A, BLOCK_A + BLOCK_B), masked at D. D = 1152 runs as 1024 + 128
+# instead of one 2048-wide block that is 44% padding: fewer registers, more rows in flight per SM.
 
 @jit
-def modulated_norm_tile(x, mask, shift, scale1, D, eps):
-    """x (BLOCK_T, BLOCK_D) fp32 (0 where masked) -> (y, mean (BLOCK_T,), rstd (BLOCK_T,))."""
-    mean = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)  # two-pass variance
-    y = xc * rstd[:, None] * scale1[None, :] + shift[None, :]
-    return y, mean, rstd
+def load_tile(PTR, row_offsets, cols, mask):
+    """fp32 (BLOCK_T, len(cols)) tile at PTR + row_offsets[:, None] + cols[None, :], 0 where masked."""
+    return tl.load(PTR + row_offsets[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @jit
-def modulated_norm_grad_tile(dy, xhat, scale1, rstd, D):
-    """d(loss)/dx for y = xhat * scale1 + shift; dy, xhat (BLOCK_T, BLOCK_D) fp32, 0 where masked."""
-    g = dy * scale1[None, :]
-    c_mean = tl.sum(g, axis=1) / D
-    c_proj = tl.sum(g * xhat, axis=1) / D
-    return (g - c_mean[:, None] - xhat * c_proj[:, None]) * rstd[:, None]
+def store_tile(PTR, row_offsets, cols, value, mask):
+    tl.store(PTR + row_offsets[:, None] + cols[None, :], value.to(PTR.dtype.element_ty), mask=mask)
+
+
+@jit
+def load_vector(PTR, offset, cols, D):
+    """fp32 per-sample vector (shift, scale, gate) at PTR + offset + cols, 0 past D."""
+    return tl.load(PTR + offset + cols, mask=cols < D, other=0.0).to(tl.float32)
+
+
+@jit
+def store_partial_sum(PTR, offset, cols, acc, D):
+    """Sum a (BLOCK_T, len(cols)) accumulator over its rows into PTR + offset + cols."""
+    tl.store(PTR + offset + cols, tl.sum(acc, axis=0), mask=cols < D)
+
+
+@jit
+def centered_rows(xa, xb, mask_b, D, eps):
+    """Rows split as (xa, xb), 0 where masked -> (xa - mean, xb - mean (0 where masked), mean, rstd)."""
+    mean = (tl.sum(xa, axis=1) + tl.sum(xb, axis=1)) / D
+    xa = xa - mean[:, None]
+    xb = tl.where(mask_b, xb - mean[:, None], 0.0)
+    # two-pass variance from the centered values held in registers: exact for rows with a large mean
+    rstd = tl.rsqrt((tl.sum(xa * xa, axis=1) + tl.sum(xb * xb, axis=1)) / D + eps)
+    return xa, xb, mean, rstd
+
+
+@jit
+def norm_input_grad(ga, gb, xhat_a, xhat_b, rstd, D):
+    """dL/dx of xhat = (x - mean) * rstd from g = dL/dxhat (column blocks, 0 where masked)."""
+    c_mean = (tl.sum(ga, axis=1) + tl.sum(gb, axis=1)) / D
+    c_proj = (tl.sum(ga * xhat_a, axis=1) + tl.sum(gb * xhat_b, axis=1)) / D
+    dxa = (ga - c_mean[:, None] - xhat_a * c_proj[:, None]) * rstd[:, None]
+    dxb = (gb - c_mean[:, None] - xhat_b * c_proj[:, None]) * rstd[:, None]
+    return dxa, dxb
 
 
 @jit
@@ -111,23 +139,27 @@ def _mln_fwd_kernel(
     T, D, rows_per_program,
     stride_xn, stride_xt, stride_shift, stride_scale,
     eps,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     t_start = tl.program_id(0) * rows_per_program
     t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    shift = tl.load(SHIFT + n * stride_shift + cols, mask=col_ok, other=0.0).to(tl.float32)
-    scale1 = 1.0 + tl.load(SCALE + n * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+    ca = tl.arange(0, BLOCK_A)
+    cb = BLOCK_A + tl.arange(0, BLOCK_B)
+    shift_a, shift_b = load_vector(SHIFT, n * stride_shift, ca, D), load_vector(SHIFT, n * stride_shift, cb, D)
+    scale1_a = 1.0 + load_vector(SCALE, n * stride_scale, ca, D)
+    scale1_b = 1.0 + load_vector(SCALE, n * stride_scale, cb, D)
     for t0 in range(t_start, t_end, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < t_end
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(X + n * stride_xn + rows[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0)
-        y, mean, rstd = modulated_norm_tile(x.to(tl.float32), mask, shift, scale1, D, eps)
+        mask_a = row_ok[:, None]
+        mask_b = row_ok[:, None] & (cb < D)[None, :]
+        x_rows = n * stride_xn + rows * stride_xt
+        xa, xb, mean, rstd = centered_rows(load_tile(X, x_rows, ca, mask_a), load_tile(X, x_rows, cb, mask_b),
+                                           mask_b, D, eps)
         out_rows = n * T + rows
-        tl.store(OUT + out_rows[:, None] * D + cols[None, :], y.to(OUT.dtype.element_ty), mask=mask)
+        store_tile(OUT, out_rows * D, ca, xa * rstd[:, None] * scale1_a[None, :] + shift_a[None, :], mask_a)
+        store_tile(OUT, out_rows * D, cb, xb * rstd[:, None] * scale1_b[None, :] + shift_b[None, :], mask_b)
         tl.store(MEAN + out_rows, mean, mask=row_ok)
         tl.store(RSTD + out_rows, rstd, mask=row_ok)
 
@@ -144,35 +176,46 @@ def _mln_bwd_kernel(
     DSCALE_PART,  # (N, n_chunks, D) fp32
     T, D, rows_per_program, n_chunks,
     stride_dn, stride_dt, stride_xn, stride_xt, stride_scale,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     n = tl.program_id(1).to(tl.int64)
     chunk = tl.program_id(0)
     t_start = chunk * rows_per_program
     t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    scale1 = 1.0 + tl.load(SCALE + n * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+    ca = tl.arange(0, BLOCK_A)
+    cb = BLOCK_A + tl.arange(0, BLOCK_B)
+    scale1_a = 1.0 + load_vector(SCALE, n * stride_scale, ca, D)
+    scale1_b = 1.0 + load_vector(SCALE, n * stride_scale, cb, D)
     # 2-D accumulators: summed over rows once at the end, not per tile
-    acc_dshift = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    acc_dscale = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    acc_shift_a = tl.zeros((BLOCK_T, BLOCK_A), dtype=tl.float32)
+    acc_shift_b = tl.zeros((BLOCK_T, BLOCK_B), dtype=tl.float32)
+    acc_scale_a = tl.zeros((BLOCK_T, BLOCK_A), dtype=tl.float32)
+    acc_scale_b = tl.zeros((BLOCK_T, BLOCK_B), dtype=tl.float32)
     for t0 in range(t_start, t_end, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         row_ok = rows < t_end
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(X + n * stride_xn + rows[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(DOUT + n * stride_dn + rows[:, None] * stride_dt + cols[None, :], mask=mask, other=0.0)
-        dy = dy.to(tl.float32)
-        mean = tl.load(MEAN + n * T + rows, mask=row_ok, other=0.0)
+        mask_a = row_ok[:, None]
+        mask_b = row_ok[:, None] & (cb < D)[None, :]
+        mean = tl.load(MEAN + n * T + rows, mask=row_ok, other=0.0)[:, None]
         rstd = tl.load(RSTD + n * T + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
-        dx = modulated_norm_grad_tile(dy, xhat, scale1, rstd, D)
-        tl.store(DX + (n * T + rows)[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        acc_dshift += dy
-        acc_dscale += dy * xhat
-    part = (n * n_chunks + chunk) * D + cols
-    tl.store(DSHIFT_PART + part, tl.sum(acc_dshift, axis=0), mask=col_ok)
-    tl.store(DSCALE_PART + part, tl.sum(acc_dscale, axis=0), mask=col_ok)
+        x_rows = n * stride_xn + rows * stride_xt
+        xhat_a = (load_tile(X, x_rows, ca, mask_a) - mean) * rstd[:, None]  # 0 in masked rows (rstd = 0)
+        xhat_b = tl.where(mask_b, (load_tile(X, x_rows, cb, mask_b) - mean) * rstd[:, None], 0.0)
+        d_rows = n * stride_dn + rows * stride_dt
+        dy_a, dy_b = load_tile(DOUT, d_rows, ca, mask_a), load_tile(DOUT, d_rows, cb, mask_b)
+        dx_a, dx_b = norm_input_grad(dy_a * scale1_a[None, :], dy_b * scale1_b[None, :], xhat_a, xhat_b, rstd, D)
+        out_rows = (n * T + rows) * D
+        store_tile(DX, out_rows, ca, dx_a, mask_a)
+        store_tile(DX, out_rows, cb, dx_b, mask_b)
+        acc_shift_a += dy_a
+        acc_shift_b += dy_b
+        acc_scale_a += dy_a * xhat_a
+        acc_scale_b += dy_b * xhat_b
+    part = (n * n_chunks + chunk) * D
+    store_partial_sum(DSHIFT_PART, part, ca, acc_shift_a, D)
+    store_partial_sum(DSHIFT_PART, part, cb, acc_shift_b, D)
+    store_partial_sum(DSCALE_PART, part, ca, acc_scale_a, D)
+    store_partial_sum(DSCALE_PART, part, cb, acc_scale_b, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,33 +223,52 @@ def _mln_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 class LaunchConfig(types.SimpleNamespace):
-    """BLOCK_T rows x BLOCK_D columns per tile, rows_per_program tokens per program, n_chunks per sample."""
+    """BLOCK_T rows x (BLOCK_A + BLOCK_B) columns per tile, rows_per_program tokens per program."""
 
 
-def launch_config(N, T, D, tile_elems=8192, elems_per_thread=32, target_programs=2048, block_t=None,
+def _floor_pow2(v):
+    return 1 << (max(1, int(v)).bit_length() - 1)
+
+
+def column_blocks(D):
+    """(BLOCK_A, BLOCK_B): powers of two, BLOCK_A < D <= BLOCK_A + BLOCK_B; e.g. 1152 -> (1024, 128)."""
+    if D == 1:
+        return 1, 1  # block B fully masked
+    block_a = _floor_pow2(D)
+    if block_a == D:
+        block_a //= 2
+    return block_a, triton.next_power_of_2(D - block_a)
+
+
+def launch_config(N, T, D, tile_elems=4096, elems_per_thread=16, target_programs=2048, block_t=None,
                   rows_per_program=None, num_warps=None):
-    """Tile and grid sizes. ``block_t`` / ``rows_per_program`` / ``num_warps`` override the heuristics
-    (tests use tiny values so that the interpreter exercises multi-tile loops and chunk tails).
+    """Tile and grid sizes: BLOCK_T rows of about ``tile_elems`` values per tile, ~``elems_per_thread``
+    values per thread, ~``target_programs`` programs. ``block_t`` / ``rows_per_program`` /
+    ``num_warps`` override the heuristics (tests use tiny tiles so that the interpreter runs multi-tile
+    loops and chunk tails).
 
-    The defaults were picked from compiled sm_90 register counts (no spills, the most bytes in flight
-    per SM) and are per kernel; benchmarks/test_bench_adaln.py's tile sweep measures alternatives.
+    Defaults (per kernel, see the launchers) come from compiled sm_90 register counts at D = 1152: no
+    spills and the most bytes in flight per SM (forward: 2 rows x 4 warps, 56-72 registers, 8-12
+    programs per SM). benchmarks/test_bench_adaln.py's tile sweep measures the alternatives on a GPU.
     """
     if D > MAX_D:
         raise ValueError(f"D={D} is too large for the fused adaLN kernels (at most {MAX_D}); "
                          "use the torch backend (fused_adaln=False)")
-    block_d = triton.next_power_of_2(D)
+    block_a, block_b = column_blocks(D)
     if block_t is None:
         # several rows per tile when D is small, so every program moves a useful amount of memory
-        block_t = max(1, min(tile_elems // block_d, triton.next_power_of_2(T)))
+        block_t = min(_floor_pow2(tile_elems // (block_a + block_b)), triton.next_power_of_2(T))
     if rows_per_program is None:
         tiles = triton.cdiv(T, block_t)
         chunks = min(tiles, max(1, triton.cdiv(target_programs, N)))
         rows_per_program = triton.cdiv(tiles, chunks) * block_t
-    n_chunks = triton.cdiv(T, rows_per_program)
     if num_warps is None:
-        num_warps = min(16, max(1, block_t * block_d // elems_per_thread))
-    return LaunchConfig(BLOCK_T=block_t, BLOCK_D=block_d, rows_per_program=rows_per_program,
-                        n_chunks=n_chunks, num_warps=num_warps)
+        num_warps = min(16, _floor_pow2(block_t * D // (32 * elems_per_thread)))
+    return LaunchConfig(BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_B=block_b, rows_per_program=rows_per_program,
+                        n_chunks=triton.cdiv(T, rows_per_program), num_warps=num_warps)
+
+
+BACKWARD_NORM_TILES = dict(target_programs=1024, tile_elems=2048, elems_per_thread=8)
 
 
 def check_launchable(device):
@@ -235,7 +297,7 @@ def modulated_layer_norm_fwd(x, shift, scale, eps, **config_overrides):
     _mln_fwd_kernel[(cfg.n_chunks, N)](
         x, shift, scale, out, mean, rstd, T, D, cfg.rows_per_program,
         x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps,
-        BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
+        BLOCK_T=cfg.BLOCK_T, BLOCK_A=cfg.BLOCK_A, BLOCK_B=cfg.BLOCK_B, num_warps=cfg.num_warps,
     )
     return out, mean, rstd
 
@@ -245,8 +307,8 @@ def modulated_layer_norm_bwd(dout, x, scale, mean, rstd, **config_overrides):
     check_launchable(x.device)
     dout, x, scale = last_dim_contiguous(dout), last_dim_contiguous(x), last_dim_contiguous(scale)
     N, T, D = x.shape
-    # fewer chunks: smaller partial-sum buffers; 16 values per thread: two fp32 accumulators per value
-    cfg = launch_config(N, T, D, **{"target_programs": 1024, "elems_per_thread": 16, **config_overrides})
+    # fewer chunks: smaller partial-sum buffers; one row per tile: two fp32 accumulators per value
+    cfg = launch_config(N, T, D, **{**BACKWARD_NORM_TILES, **config_overrides})
     dx = torch.empty((N, T, D), dtype=x.dtype, device=x.device)
     dshift_part = torch.empty((N, cfg.n_chunks, D), dtype=torch.float32, device=x.device)
     dscale_part = torch.empty_like(dshift_part)
@@ -254,7 +316,7 @@ def modulated_layer_norm_bwd(dout, x, scale, mean, rstd, **config_overrides):
         dout, x, scale, mean, rstd, dx, dshift_part, dscale_part,
         T, D, cfg.rows_per_program, cfg.n_chunks,
         dout.stride(0), dout.stride(1), x.stride(0), x.stride(1), scale.stride(0),
-        BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D, num_warps=cfg.num_warps,
+        BLOCK_T=cfg.BLOCK_T, BLOCK_A=cfg.BLOCK_A, BLOCK_B=cfg.BLOCK_B, num_warps=cfg.num_warps,
     )
     return dx, dshift_part.sum(1).to(scale.dtype), dscale_part.sum(1).to(scale.dtype)
 

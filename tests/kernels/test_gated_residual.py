@@ -114,6 +114,14 @@ def test_gated_residual_norm_matches_reference(dtype, shape, tiles):
     check_fused(make_inputs(*shape, dtype), tiles)
 
 
+@pytest.mark.parametrize("D", [1, 64, 1000], ids=str)
+def test_widths_split_into_two_column_blocks(D):
+    """Rows are held as a power-of-two block plus a masked one: D = 1, a power of two, 512 + 488."""
+    inp = make_inputs(2, 3, D, torch.float32)
+    check_fused(inp, dict(block_t=2, rows_per_program=2))
+    check_residual(inp, dict(block_t=2, rows_per_program=2))
+
+
 def test_gated_residual_norm_when_only_m_is_used():
     """Gradients flow into m only (h unused downstream): the kernel's no-dh path."""
     inp = make_inputs(3, 5, 40, torch.float32)

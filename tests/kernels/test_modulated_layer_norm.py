@@ -87,6 +87,12 @@ def test_matches_reference(dtype, shape, tiles):
     check_all(*make_inputs(*shape, dtype), tiles=tiles)
 
 
+@pytest.mark.parametrize("D", [1, 64, 1000], ids=str)
+def test_widths_split_into_two_column_blocks(D):
+    """Rows are held as a power-of-two block plus a masked one: D = 1, a power of two, 512 + 488."""
+    check_all(*make_inputs(2, 3, D, torch.float32), tiles=dict(block_t=2, rows_per_program=2))
+
+
 def test_rows_with_large_mean():
     """x = 1000 + noise: a one-pass E[x^2] - E[x]^2 variance would be off by percents."""
     x, shift, scale, dout = make_inputs(3, 5, 72, torch.float32, mean=1000.0)
