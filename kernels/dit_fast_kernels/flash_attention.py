@@ -62,9 +62,9 @@ if triton is not None:
 
     @triton.jit
     def _load_tile(base, rows, cols, stride_row, T, HEAD_D: tl.constexpr,
-                   MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
-        # base: element (0, 0) of a (T, HEAD_D) matrix, row stride stride_row, column stride 1
-        ptrs = base + rows[:, None] * stride_row + cols[None, :]
+                   MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr):
+        # base: element (0, 0) of a (T, HEAD_D) matrix, row stride stride_row * ALIGN, column stride 1
+        ptrs = base + rows[:, None] * (stride_row * ALIGN) + cols[None, :]
         if MASK_ROWS:
             if MASK_COLS:
                 tile = tl.load(ptrs, mask=(rows[:, None] < T) & (cols[None, :] < HEAD_D), other=0.0)
@@ -79,9 +79,9 @@ if triton is not None:
 
     @triton.jit
     def _store_tile(base, tile, rows, cols, stride_row, T, HEAD_D: tl.constexpr,
-                    MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
-        # base: element (0, 0) of a (T, HEAD_D) matrix, row stride stride_row, column stride 1
-        ptrs = base + rows[:, None] * stride_row + cols[None, :]
+                    MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr, ALIGN: tl.constexpr):
+        # base: element (0, 0) of a (T, HEAD_D) matrix, row stride stride_row * ALIGN, column stride 1
+        ptrs = base + rows[:, None] * (stride_row * ALIGN) + cols[None, :]
         tile = tile.to(base.dtype.element_ty)
         if MASK_ROWS:
             if MASK_COLS:
@@ -113,6 +113,7 @@ if triton is not None:
         H, T, qk_scale,  # qk_scale = softmax_scale * log2(e), so the softmax uses exp2
         HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
         MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_T: tl.constexpr, DOT_PREC: tl.constexpr,
+        ALIGN: tl.constexpr,  # every stride argument is in units of ALIGN elements (see _align)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         num_m = tl.cdiv(T, BLOCK_M)
@@ -120,26 +121,26 @@ if triton is not None:
         bh = tl.program_id(0) // num_m
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        q_base = Q + b * stride_qb + h * stride_qh
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
+        q_base = Q + (b * stride_qb + h * stride_qh) * ALIGN
+        k_base = K + (b * stride_kb + h * stride_kh) * ALIGN
+        v_base = V + (b * stride_vb + h * stride_vh) * ALIGN
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols0 = tl.arange(0, D0)
         cols1 = D0 + tl.arange(0, D1)
 
-        q0 = _load_tile(q_base, rows, cols0, stride_qt, T, HEAD_D, MASK_T, MASK_D0)  # (BM, D0)
+        q0 = _load_tile(q_base, rows, cols0, stride_qt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)  # (BM, D0)
         if HAS_D1:
-            q1 = _load_tile(q_base, rows, cols1, stride_qt, T, HEAD_D, MASK_T, MASK_D1)  # (BM, D1)
+            q1 = _load_tile(q_base, rows, cols1, stride_qt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)  # (BM, D1)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
         l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2
         acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
         acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
         for start_n in range(0, T, BLOCK_N):
             keys = start_n + tl.arange(0, BLOCK_N)
-            k0 = _load_tile(k_base, keys, cols0, stride_kt, T, HEAD_D, MASK_T, MASK_D0)
+            k0 = _load_tile(k_base, keys, cols0, stride_kt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)
             s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # (BM, BN)
             if HAS_D1:
-                k1 = _load_tile(k_base, keys, cols1, stride_kt, T, HEAD_D, MASK_T, MASK_D1)
+                k1 = _load_tile(k_base, keys, cols1, stride_kt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
                 s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
             s = s * qk_scale
             if MASK_T:
@@ -148,18 +149,18 @@ if triton is not None:
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v0 = _load_tile(v_base, keys, cols0, stride_vt, T, HEAD_D, MASK_T, MASK_D0)
+            v0 = _load_tile(v_base, keys, cols0, stride_vt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)
             acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=DOT_PREC)
             if HAS_D1:
-                v1 = _load_tile(v_base, keys, cols1, stride_vt, T, HEAD_D, MASK_T, MASK_D1)
+                v1 = _load_tile(v_base, keys, cols1, stride_vt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
                 acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=DOT_PREC)
             m_i = m_new
 
         # l_i >= 1 for every row (its max term is exp2(0)), so no division by zero, even on padding
-        o_base = Out + b * stride_ob + h * stride_oh
-        _store_tile(o_base, acc0 / l_i[:, None], rows, cols0, stride_ot, T, HEAD_D, MASK_T, MASK_D0)
+        o_base = Out + (b * stride_ob + h * stride_oh) * ALIGN
+        _store_tile(o_base, acc0 / l_i[:, None], rows, cols0, stride_ot, T, HEAD_D, MASK_T, MASK_D0, ALIGN)
         if HAS_D1:
-            _store_tile(o_base, acc1 / l_i[:, None], rows, cols1, stride_ot, T, HEAD_D, MASK_T, MASK_D1)
+            _store_tile(o_base, acc1 / l_i[:, None], rows, cols1, stride_ot, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # log2 units -> natural log
         lse_ptrs = Lse + bh.to(tl.int64) * T + rows
         if MASK_T:
@@ -175,23 +176,24 @@ if triton is not None:
         H, T,
         HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
         MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):
         num_m = tl.cdiv(T, BLOCK_M)
         pid_m = tl.program_id(0) % num_m
         bh = tl.program_id(0) // num_m
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        o_base = Out + b * stride_ob + h * stride_oh
-        do_base = DOut + b * stride_dob + h * stride_doh
+        o_base = Out + (b * stride_ob + h * stride_oh) * ALIGN
+        do_base = DOut + (b * stride_dob + h * stride_doh) * ALIGN
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols0 = tl.arange(0, D0)
         cols1 = D0 + tl.arange(0, D1)
-        o0 = _load_tile(o_base, rows, cols0, stride_ot, T, HEAD_D, MASK_T, MASK_D0).to(tl.float32)
-        do0 = _load_tile(do_base, rows, cols0, stride_dot, T, HEAD_D, MASK_T, MASK_D0).to(tl.float32)
+        o0 = _load_tile(o_base, rows, cols0, stride_ot, T, HEAD_D, MASK_T, MASK_D0, ALIGN).to(tl.float32)
+        do0 = _load_tile(do_base, rows, cols0, stride_dot, T, HEAD_D, MASK_T, MASK_D0, ALIGN).to(tl.float32)
         delta = tl.sum(o0 * do0, 1)
         if HAS_D1:
-            o1 = _load_tile(o_base, rows, cols1, stride_ot, T, HEAD_D, MASK_T, MASK_D1).to(tl.float32)
-            do1 = _load_tile(do_base, rows, cols1, stride_dot, T, HEAD_D, MASK_T, MASK_D1).to(tl.float32)
+            o1 = _load_tile(o_base, rows, cols1, stride_ot, T, HEAD_D, MASK_T, MASK_D1, ALIGN).to(tl.float32)
+            do1 = _load_tile(do_base, rows, cols1, stride_dot, T, HEAD_D, MASK_T, MASK_D1, ALIGN).to(tl.float32)
             delta += tl.sum(o1 * do1, 1)
         if MASK_T:
             tl.store(Delta + bh.to(tl.int64) * T + rows, delta, mask=rows < T)
@@ -209,6 +211,7 @@ if triton is not None:
         H, T, softmax_scale, qk_scale,
         HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
         MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_T: tl.constexpr, DOT_PREC: tl.constexpr,
+        ALIGN: tl.constexpr,  # every stride argument is in units of ALIGN elements (see _align)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # One program owns BLOCK_N keys of one (b, h) and walks all query blocks: transposed tiles
@@ -218,32 +221,32 @@ if triton is not None:
         bh = tl.program_id(0) // num_n
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DOut + b * stride_dob + h * stride_doh
+        q_base = Q + (b * stride_qb + h * stride_qh) * ALIGN
+        do_base = DOut + (b * stride_dob + h * stride_doh) * ALIGN
         lse_base = Lse + bh.to(tl.int64) * T
         delta_base = Delta + bh.to(tl.int64) * T
         keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols0 = tl.arange(0, D0)
         cols1 = D0 + tl.arange(0, D1)
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        k0 = _load_tile(k_base, keys, cols0, stride_kt, T, HEAD_D, MASK_T, MASK_D0)  # (BN, D0)
-        v0 = _load_tile(v_base, keys, cols0, stride_vt, T, HEAD_D, MASK_T, MASK_D0)
+        k_base = K + (b * stride_kb + h * stride_kh) * ALIGN
+        v_base = V + (b * stride_vb + h * stride_vh) * ALIGN
+        k0 = _load_tile(k_base, keys, cols0, stride_kt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)  # (BN, D0)
+        v0 = _load_tile(v_base, keys, cols0, stride_vt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)
         if HAS_D1:
-            k1 = _load_tile(k_base, keys, cols1, stride_kt, T, HEAD_D, MASK_T, MASK_D1)  # (BN, D1)
-            v1 = _load_tile(v_base, keys, cols1, stride_vt, T, HEAD_D, MASK_T, MASK_D1)
+            k1 = _load_tile(k_base, keys, cols1, stride_kt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)  # (BN, D1)
+            v1 = _load_tile(v_base, keys, cols1, stride_vt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
         dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
         dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
         dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
         dv1 = tl.zeros([BLOCK_N, D1], tl.float32)
         for start_m in range(0, T, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
-            q0 = _load_tile(q_base, rows, cols0, stride_qt, T, HEAD_D, MASK_T, MASK_D0)  # (BM, D0)
-            do0 = _load_tile(do_base, rows, cols0, stride_dot, T, HEAD_D, MASK_T, MASK_D0)
+            q0 = _load_tile(q_base, rows, cols0, stride_qt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)  # (BM, D0)
+            do0 = _load_tile(do_base, rows, cols0, stride_dot, T, HEAD_D, MASK_T, MASK_D0, ALIGN)
             s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)  # (BN, BM) scores^T
             if HAS_D1:
-                q1 = _load_tile(q_base, rows, cols1, stride_qt, T, HEAD_D, MASK_T, MASK_D1)
-                do1 = _load_tile(do_base, rows, cols1, stride_dot, T, HEAD_D, MASK_T, MASK_D1)
+                q1 = _load_tile(q_base, rows, cols1, stride_qt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
+                do1 = _load_tile(do_base, rows, cols1, stride_dot, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
                 s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
             # padding query rows load lse = +inf, so their probabilities are exactly 0
             lse2 = _load_rows(lse_base, rows, T, float("inf"), MASK_T) * 1.4426950408889634
@@ -259,13 +262,13 @@ if triton is not None:
             if HAS_D1:
                 dk1 += tl.dot(ds_t, q1, input_precision=DOT_PREC)
 
-        dk_base = DK + b * stride_dkb + h * stride_dkh
-        dv_base = DV + b * stride_dvb + h * stride_dvh
-        _store_tile(dk_base, dk0 * softmax_scale, keys, cols0, stride_dkt, T, HEAD_D, MASK_T, MASK_D0)
-        _store_tile(dv_base, dv0, keys, cols0, stride_dvt, T, HEAD_D, MASK_T, MASK_D0)
+        dk_base = DK + (b * stride_dkb + h * stride_dkh) * ALIGN
+        dv_base = DV + (b * stride_dvb + h * stride_dvh) * ALIGN
+        _store_tile(dk_base, dk0 * softmax_scale, keys, cols0, stride_dkt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)
+        _store_tile(dv_base, dv0, keys, cols0, stride_dvt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)
         if HAS_D1:
-            _store_tile(dk_base, dk1 * softmax_scale, keys, cols1, stride_dkt, T, HEAD_D, MASK_T, MASK_D1)
-            _store_tile(dv_base, dv1, keys, cols1, stride_dvt, T, HEAD_D, MASK_T, MASK_D1)
+            _store_tile(dk_base, dk1 * softmax_scale, keys, cols1, stride_dkt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
+            _store_tile(dv_base, dv1, keys, cols1, stride_dvt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
 
     @triton.jit
     def _bwd_dq_kernel(
@@ -278,6 +281,7 @@ if triton is not None:
         H, T, softmax_scale, qk_scale,
         HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, HAS_D1: tl.constexpr,
         MASK_D0: tl.constexpr, MASK_D1: tl.constexpr, MASK_T: tl.constexpr, DOT_PREC: tl.constexpr,
+        ALIGN: tl.constexpr,  # every stride argument is in units of ALIGN elements (see _align)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # One program owns BLOCK_M queries and walks all key blocks: dq without atomics.
@@ -286,31 +290,31 @@ if triton is not None:
         bh = tl.program_id(0) // num_m
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DOut + b * stride_dob + h * stride_doh
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
+        q_base = Q + (b * stride_qb + h * stride_qh) * ALIGN
+        do_base = DOut + (b * stride_dob + h * stride_doh) * ALIGN
+        k_base = K + (b * stride_kb + h * stride_kh) * ALIGN
+        v_base = V + (b * stride_vb + h * stride_vh) * ALIGN
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols0 = tl.arange(0, D0)
         cols1 = D0 + tl.arange(0, D1)
-        q0 = _load_tile(q_base, rows, cols0, stride_qt, T, HEAD_D, MASK_T, MASK_D0)  # (BM, D0)
-        do0 = _load_tile(do_base, rows, cols0, stride_dot, T, HEAD_D, MASK_T, MASK_D0)
+        q0 = _load_tile(q_base, rows, cols0, stride_qt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)  # (BM, D0)
+        do0 = _load_tile(do_base, rows, cols0, stride_dot, T, HEAD_D, MASK_T, MASK_D0, ALIGN)
         if HAS_D1:
-            q1 = _load_tile(q_base, rows, cols1, stride_qt, T, HEAD_D, MASK_T, MASK_D1)  # (BM, D1)
-            do1 = _load_tile(do_base, rows, cols1, stride_dot, T, HEAD_D, MASK_T, MASK_D1)
+            q1 = _load_tile(q_base, rows, cols1, stride_qt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)  # (BM, D1)
+            do1 = _load_tile(do_base, rows, cols1, stride_dot, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
         lse2 = _load_rows(Lse + bh.to(tl.int64) * T, rows, T, float("inf"), MASK_T) * 1.4426950408889634
         delta = _load_rows(Delta + bh.to(tl.int64) * T, rows, T, 0.0, MASK_T)
         dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
         dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
         for start_n in range(0, T, BLOCK_N):
             keys = start_n + tl.arange(0, BLOCK_N)
-            k0 = _load_tile(k_base, keys, cols0, stride_kt, T, HEAD_D, MASK_T, MASK_D0)  # (BN, D0)
-            v0 = _load_tile(v_base, keys, cols0, stride_vt, T, HEAD_D, MASK_T, MASK_D0)
+            k0 = _load_tile(k_base, keys, cols0, stride_kt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)  # (BN, D0)
+            v0 = _load_tile(v_base, keys, cols0, stride_vt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)
             s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # (BM, BN)
             dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
             if HAS_D1:
-                k1 = _load_tile(k_base, keys, cols1, stride_kt, T, HEAD_D, MASK_T, MASK_D1)
-                v1 = _load_tile(v_base, keys, cols1, stride_vt, T, HEAD_D, MASK_T, MASK_D1)
+                k1 = _load_tile(k_base, keys, cols1, stride_kt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
+                v1 = _load_tile(v_base, keys, cols1, stride_vt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
                 s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
                 dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
             p = tl.math.exp2(s * qk_scale - lse2[:, None])
@@ -321,10 +325,10 @@ if triton is not None:
             if HAS_D1:
                 dq1 += tl.dot(ds, k1, input_precision=DOT_PREC)
 
-        dq_base = DQ + b * stride_dqb + h * stride_dqh
-        _store_tile(dq_base, dq0 * softmax_scale, rows, cols0, stride_dqt, T, HEAD_D, MASK_T, MASK_D0)
+        dq_base = DQ + (b * stride_dqb + h * stride_dqh) * ALIGN
+        _store_tile(dq_base, dq0 * softmax_scale, rows, cols0, stride_dqt, T, HEAD_D, MASK_T, MASK_D0, ALIGN)
         if HAS_D1:
-            _store_tile(dq_base, dq1 * softmax_scale, rows, cols1, stride_dqt, T, HEAD_D, MASK_T, MASK_D1)
+            _store_tile(dq_base, dq1 * softmax_scale, rows, cols1, stride_dqt, T, HEAD_D, MASK_T, MASK_D1, ALIGN)
 
     def _mask_t(args):  # tails need masks only when T is not a multiple of both tile heights
         return args["T"] % args["BLOCK_M"] != 0 or args["T"] % args["BLOCK_N"] != 0
@@ -373,6 +377,21 @@ def _unit_stride(*ts):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
+def _align(*ts):
+    """Largest ALIGN in (8, 4, 2, 1) dividing every (b, h, t) stride of ts.
+
+    Strides reach the kernels divided by ALIGN and are multiplied back by the constexpr there, so
+    Triton can prove that every row starts on a 16-byte boundary (d = 72: a head offset of 72 elements
+    is not a multiple of 16, and without the proof the loads fall back to 2-byte scalar accesses).
+    """
+    strides = [s for t in ts for s in t.stride()[:3]]
+    return next(a for a in (8, 4, 2, 1) if all(s % a == 0 for s in strides))
+
+
+def _strides(t, align):
+    return [s // align for s in t.stride()[:3]]
+
+
 def _bthd_empty(B, H, T, d, like):
     """(B, H, T, d) view of a fresh (B, T, H, d)-contiguous buffer."""
     return torch.empty(B, T, H, d, dtype=like.dtype, device=like.device).transpose(1, 2)
@@ -383,10 +402,11 @@ def _flash_fwd_triton(q, k, v, scale):
     B, H, T, d = q.shape
     out = _bthd_empty(B, H, T, d, q)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    a = _align(q, k, v, out)
     kernel = _fwd_tuned if q.is_cuda else _fwd_plain
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-    kernel[grid](q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                 *out.stride()[:3], H, T, scale * LOG2E, **_head_consts(d, q.dtype), **_blocks(q))
+    kernel[grid](q, k, v, out, lse, *_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(out, a),
+                 H, T, scale * LOG2E, **_head_consts(d, q.dtype), ALIGN=a, **_blocks(q))
     return out, lse
 
 
@@ -397,19 +417,21 @@ def _flash_bwd_triton(dout, q, k, v, out, lse, scale):
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     block = 64 if q.is_cuda else _INTERPRETER_BLOCK
     pre = {k_: consts[k_] for k_ in ("HEAD_D", "D0", "D1", "HAS_D1", "MASK_D0", "MASK_D1")}
+    a = _align(out, dout)
     _bwd_preprocess_kernel[(triton.cdiv(T, block) * B * H,)](
-        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], H, T, **pre,
-        MASK_T=T % block != 0, BLOCK_M=block)
+        out, dout, delta, *_strides(out, a), *_strides(dout, a), H, T, **pre,
+        MASK_T=T % block != 0, BLOCK_M=block, ALIGN=a)
     dq, dk, dv = (_bthd_empty(B, H, T, d, q) for _ in range(3))
-    common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    a = _align(q, k, v, dout, dq, dk, dv)
+    common = (*_strides(q, a), *_strides(k, a), *_strides(v, a), *_strides(dout, a))
     dkdv = _dkdv_tuned if q.is_cuda else _dkdv_plain
     dkdv[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]) * B * H,)](
-        q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride()[:3], *dv.stride()[:3],
-        H, T, scale, scale * LOG2E, **consts, **_blocks(q))
+        q, k, v, dout, lse, delta, dk, dv, *common, *_strides(dk, a), *_strides(dv, a),
+        H, T, scale, scale * LOG2E, **consts, ALIGN=a, **_blocks(q))
     dq_kernel = _dq_tuned if q.is_cuda else _dq_plain
     dq_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,)](
-        q, k, v, dout, lse, delta, dq, *common, *dq.stride()[:3],
-        H, T, scale, scale * LOG2E, **consts, **_blocks(q))
+        q, k, v, dout, lse, delta, dq, *common, *_strides(dq, a),
+        H, T, scale, scale * LOG2E, **consts, ALIGN=a, **_blocks(q))
     return dq, dk, dv
 
 

@@ -89,11 +89,16 @@ def test_matches_reference_many_blocks():
     check_against_reference(1, 2, 113, 72, torch.float32)
 
 
-def test_contiguous_inputs_and_custom_scale():
+@pytest.mark.parametrize("d", [36, 9])  # row strides divisible by 4 only / not at all (ALIGN 4 / 1)
+def test_contiguous_inputs_odd_head_dims_and_custom_scale(d):
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 19, 72, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 19, d, generator=gen).requires_grad_() for _ in range(3))
     out = flash_attention(q, k, v, softmax_scale=0.3)
-    torch.testing.assert_close(out, attention_ref(q, k, v, 0.3), atol=1e-5, rtol=1e-5)
+    ref = attention_ref(q, k, v, 0.3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    dout = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_backward_is_deterministic():
