@@ -88,14 +88,20 @@ def test_sampling_small_cpu(benchmark, impl, precision):
     benchmark.extra_info["note"] = f"small DiT (depth 4, width 128), {steps} DDPM steps, CFG"
 
 
+@pytest.fixture(scope="module")
+def xl2_model():
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # built on the GPU: the 675M-parameter CPU init takes longer than a row
+        return DiT_models["DiT-XL/2"](input_size=32).eval()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("impl,precision", [("eager", "fp32"), ("eager", "bf16"), ("compile", "bf16")])
-def test_sampling_dit_xl2_256_gpu(benchmark, impl, precision):
+def test_sampling_dit_xl2_256_gpu(benchmark, xl2_model, impl, precision):
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True  # as the original sample.py
     torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
-    model = DiT_models["DiT-XL/2"](input_size=32).to(device).eval()
+    model = xl2_model
     batch = 32
     start = time.perf_counter()
     step_s = _run(benchmark, model, device, batch, 32, MEASURED_STEPS, impl, precision, rounds=3)

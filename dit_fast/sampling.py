@@ -241,12 +241,6 @@ def decode(samples: torch.Tensor, vae) -> torch.Tensor:
     return samples if vae is None else vae.decode(samples)
 
 
-def autocast_supported(precision: str, device) -> bool:
-    """Whether `precision` can run on `device` (fp16 autocast needs CUDA or a recent CPU backend)."""
-    dtype = PRECISIONS[precision]
-    return dtype is None or torch.amp.is_autocast_available(torch.device(device).type)
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
