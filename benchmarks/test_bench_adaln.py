@@ -8,7 +8,9 @@ ideal bytes are what the op must read and write once (the same count for every i
     gated residual fwd: x, y in, h out   -> 3             bwd: dh, y in, dy out (dx = dh)   -> 3
     residual+norm fwd: x, y in, h, m out -> 4             bwd: dh, dm, h, y in, dx, dy out  -> 6
 (+ the (N, D) vectors and fp32 row statistics). pytest-benchmark's own columns are wall-clock times of
-one call + synchronize. No speed is asserted. Run:
+one call + synchronize. ``test_tile_sweep`` times the fused-norm kernels' launchers with other
+(rows per tile, warps) choices than the defaults, to retune launch_config on new hardware.
+No speed is asserted. Run:
     pytest benchmarks/test_bench_adaln.py --benchmark-json benchmarks/results/adaln-<gpu>.json
 """
 import functools
@@ -128,3 +130,38 @@ def test_backward(benchmark, op, impl):
     grads = [torch.randn_like(o) for o in outs]
     measure(benchmark, lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True,
                                                        allow_unused=True), op, "bwd", impl)
+
+
+SWEEP = {"fwd": [(1, 4), (2, 4), (4, 4), (2, 8)], "bwd": [(1, 4), (1, 8), (2, 4), (2, 8)]}  # (rows, warps)
+
+
+def sweep_cases():
+    for op in ("mln", "grn"):
+        for direction, tiles in SWEEP.items():
+            for block_t, num_warps in tiles:
+                yield pytest.param(op, direction, block_t, num_warps, id=f"{op}-{direction}-T{block_t}w{num_warps}")
+
+
+def launcher_call(op, direction, tiles):
+    """A no-autograd call of one Triton launcher with forced tiles."""
+    from dit_fast_kernels import gated_residual as gr
+    from dit_fast_kernels import modulated_layer_norm as mln
+
+    (x, y, ada), _ = make_inputs(op, requires_grad=False)
+    shift, scale, gate = ada[:, :D], ada[:, D:2 * D], ada[:, 2 * D:3 * D]
+    dh, dm = torch.randn_like(x), torch.randn_like(x)
+    if op == "mln":
+        if direction == "fwd":
+            return lambda: mln.modulated_layer_norm_fwd(x, shift, scale, EPS, **tiles)
+        _, mean, rstd = mln.modulated_layer_norm_fwd(x, shift, scale, EPS)
+        return lambda: mln.modulated_layer_norm_bwd(dm, x, scale, mean, rstd, **tiles)
+    if direction == "fwd":
+        return lambda: gr.gated_residual_norm_fwd(x, gate, y, shift, scale, EPS, **tiles)
+    h, _, mean, rstd = gr.gated_residual_norm_fwd(x, gate, y, shift, scale, EPS)
+    return lambda: gr.gated_residual_norm_bwd(dh, dm, h, gate, y, scale, mean, rstd, **tiles)
+
+
+@pytest.mark.parametrize("op,direction,block_t,num_warps", list(sweep_cases()))
+def test_tile_sweep(benchmark, op, direction, block_t, num_warps):
+    run = launcher_call(op, direction, dict(block_t=block_t, num_warps=num_warps))
+    measure(benchmark, run, op, direction, f"triton-T{block_t}-w{num_warps}")
