@@ -34,41 +34,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     """Run sample.py with `argv`; returns {"path", "images", "compile_seconds", "sample_seconds"}."""
-    args = SampleConfig.from_args(build_parser().parse_args(argv))
-    print(format_sample_config(args))
-    device = resolve_device(args.device, args.tf32)
-    input_size = sample_size(args.image_size, vae_downsample(args.vae), patch_size_of(args.model))
-    check_class_labels(args.class_labels, args.num_classes)
-    if args.ckpt is None:
-        check_official_defaults(args.model, args.image_size, args.num_classes, args.vae)
-    pixel_space = args.vae.lower() == "none"
-    in_channels = args.in_channels if pixel_space else 4
+    cfg = SampleConfig.from_args(build_parser().parse_args(argv))
+    print(format_sample_config(cfg))
+    device = resolve_device(cfg.device, cfg.tf32)
+    input_size = sample_size(cfg.image_size, vae_downsample(cfg.vae), patch_size_of(cfg.model))
+    check_class_labels(cfg.class_labels, cfg.num_classes)
+    if cfg.ckpt is None:
+        check_official_defaults(cfg.model, cfg.image_size, cfg.num_classes, cfg.vae)
+    pixel_space = cfg.vae.lower() == "none"
+    in_channels = cfg.in_channels if pixel_space else 4
 
     # The original's order of RNG use: seed, model init, (weights), VAE load, x_T, per-step noise.
-    torch.manual_seed(args.seed)
+    torch.manual_seed(cfg.seed)
     with torch.no_grad():
-        model = build_sampling_model(args.model, input_size, args.num_classes, in_channels,
-                                     args.ckpt or f"DiT-XL-2-{args.image_size}x{args.image_size}.pt",
-                                     device, args.attn_backend, args.fused_adaln)
-        diffusion = create_diffusion(str(args.num_sampling_steps))
-        vae = load_vae(args.vae, device=device)
+        model = build_sampling_model(cfg.model, input_size, cfg.num_classes, in_channels,
+                                     cfg.ckpt or f"DiT-XL-2-{cfg.image_size}x{cfg.image_size}.pt",
+                                     device, cfg.attn_backend, cfg.fused_adaln)
+        diffusion = create_diffusion(str(cfg.num_sampling_steps))
+        vae = load_vae(cfg.vae, device=device)
 
-        n = len(args.class_labels)
+        n = len(cfg.class_labels)
         z = torch.randn(n, model.in_channels, input_size, input_size, device=device)
-        y = torch.tensor(args.class_labels, device=device)
+        y = torch.tensor(cfg.class_labels, device=device)
         # sample.py always runs the CFG forward, even at cfg_scale 1 (unlike sample_ddp.py).
-        sampler = Sampler(model, diffusion, cfg_scale=args.cfg_scale, num_classes=args.num_classes,
-                          use_cfg=True, sampler=args.sampler, precision=args.precision)
-        if args.compile:
-            seconds = sampler.compile(z.shape, mode=args.compile_mode)
+        sampler = Sampler(model, diffusion, cfg_scale=cfg.cfg_scale, num_classes=cfg.num_classes,
+                          use_cfg=True, sampler=cfg.sampler, precision=cfg.precision)
+        if cfg.compile:
+            seconds = sampler.compile(z.shape, mode=cfg.compile_mode)
             print(f"Compiled the sampling step in {seconds:.1f} s (excluded from sampling time).")
         samples, sample_seconds = timed(lambda: sampler.sample(z, y, progress=True), device)
         images = decode(samples, vae)
-        path = save_image(images, args.out, nrow=4, normalize=True, value_range=(-1, 1))
+        path = save_image(images, cfg.out, nrow=4, normalize=True, value_range=(-1, 1))
 
     print(f"Sampled {n} images in {sample_seconds:.2f} s ({n / sample_seconds:.2f} images/s, "
-          f"{args.num_sampling_steps} {args.sampler.upper()} steps, {args.precision}"
-          f"{', compiled' if args.compile else ''}, {device}).")
+          f"{cfg.num_sampling_steps} {cfg.sampler.upper()} steps, {cfg.precision}"
+          f"{', compiled' if cfg.compile else ''}, {device}).")
     print(f"Saved the grid to {Path(path).resolve()}")
     return {"path": Path(path), "images": images, "compile_seconds": sampler.compile_seconds,
             "sample_seconds": sample_seconds}

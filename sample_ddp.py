@@ -65,12 +65,12 @@ def barrier(world_size: int) -> None:
         dist.barrier()
 
 
-def folder_name(args) -> str:
+def folder_name(cfg) -> str:
     """The original's folder name (a --vae directory or 'none' enters by its base name)."""
-    model = args.model.replace("/", "-")
-    ckpt = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
-    vae = os.path.basename(os.path.normpath(args.vae))
-    return f"{model}-{ckpt}-size-{args.image_size}-vae-{vae}-cfg-{args.cfg_scale}-seed-{args.global_seed}"
+    model = cfg.model.replace("/", "-")
+    ckpt = os.path.basename(cfg.ckpt).replace(".pt", "") if cfg.ckpt else "pretrained"
+    vae = os.path.basename(os.path.normpath(cfg.vae))
+    return f"{model}-{ckpt}-size-{cfg.image_size}-vae-{vae}-cfg-{cfg.cfg_scale}-seed-{cfg.global_seed}"
 
 
 def batch_seed(global_seed: int, rank: int, batch: int) -> int:
@@ -100,54 +100,54 @@ def check_resume_settings(folder: Path, settings: dict, rank: int, world_size: i
 
 def main(argv=None) -> dict:
     """Run sample_ddp.py with `argv`; returns {"folder", "npz" (rank 0), "fid"}."""
-    args = SampleConfig.from_args(build_parser().parse_args(argv))
-    if args.cfg_scale < 1.0:
-        raise ValueError(f"--cfg-scale must be >= 1.0 (1.0 disables guidance), got {args.cfg_scale}")
-    if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
+    cfg = SampleConfig.from_args(build_parser().parse_args(argv))
+    if cfg.cfg_scale < 1.0:
+        raise ValueError(f"--cfg-scale must be >= 1.0 (1.0 disables guidance), got {cfg.cfg_scale}")
+    if cfg.per_proc_batch_size < 1 or cfg.num_fid_samples < 1:
         raise ValueError("--per-proc-batch-size and --num-fid-samples must be >= 1")
-    if args.vae.lower() == "none" and args.in_channels != 3:
-        raise ValueError(f"the .npz for the ADM evaluation suite needs RGB images; --in-channels is {args.in_channels}")
-    input_size = sample_size(args.image_size, vae_downsample(args.vae), patch_size_of(args.model))
-    if args.ckpt is None:
-        check_official_defaults(args.model, args.image_size, args.num_classes, args.vae)
-    rank, world_size, device = setup_distributed(args.device)
+    if cfg.vae.lower() == "none" and cfg.in_channels != 3:
+        raise ValueError(f"the .npz for the ADM evaluation suite needs RGB images; --in-channels is {cfg.in_channels}")
+    input_size = sample_size(cfg.image_size, vae_downsample(cfg.vae), patch_size_of(cfg.model))
+    if cfg.ckpt is None:
+        check_official_defaults(cfg.model, cfg.image_size, cfg.num_classes, cfg.vae)
+    rank, world_size, device = setup_distributed(cfg.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     try:
         with torch.no_grad():
-            return _sample_all(args, input_size, rank, world_size, device)
+            return _sample_all(cfg, input_size, rank, world_size, device)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
 
 
-def _sample_all(args, input_size: int, rank: int, world_size: int, device) -> dict:
-    torch.manual_seed(args.global_seed * world_size + rank)  # the original's seed (model init only here)
+def _sample_all(cfg, input_size: int, rank: int, world_size: int, device) -> dict:
+    torch.manual_seed(cfg.global_seed * world_size + rank)  # the original's seed (model init only here)
     if rank == 0:
-        print(format_sample_config(args))
+        print(format_sample_config(cfg))
     print(f"Starting rank={rank}, world_size={world_size}, device={device}.")
-    in_channels = args.in_channels if args.vae.lower() == "none" else 4
-    model = build_sampling_model(args.model, input_size, args.num_classes, in_channels,
-                                 args.ckpt or f"DiT-XL-2-{args.image_size}x{args.image_size}.pt",
-                                 device, args.attn_backend, args.fused_adaln)
-    vae = load_vae(args.vae, device=device)
-    using_cfg = args.cfg_scale > 1.0
-    sampler = Sampler(model, create_diffusion(str(args.num_sampling_steps)), cfg_scale=args.cfg_scale,
-                      num_classes=args.num_classes, use_cfg=using_cfg, sampler=args.sampler,
-                      precision=args.precision)
+    in_channels = cfg.in_channels if cfg.vae.lower() == "none" else 4
+    model = build_sampling_model(cfg.model, input_size, cfg.num_classes, in_channels,
+                                 cfg.ckpt or f"DiT-XL-2-{cfg.image_size}x{cfg.image_size}.pt",
+                                 device, cfg.attn_backend, cfg.fused_adaln)
+    vae = load_vae(cfg.vae, device=device)
+    using_cfg = cfg.cfg_scale > 1.0
+    sampler = Sampler(model, create_diffusion(str(cfg.num_sampling_steps)), cfg_scale=cfg.cfg_scale,
+                      num_classes=cfg.num_classes, use_cfg=using_cfg, sampler=cfg.sampler,
+                      precision=cfg.precision)
 
-    folder = Path(args.sample_dir) / folder_name(args)
+    folder = Path(cfg.sample_dir) / folder_name(cfg)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         print(f"Saving .png samples at {folder}")
     barrier(world_size)
-    n = args.per_proc_batch_size
-    settings = dict(world_size=world_size, per_proc_batch_size=n, num_sampling_steps=args.num_sampling_steps,
-                    sampler=args.sampler, precision=args.precision, seeding="per-batch-v1")
+    n = cfg.per_proc_batch_size
+    settings = dict(world_size=world_size, per_proc_batch_size=n, num_sampling_steps=cfg.num_sampling_steps,
+                    sampler=cfg.sampler, precision=cfg.precision, seeding="per-batch-v1")
     check_resume_settings(folder, settings, rank, world_size)
 
     global_batch = n * world_size
-    total = int(math.ceil(args.num_fid_samples / global_batch) * global_batch)
+    total = int(math.ceil(cfg.num_fid_samples / global_batch) * global_batch)
     iterations = total // global_batch
     todo = [b for b in range(iterations)
             if not all((folder / f"{i:06d}.png").is_file() for i in batch_indices(b, n, rank, world_size))]
@@ -155,35 +155,35 @@ def _sample_all(args, input_size: int, rank: int, world_size: int, device) -> di
         print(f"Total number of images that will be sampled: {total}"
               + (f" ({iterations - len(todo)} of {iterations} batches per rank already done: resuming)"
                  if len(todo) < iterations else ""))
-    if args.compile and todo:
-        seconds = sampler.compile((n, model.in_channels, input_size, input_size), mode=args.compile_mode)
+    if cfg.compile and todo:
+        seconds = sampler.compile((n, model.in_channels, input_size, input_size), mode=cfg.compile_mode)
         if rank == 0:
             print(f"Compiled the sampling step in {seconds:.1f} s.")
-    _run_batches(args, sampler, vae, folder, todo, iterations, rank, world_size, device,
+    _run_batches(cfg, sampler, vae, folder, todo, iterations, rank, world_size, device,
                  (n, model.in_channels, input_size, input_size))
 
     barrier(world_size)  # all PNGs are on disk before the .npz is built
     result = {"folder": folder, "npz": None, "fid": None}
     if rank == 0:
-        npz = write_npz_from_pngs(folder, args.num_fid_samples)
-        print(f"Saved .npz file to {npz} [shape=({args.num_fid_samples}, {args.image_size}, "
-              f"{args.image_size}, 3)].")
+        npz = write_npz_from_pngs(folder, cfg.num_fid_samples)
+        print(f"Saved .npz file to {npz} [shape=({cfg.num_fid_samples}, {cfg.image_size}, "
+              f"{cfg.image_size}, 3)].")
         result["npz"] = npz
-        if args.fid_ref:
+        if cfg.fid_ref:
             from dit_fast.fid import fid_from_npz
-            result["fid"] = fid_from_npz(npz, args.fid_ref, device=device)
+            result["fid"] = fid_from_npz(npz, cfg.fid_ref, device=device)
         print("Done.")
     barrier(world_size)
     return result
 
 
-def _run_batches(args, sampler, vae, folder, todo, iterations, rank, world_size, device, shape) -> None:
+def _run_batches(cfg, sampler, vae, folder, todo, iterations, rank, world_size, device, shape) -> None:
     from tqdm import tqdm
     bar = tqdm(total=iterations, initial=iterations - len(todo), disable=rank != 0, desc="batches")
     for b in todo:
-        g = torch.Generator(device).manual_seed(batch_seed(args.global_seed, rank, b))
+        g = torch.Generator(device).manual_seed(batch_seed(cfg.global_seed, rank, b))
         z = torch.randn(shape, generator=g, device=device)
-        y = torch.randint(0, args.num_classes, (shape[0],), generator=g, device=device)
+        y = torch.randint(0, cfg.num_classes, (shape[0],), generator=g, device=device)
         images = to_uint8_hwc(decode(sampler.sample(z, y, generator=g), vae))
         for index, image in zip(batch_indices(b, shape[0], rank, world_size), images):
             save_png(image, folder / f"{index:06d}.png")
