@@ -183,6 +183,7 @@ def test_compiled_cuda_sampler_has_no_host_syncs_and_matches_eager():
     ref = eager.sample(z, labels, generator=torch.Generator("cuda").manual_seed(0))
     compiled = Sampler(model, diffusion, num_classes=10)
     compiled.compile(z.shape)
+    compiled.sample(z, labels)  # any remaining CUDA-graph recording (which synchronises) happens here
     g = torch.Generator("cuda").manual_seed(0)
     torch.cuda.set_sync_debug_mode("error")
     try:
