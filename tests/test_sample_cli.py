@@ -179,3 +179,12 @@ def test_torchrun_two_processes(ckpt, tmp_path):
     arr = np.load(folder.with_name(folder.name + ".npz"))["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (10, SIZE, SIZE, 3)
     assert len(list(folder.glob("*.png"))) == 12  # ceil(10 / (2 x 3)) x 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sample_cuda_compiled_cuda_graphs_match_eager(ckpt, tmp_path):
+    eager = sample.main(_sample_args(ckpt, tmp_path / "e.png", "--device", "cuda", "--no-tf32"))
+    compiled = sample.main(_sample_args(ckpt, tmp_path / "c.png", "--device", "cuda", "--no-tf32", "--compile"))
+    torch.testing.assert_close(compiled["images"], eager["images"], atol=1e-3, rtol=1e-3)
+    low = sample.main(_sample_args(ckpt, tmp_path / "b.png", "--device", "cuda", "--compile", "--precision", "bf16"))
+    assert low["images"].dtype == torch.float32 and torch.isfinite(low["images"]).all()
