@@ -4,6 +4,7 @@ CPU: Triton's interpreter (fp32, fp16), tiny adversarial shapes. GPU: bf16/fp16/
 (128, 256, 1152) and an odd shape. Error rule (flash-attention's): err(kernel in dtype vs float64
 gold) <= 2 * err(torch reference in dtype vs gold) + a small floor. Every gradient is checked.
 """
+import importlib
 import os
 
 import pytest
@@ -14,13 +15,14 @@ if not torch.cuda.is_available():  # must precede the first import of dit_fast_k
 
 pytest.importorskip("triton")
 
-from dit_fast_kernels import gated_residual as gr_module  # noqa: E402
 from dit_fast_kernels.gated_residual import (  # noqa: E402
     gated_residual, gated_residual_bwd, gated_residual_fwd, gated_residual_norm, gated_residual_norm_bwd,
     gated_residual_norm_fwd, gated_residual_norm_ref, gated_residual_ref,
 )
 from dit_fast_kernels.modulated_layer_norm import modulated_layer_norm  # noqa: E402
 
+# the package re-exports the function under the module's name: fetch the module itself
+gr_module = importlib.import_module("dit_fast_kernels.gated_residual")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 TINY_TILES = dict(block_t=4, rows_per_program=8)  # multi-tile loops and chunk tails in the interpreter
@@ -43,9 +45,9 @@ def assert_rule(name, out, gold, base, dtype):
 
 def make_inputs(N, T, D, dtype, device=DEVICE, ada_dtype=None, seed=0):
     """x, y, dh, dm (N, T, D); gate/shift/scale: non-contiguous chunks of an (N, 6D) adaLN output."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x, y, dh, dm = (torch.randn(N, T, D, generator=g).to(device, dtype) for _ in range(4))
-    ada = (0.5 * torch.randn(N, 6 * D, generator=g)).to(device, ada_dtype or dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    x, y, dh, dm = (torch.randn(N, T, D, generator=g, device=device).to(device, dtype) for _ in range(4))
+    ada = (0.5 * torch.randn(N, 6 * D, generator=g, device=device)).to(device, ada_dtype or dtype)
     return dict(x=x, gate=ada[:, 2 * D:3 * D], y=y, shift=ada[:, :D], scale=ada[:, D:2 * D], dh=dh, dm=dm)
 
 

@@ -4,6 +4,7 @@ CPU: Triton's interpreter (fp32 and fp16; it cannot do bf16), tiny adversarial s
 fp32 at DiT-XL's (N, T, D) = (128, 256, 1152) and an odd shape. Error rule (flash-attention's):
 err(kernel in dtype vs float64 gold) <= 2 * err(torch reference in dtype vs gold) + a small floor.
 """
+import importlib
 import os
 
 import pytest
@@ -14,11 +15,12 @@ if not torch.cuda.is_available():  # must precede the first import of dit_fast_k
 
 pytest.importorskip("triton")
 
-from dit_fast_kernels import modulated_layer_norm as mln_module  # noqa: E402
 from dit_fast_kernels.modulated_layer_norm import (  # noqa: E402
     modulated_layer_norm, modulated_layer_norm_bwd, modulated_layer_norm_fwd, modulated_layer_norm_ref,
 )
 
+# the package re-exports the function under the module's name: fetch the module itself
+mln_module = importlib.import_module("dit_fast_kernels.modulated_layer_norm")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 TINY_TILES = dict(block_t=4, rows_per_program=8)  # multi-tile loops and chunk tails in the interpreter
@@ -40,10 +42,10 @@ def assert_rule(name, out, gold, base, dtype):
 
 def make_inputs(N, T, D, dtype, device=DEVICE, mean=0.0, seed=0):
     """x (N, T, D); shift/scale as non-contiguous chunks of an (N, 6D) adaLN output; dout (N, T, D)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = (mean + 2 * torch.randn(N, T, D, generator=g)).to(device, dtype)
-    ada = (0.5 * torch.randn(N, 6 * D, generator=g)).to(device, dtype)
-    dout = torch.randn(N, T, D, generator=g).to(device, dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = (mean + 2 * torch.randn(N, T, D, generator=g, device=device)).to(device, dtype)
+    ada = (0.5 * torch.randn(N, 6 * D, generator=g, device=device)).to(device, dtype)
+    dout = torch.randn(N, T, D, generator=g, device=device).to(device, dtype)
     return x, ada[:, :D], ada[:, 2 * D:3 * D], dout
 
 
