@@ -30,5 +30,8 @@ test: setup
 bench: setup
 	$(PY) -m pytest -q benchmarks
 
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
