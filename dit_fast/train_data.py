@@ -115,7 +115,7 @@ def _open_latents(path: str, cfg: Config) -> DataInfo:
         raise ValueError(f"--features-path {str(p)!r} holds no latents")
     m = cfg.model
     size = m.image_size // cfg.data.downsample
-    if ds.latent_shape[1:] != (size, size):
+    if ds.latent_shape[1:] != (size, size) or ds.image_size != m.image_size:
         raise ValueError(
             f"latents in {str(p)!r} are {tuple(ds.latent_shape)} (extracted at image size "
             f"{ds.image_size}, vae {ds.vae!r}), but --image-size {m.image_size} with --vae "

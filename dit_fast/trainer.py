@@ -50,6 +50,9 @@ def prepare(cfg: Config):
     Returns (ds_config, data_info). Raises before any step with a message naming the bad input.
     """
     _, world_size, _ = env_world()
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
+                         "use --precision bf16 or fp32 on CPU")
     ds_config = build_deepspeed_config(cfg, world_size)
     info = open_training_data(cfg)
     if info.in_channels < 0:  # raw images: the VAE (or none) decides the channels

@@ -1,0 +1,220 @@
+"""Fast in-process tests of the training pieces: config tree, DeepSpeed-config injection, data order,
+checkpoint bookkeeping, RNG capture, EMA, and every bad input failing before any step."""
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train as train_cli  # noqa: E402
+from dit_fast.config import (Config, config_from_args, config_from_dict, config_to_dict,  # noqa: E402
+                             format_config, load_config, save_config)
+from dit_fast.train_checkpoint import (capture_rng, find_latest_checkpoint, prune_checkpoints,  # noqa: E402
+                                       resolve_resume, restore_rng)
+from dit_fast.train_data import ResumableShardSampler  # noqa: E402
+from dit_fast.train_setup import EMA, DeepSpeedConfigError, build_deepspeed_config  # noqa: E402
+
+TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "64", "--num-heads", "4",
+        "--image-size", "8", "--num-classes", "10", "--vae", "none", "--num-workers", "0",
+        "--global-batch-size", "16", "--max-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def digits8(tmp_path_factory):
+    from dit_fast.data import write_digits_features
+    return write_digits_features(tmp_path_factory.mktemp("digits") / "feat8", 8)
+
+
+@pytest.fixture(autouse=True)
+def _one_process(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def parse(*extra):
+    return config_from_args(train_cli.build_parser().parse_args([*TINY, *extra]))
+
+
+# ------------------------------------------------------------------ config
+
+def test_config_round_trip_and_flags(tmp_path):
+    cfg = parse("--features-path", "x", "--grad-checkpointing", "--local_rank=1", "--lr", "3e-4",
+                "--precision", "fp32", "--resume", "auto", "--max-steps", "7")
+    assert cfg.model.grad_checkpointing == 1.0 and cfg.optim.lr == 3e-4
+    assert cfg.train.precision == "fp32" and cfg.train.resume == "auto" and cfg.train.max_steps == 7
+    assert parse("--features-path", "x", "--grad-checkpointing", "0.5").model.grad_checkpointing == 0.5
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    save_config(cfg, tmp_path / "config.json")
+    assert load_config(tmp_path / "config.json") == cfg
+    assert "train.max_steps = 7" in format_config(cfg)
+    # plain dicts only: a checkpoint holding the config loads with weights_only=True
+    torch.save({"config": config_to_dict(cfg)}, tmp_path / "c.pt")
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["config"] == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize("extra, match", [
+    ([], "exactly one of --features-path"),
+    (["--features-path", "x", "--data-path", "y"], "exactly one of --features-path"),
+    (["--features-path", "x", "--grad-checkpointing", "2"], "fraction of blocks"),
+    (["--features-path", "x", "--ema-decay", "1.5"], "--ema-decay"),
+    (["--features-path", "x", "--vae", "ema", "--image-size", "12"], "not divisible"),
+])
+def test_config_rejects_bad_values(extra, match):
+    with pytest.raises(ValueError, match=match):
+        parse(*extra)
+
+
+# ------------------------------------------------------------------ DeepSpeed config
+
+def ds_json(tmp_path, obj) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+def test_shipped_deepspeed_configs_hold_zero_knobs_only():
+    for name in ("zero1", "zero2", "zero3", "zero2_offload"):
+        path = ROOT / "configs" / "deepspeed" / f"{name}.json"
+        assert set(json.loads(path.read_text())) == {"zero_optimization"}, path
+        cfg = parse("--features-path", "x", "--deepspeed_config", str(path), "--grad-accum", "2")
+        out = build_deepspeed_config(cfg, world_size=2)
+        assert out["train_batch_size"] == 16 and out["gradient_accumulation_steps"] == 2
+        assert out["train_micro_batch_size_per_gpu"] == 4 and out["bf16"]["enabled"]
+        assert not out["fp16"]["enabled"] and out["gradient_clipping"] == 0.0
+
+
+def test_fp16_gets_dynamic_loss_scaling():
+    cfg = parse("--features-path", "x", "--precision", "fp16", "--grad-clip", "1.0")
+    out = build_deepspeed_config(cfg, world_size=1)
+    assert out["fp16"]["enabled"] and out["fp16"]["loss_scale"] == 0
+    assert not out["bf16"]["enabled"] and out["gradient_clipping"] == 1.0
+
+
+@pytest.mark.parametrize("obj, key", [
+    ({"train_batch_size": 32}, "train_batch_size"),
+    ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu"),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
+    ({"gradient_clipping": 1.0}, "gradient_clipping"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled"),
+    ({"bf16": {"enabled": False}}, "bf16.enabled"),
+    ({"optimizer": {"type": "Adam"}}, "'optimizer'"),
+    ({"scheduler": {"type": "WarmupLR"}}, "'scheduler'"),
+])
+def test_deepspeed_config_contradicting_flags_is_named(tmp_path, obj, key):
+    cfg = parse("--features-path", "x", "--deepspeed_config", ds_json(tmp_path, obj))
+    with pytest.raises(DeepSpeedConfigError, match=key):
+        build_deepspeed_config(cfg, world_size=1)
+
+
+def test_deepspeed_config_agreeing_values_and_auto_pass(tmp_path):
+    obj = {"train_batch_size": 16, "gradient_accumulation_steps": "auto", "bf16": {"enabled": True},
+           "zero_optimization": {"stage": 2}}
+    cfg = parse("--features-path", "x", "--deepspeed_config", ds_json(tmp_path, obj))
+    assert build_deepspeed_config(cfg, world_size=2)["train_micro_batch_size_per_gpu"] == 8
+
+
+def test_batch_not_divisible_by_world_and_accum():
+    cfg = parse("--features-path", "x", "--grad-accum", "3")
+    with pytest.raises(ValueError, match="not divisible by world size 2 x --grad-accum 3"):
+        build_deepspeed_config(cfg, world_size=2)
+
+
+# ------------------------------------------------------------------ bad inputs, before any step
+
+def cli_error(capsys, *extra) -> str:
+    assert train_cli.main([*TINY, *extra]) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_inputs_fail_before_any_step(tmp_path, digits8, capsys):
+    res = ["--results-dir", str(tmp_path / "res")]
+    assert "does not exist" in cli_error(capsys, "--features-path", str(tmp_path / "nope"), *res)
+    (tmp_path / "empty").mkdir()
+    assert "is empty" in cli_error(capsys, "--features-path", str(tmp_path / "empty"), *res)
+    err = cli_error(capsys, "--features-path", str(digits8), "--image-size", "16", *res)
+    assert "(1, 8, 8)" in err and "--image-size 8" in err
+    err = cli_error(capsys, "--features-path", str(digits8), "--vae", "ema", "--image-size", "64", *res)
+    assert "(1, 8, 8)" in err and "--image-size 8 --vae none" in err
+    assert "outside [0, 5)" in cli_error(capsys, "--features-path", str(digits8), "--num-classes",
+                                         "5", *res)
+    bad_ds = ds_json(tmp_path, {"train_batch_size": 64, "zero_optimization": {"stage": 2}})
+    assert "train_batch_size" in cli_error(capsys, "--features-path", str(digits8),
+                                           "--deepspeed_config", bad_ds, *res)
+    assert not (tmp_path / "res").exists()  # nothing started: no run dir, no step
+
+
+def test_sampler_shards_are_disjoint_reproducible_and_resumable():
+    world, n, mb = 3, 50, 4
+    samplers = [ResumableShardSampler(n, r, world, mb, seed=7, with_flips=True) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(2)
+    epoch = [list(s) for s in samplers]
+    seen = [i for batches in epoch for b in batches for i, _ in b]
+    assert len(seen) == world * (17 // mb) * mb and len(set(seen)) == len(seen)
+    assert {f for batches in epoch for b in batches for _, f in b} == {0, 1}
+    samplers[1].set_epoch(2, skip_batches=2)
+    assert list(samplers[1]) == epoch[1][2:]
+    samplers[1].set_epoch(3)
+    assert list(samplers[1]) != epoch[1]
+
+
+# ------------------------------------------------------------------ checkpoint bookkeeping
+
+def fake_ckpt(root: Path, step: int, complete=True) -> Path:
+    path = root / "checkpoints" / (f"step-{step:07d}" + ("" if complete else ".tmp"))
+    path.mkdir(parents=True)
+    if complete:
+        torch.save({"step": step}, path / "train_state.pt")
+    return path
+
+
+def test_resume_auto_prefers_newest_complete_and_prune_keeps_last(tmp_path):
+    run = tmp_path / "000-DiT-S-2"
+    fake_ckpt(run, 10)
+    newest = fake_ckpt(tmp_path / "001-DiT-S-2", 20)
+    fake_ckpt(run, 30, complete=False)  # killed mid-save: ignored
+    assert find_latest_checkpoint(tmp_path) == newest
+    assert resolve_resume("auto", str(tmp_path / "none")) is None
+    with pytest.raises(ValueError, match="unfinished save"):
+        resolve_resume(str(run / "checkpoints" / "step-0000030.tmp"), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path), str(tmp_path))
+    for step in (40, 50):
+        fake_ckpt(run, step)
+    prune_checkpoints(run / "checkpoints", keep_last=2)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000040", "step-0000050"]
+
+
+def test_rng_states_round_trip_through_weights_only(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save(capture_rng(), tmp_path / "rng.pt")
+    want = (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn())
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn()) == want
+
+
+def test_ema_matches_dit_update_ema():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    ema = EMA(model, decay=0.9, keep=True, device=torch.device("cpu"))
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, zero3=False)
+    for name, p in model.named_parameters():  # DiT: ema.mul_(decay).add_(param, alpha=1 - decay)
+        want = reference[name].mul(0.9).add(p, alpha=0.1)
+        assert torch.equal(ema.model.state_dict()[name], want)
+    assert EMA(model, 0.9, keep=False, device=torch.device("cpu")).model is None
+
+
+def test_default_config_is_dit():
+    cfg = Config()
+    assert (cfg.model.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.train.ema_decay) == \
+        ("DiT-XL/2", 1e-4, 0.0, 0.9999)
+    assert cfg.diffusion.timestep_respacing == "" and cfg.model.patch_size == 2
