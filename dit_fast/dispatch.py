@@ -12,7 +12,6 @@ call time (the device is known only then) and is pure Python, so torch.compile f
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -77,18 +76,28 @@ def check_adaln_flag(fused) -> bool | str:
 
 def resolve_attn_backend(name: str, device) -> str:
     """The concrete attention backend for ``name`` on ``device``; raises if asked for and unavailable."""
-    return _resolve_attn(name, torch.device(device).type, os.environ.get("TRITON_INTERPRET", "0"))
+    key = ("attn", name, torch.device(device).type, os.environ.get("TRITON_INTERPRET", "0"))
+    return _cached(key, _resolve_attn)
 
 
 def resolve_adaln_backend(fused, device) -> str:
     """'triton' or 'torch' for the adaLN ops; raises if the Triton kernels were asked for and can't run."""
-    return _resolve_adaln(fused, torch.device(device).type, os.environ.get("TRITON_INTERPRET", "0"))
+    key = ("adaln", fused, torch.device(device).type, os.environ.get("TRITON_INTERPRET", "0"))
+    return _cached(key, _resolve_adaln)
 
 
-# torch.compile treats these as constants (they are pure Python look-ups: find_spec, environment), so a
-# compiled forward keeps no graph break; the cache keeps eager forwards from repeating the look-ups.
+_resolved: dict[tuple, str] = {}
+
+
+# torch.compile treats the result as a constant (resolution is a pure Python look-up: find_spec, the
+# environment), so a compiled forward keeps no graph break; the cache spares eager forwards the look-ups.
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
+def _cached(key: tuple, resolve) -> str:
+    if key not in _resolved:
+        _resolved[key] = resolve(*key[1:])
+    return _resolved[key]
+
+
 def _resolve_attn(name: str, device_type: str, interpret: str) -> str:
     device = torch.device(device_type)
     if name == "auto":
@@ -102,8 +111,6 @@ def _resolve_attn(name: str, device_type: str, interpret: str) -> str:
     return name
 
 
-@torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=None)
 def _resolve_adaln(fused, device_type: str, interpret: str) -> str:
     if fused is False:
         return "torch"
