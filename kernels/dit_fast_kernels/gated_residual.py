@@ -16,9 +16,9 @@ of the unfused path and the backward, which re-reads the stored h, is consistent
 import torch
 
 from dit_fast_kernels.modulated_layer_norm import (
-    BACKWARD_NORM_TILES, centered_rows, check_launchable, check_modulation, check_tokens, jit, last_dim_contiguous,
-    launch_config, load_tile, load_vector, modulated_layer_norm_ref, norm_input_grad, store_partial_sum,
-    store_tile, tl, use_triton,
+    BACKWARD_RESIDUAL_TILES, centered_rows, check_launchable, check_modulation, check_tokens, jit,
+    last_dim_contiguous, launch_config, load_tile, load_vector, modulated_layer_norm_ref, norm_input_grad,
+    store_partial_sum, store_tile, tl, use_triton,
 )
 
 
@@ -283,7 +283,7 @@ def gated_residual_bwd(dh, gate, y, **config_overrides):
     check_launchable(y.device)
     dh, gate, y = _prepare(dh, gate, y)
     N, T, D = y.shape
-    cfg = launch_config(N, T, D, **{"target_programs": 1024, **config_overrides})
+    cfg = launch_config(N, T, D, **{**BACKWARD_RESIDUAL_TILES, **config_overrides})
     dy = torch.empty((N, T, D), dtype=y.dtype, device=y.device)
     dgate_part = torch.empty((N, cfg.n_chunks, D), dtype=torch.float32, device=y.device)
     _residual_bwd_kernel[(cfg.n_chunks, N)](
@@ -321,7 +321,7 @@ def gated_residual_norm_bwd(dh, dm, h, gate, y, scale, mean, rstd, **config_over
     has_dh = dh is not None
     dh = last_dim_contiguous(dh) if has_dh else dm  # a placeholder pointer when absent
     N, T, D = h.shape
-    cfg = launch_config(N, T, D, **{**BACKWARD_NORM_TILES, **config_overrides})
+    cfg = launch_config(N, T, D, **{**BACKWARD_RESIDUAL_TILES, **config_overrides})
     dx = torch.empty((N, T, D), dtype=h.dtype, device=h.device)
     dy = torch.empty((N, T, D), dtype=y.dtype, device=h.device)
     dgate_part, dshift_part, dscale_part = (

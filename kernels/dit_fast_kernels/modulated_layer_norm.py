@@ -226,8 +226,19 @@ class LaunchConfig(types.SimpleNamespace):
     """BLOCK_T rows x (BLOCK_A + BLOCK_B) columns per tile, rows_per_program tokens per program."""
 
 
+# plain-Python integer helpers: triton.cdiv / next_power_of_2 are jit wrappers costing microseconds
+# per call, and the launch path runs once per op call
+
 def _floor_pow2(v):
     return 1 << (max(1, int(v)).bit_length() - 1)
+
+
+def _ceil_pow2(v):
+    return 1 << (max(1, int(v)) - 1).bit_length()
+
+
+def _cdiv(a, b):
+    return -(-a // b)
 
 
 def column_blocks(D):
@@ -237,19 +248,20 @@ def column_blocks(D):
     block_a = _floor_pow2(D)
     if block_a == D:
         block_a //= 2
-    return block_a, triton.next_power_of_2(D - block_a)
+    return block_a, _ceil_pow2(D - block_a)
 
 
-def launch_config(N, T, D, tile_elems=4096, elems_per_thread=16, target_programs=2048, block_t=None,
+def launch_config(N, T, D, tile_elems=8192, elems_per_thread=32, target_programs=2048, block_t=None,
                   rows_per_program=None, num_warps=None):
     """Tile and grid sizes: BLOCK_T rows of about ``tile_elems`` values per tile, ~``elems_per_thread``
     values per thread, ~``target_programs`` programs. ``block_t`` / ``rows_per_program`` /
     ``num_warps`` override the heuristics (tests use tiny tiles so that the interpreter runs multi-tile
     loops and chunk tails).
 
-    Defaults (per kernel, see the launchers) come from compiled sm_90 register counts at D = 1152: no
-    spills and the most bytes in flight per SM (forward: 2 rows x 4 warps, 56-72 registers, 8-12
-    programs per SM). benchmarks/test_bench_adaln.py's tile sweep measures the alternatives on a GPU.
+    Defaults (per kernel, see the launchers) are the fastest of benchmarks/test_bench_adaln.py's tile
+    sweep at (128, 256, 1152) bf16 on an H200 (benchmarks/results/2026-11-26-h200-kernels-run1):
+    forward 4 rows x 4 warps, modulated-norm backward 1 row x 8 warps, fused backward 2 rows x 4 warps;
+    all free of register spills at D = 1152 on sm_90.
     """
     if D > MAX_D:
         raise ValueError(f"D={D} is too large for the fused adaLN kernels (at most {MAX_D}); "
@@ -257,18 +269,22 @@ def launch_config(N, T, D, tile_elems=4096, elems_per_thread=16, target_programs
     block_a, block_b = column_blocks(D)
     if block_t is None:
         # several rows per tile when D is small, so every program moves a useful amount of memory
-        block_t = min(_floor_pow2(tile_elems // (block_a + block_b)), triton.next_power_of_2(T))
+        block_t = min(_floor_pow2(tile_elems // (block_a + block_b)), _ceil_pow2(T))
     if rows_per_program is None:
-        tiles = triton.cdiv(T, block_t)
-        chunks = min(tiles, max(1, triton.cdiv(target_programs, N)))
-        rows_per_program = triton.cdiv(tiles, chunks) * block_t
+        tiles = _cdiv(T, block_t)
+        chunks = min(tiles, max(1, _cdiv(target_programs, N)))
+        rows_per_program = _cdiv(tiles, chunks) * block_t
     if num_warps is None:
-        num_warps = min(16, _floor_pow2(block_t * D // (32 * elems_per_thread)))
+        num_warps = _floor_pow2(block_t * D // (32 * elems_per_thread))
+        if block_t * D > 1.25 * 32 * num_warps * elems_per_thread:  # well over budget: more threads
+            num_warps *= 2
+        num_warps = min(16, num_warps)
     return LaunchConfig(BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_B=block_b, rows_per_program=rows_per_program,
-                        n_chunks=triton.cdiv(T, rows_per_program), num_warps=num_warps)
+                        n_chunks=_cdiv(T, rows_per_program), num_warps=num_warps)
 
 
-BACKWARD_NORM_TILES = dict(target_programs=1024, tile_elems=2048, elems_per_thread=8)
+BACKWARD_NORM_TILES = dict(target_programs=1024, tile_elems=2048, elems_per_thread=4)  # 1 row x 8 warps
+BACKWARD_RESIDUAL_TILES = dict(target_programs=1024, tile_elems=4096, elems_per_thread=16)  # 2 rows x 4 warps
 
 
 def check_launchable(device):
