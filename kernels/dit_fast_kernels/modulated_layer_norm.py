@@ -338,8 +338,11 @@ def modulated_layer_norm_bwd(dout, x, scale, mean, rstd, **config_overrides):
 
 
 def use_triton(device) -> bool:
-    """Run the Triton kernels (True) or the reference (False) on ``device``."""
-    return triton is not None and triton_status(device)[0]
+    """Run the Triton kernels (True) or the reference (False) on ``device``: runtime.triton_status,
+    with CUDA (where it is always True once triton imported) answered without its per-call checks."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or triton_status(device)[0]
 
 
 # ---------------------------------------------------------------------------------------------
