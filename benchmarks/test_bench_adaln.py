@@ -8,8 +8,10 @@ ideal bytes are what the op must read and write once (the same count for every i
     gated residual fwd: x, y in, h out   -> 3             bwd: dh, y in, dy out (dx = dh)   -> 3
     residual+norm fwd: x, y in, h, m out -> 4             bwd: dh, dm, h, y in, dx, dy out  -> 6
 (+ the (N, D) vectors and fp32 row statistics). pytest-benchmark's own columns are wall-clock times of
-one call + synchronize. ``test_tile_sweep`` times the fused-norm kernels' launchers with other
-(rows per tile, warps) choices than the defaults, to retune launch_config on new hardware.
+one call + synchronize. ``test_tile_sweep`` times the launchers alone (no autograd, no custom-op
+dispatch) with several (rows per tile, warps) choices, the defaults among them: the kernels' own time,
+and the data to retune launch_config on new hardware. The autograd rows of the Triton ops can be
+host-bound (Python custom-op dispatch + launch, ~0.1 ms) where the kernels take less than that.
 No speed is asserted. Run:
     pytest benchmarks/test_bench_adaln.py --benchmark-json benchmarks/results/adaln-<gpu>.json
 """
@@ -133,12 +135,15 @@ def test_backward(benchmark, op, impl):
                                                        allow_unused=True), op, "bwd", impl)
 
 
-SWEEP = {"fwd": [(1, 4), (2, 4), (4, 4), (2, 8)], "bwd": [(1, 4), (1, 8), (2, 4), (2, 8)]}  # (rows, warps)
+# (rows per tile, warps) per op and direction; the launch_config defaults at D = 1152 are among them
+SWEEP = {"mln": {"fwd": [(2, 4), (4, 4), (4, 8)], "bwd": [(1, 4), (1, 8), (2, 8)]},
+         "grn": {"fwd": [(2, 4), (4, 4), (4, 8)], "bwd": [(1, 8), (2, 4), (2, 8)]},
+         "gr": {"fwd": [(4, 4)], "bwd": [(2, 4)]}}
 
 
 def sweep_cases():
-    for op in ("mln", "grn"):
-        for direction, tiles in SWEEP.items():
+    for op, directions in SWEEP.items():
+        for direction, tiles in directions.items():
             for block_t, num_warps in tiles:
                 yield pytest.param(op, direction, block_t, num_warps, id=f"{op}-{direction}-T{block_t}w{num_warps}")
 
@@ -157,6 +162,10 @@ def launcher_call(op, direction, tiles):
             return lambda: mln.modulated_layer_norm_fwd(x, shift, scale, EPS, **tiles)
         _, mean, rstd = mln.modulated_layer_norm_fwd(x, shift, scale, EPS)
         return lambda: mln.modulated_layer_norm_bwd(dm, x, scale, mean, rstd, **tiles)
+    if op == "gr":
+        if direction == "fwd":
+            return lambda: gr.gated_residual_fwd(x, gate, y, **tiles)
+        return lambda: gr.gated_residual_bwd(dh, gate, y, **tiles)
     if direction == "fwd":
         return lambda: gr.gated_residual_norm_fwd(x, gate, y, shift, scale, EPS, **tiles)
     h, _, mean, rstd = gr.gated_residual_norm_fwd(x, gate, y, shift, scale, EPS)
