@@ -65,10 +65,19 @@ def main(argv=None) -> int:
     try:
         cfg = config_from_args(args)
         train(cfg)
+        _shutdown()
     except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2 if not isinstance(err, NonFiniteLossError) else 1
     return 0
+
+
+def _shutdown() -> None:
+    # Leaving the process group explicitly lets the ranks exit at once instead of in gloo's teardown.
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -87,11 +87,6 @@ class DataConfig:
     random_flip: bool = True
     """Pick the image or its horizontal flip at random each time it is seen."""
 
-    @property
-    def downsample(self) -> int:
-        """Pixels per latent cell: 1 for pixel-space data, 8 for the SD VAEs."""
-        return 1 if str(self.vae).lower() == "none" else 8
-
 
 @dataclass
 class OptimConfig:
@@ -225,9 +220,6 @@ def validate_config(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    if m.image_size % d.downsample:
-        raise ValueError(f"--image-size {m.image_size} is not divisible by the VAE downsample "
-                         f"{d.downsample}")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -23,6 +23,7 @@ class DataInfo:
     in_channels: int
     input_size: int
     has_flips: bool  # items are (2, C, h, w): pick a slot per visit
+    vae: object = None  # --data-path with a VAE: encodes each batch on the fly (on the CPU here)
 
 
 class FlipPicker(torch.utils.data.Dataset):
@@ -99,7 +100,36 @@ def open_training_data(cfg: Config) -> DataInfo:
     if len(ds) == 0:
         raise ValueError(f"--data-path {str(root)!r} has no images")
     _check_label_list(ds.targets, m.num_classes, str(root))
-    return DataInfo(ds, in_channels=-1, input_size=m.image_size // d.downsample, has_flips=False)
+    if _is_pixel_space(d.vae):
+        return DataInfo(ds, in_channels=int(ds[0][0].shape[0]), input_size=m.image_size,
+                        has_flips=False)
+    from .vae import load_vae
+    vae = load_vae(d.vae, device="cpu")
+    if m.image_size % vae.downsample:
+        raise ValueError(f"--image-size {m.image_size} is not divisible by the VAE's downsample "
+                         f"factor {vae.downsample}")
+    return DataInfo(ds, in_channels=vae.latent_channels, input_size=m.image_size // vae.downsample,
+                    has_flips=False, vae=vae)
+
+
+def _is_pixel_space(vae_spec) -> bool:
+    return str(vae_spec).lower() == "none"
+
+
+def _flag_downsample(spec: str, ds) -> int | None:
+    """Pixels per latent implied by --vae: 1 for none, the data's own ratio when --vae is the
+    extraction's VAE, a local VAE dir's config, else 8 (the SD VAEs)."""
+    if _is_pixel_space(spec):
+        return 1
+    if spec == str(ds.vae) and not _is_pixel_space(ds.vae):
+        return None  # the very VAE that produced these latents: consistent by construction
+    config = Path(spec) / "config.json"
+    if not config.is_file():
+        config = Path(spec) / "vae" / "config.json"
+    if config.is_file():
+        import json
+        return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+    return 8
 
 
 def _open_latents(path: str, cfg: Config) -> DataInfo:
@@ -114,15 +144,18 @@ def _open_latents(path: str, cfg: Config) -> DataInfo:
     if len(ds) == 0:
         raise ValueError(f"--features-path {str(p)!r} holds no latents")
     m = cfg.model
-    size = m.image_size // cfg.data.downsample
-    if ds.latent_shape[1:] != (size, size) or ds.image_size != m.image_size:
+    h = ds.latent_shape[1]
+    down = _flag_downsample(cfg.data.vae, ds)
+    want = h if down is None else m.image_size // down
+    if ds.latent_shape[1:] != (want, want) or ds.image_size != m.image_size:
+        hint = " --vae none" if _is_pixel_space(ds.vae) else f" --vae {ds.vae}"
         raise ValueError(
             f"latents in {str(p)!r} are {tuple(ds.latent_shape)} (extracted at image size "
             f"{ds.image_size}, vae {ds.vae!r}), but --image-size {m.image_size} with --vae "
-            f"{cfg.data.vae!r} needs {size}x{size}; pass --image-size {ds.image_size}"
-            f"{' --vae none' if str(ds.vae) == 'none' else ''} or extract the features again")
+            f"{cfg.data.vae!r} needs {want}x{want} at image size {m.image_size}; pass "
+            f"--image-size {ds.image_size}{hint} or extract the features again")
     ds.check_labels(m.num_classes)
-    return DataInfo(ds, in_channels=ds.latent_shape[0], input_size=size, has_flips=True)
+    return DataInfo(ds, in_channels=ds.latent_shape[0], input_size=h, has_flips=True)
 
 
 def _check_label_list(labels, num_classes: int, source: str) -> None:

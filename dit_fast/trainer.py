@@ -55,16 +55,8 @@ def prepare(cfg: Config):
                          "use --precision bf16 or fp32 on CPU")
     ds_config = build_deepspeed_config(cfg, world_size)
     info = open_training_data(cfg)
-    if info.in_channels < 0:  # raw images: the VAE (or none) decides the channels
-        info.in_channels = _raw_channels(cfg, info)
     cfg.model.in_channels, cfg.model.input_size = info.in_channels, info.input_size
     return ds_config, info
-
-
-def _raw_channels(cfg: Config, info) -> int:
-    if cfg.data.downsample == 1:
-        return int(info.dataset[0][0].shape[0])
-    return 4  # SD VAEs; checked against the loaded VAE in _load_vae
 
 
 def make_run_dir(cfg: Config, rank: int, resume_from: Path | None) -> Path:
@@ -121,17 +113,6 @@ def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, 
     return engine, ema
 
 
-def _load_vae(cfg: Config, device: torch.device):
-    if cfg.data.features_path or cfg.data.downsample == 1:
-        return None
-    from .vae import load_vae
-    vae = load_vae(cfg.data.vae, device=device)
-    if vae.latent_channels != cfg.model.in_channels or vae.downsample != cfg.data.downsample:
-        raise ValueError(f"VAE {cfg.data.vae!r} has {vae.latent_channels} channels / downsample "
-                         f"{vae.downsample}; dit_fast expects 4 / 8 (SD VAEs)")
-    return vae
-
-
 def train(cfg: Config) -> Position:
     """Run (or resume) training as configured. Collective: every rank calls it."""
     ds_config, info = prepare(cfg)
@@ -174,7 +155,7 @@ class TrainLoop:
                                           diffusion_steps=cfg.diffusion.diffusion_steps)
         self.loader, self.sampler = build_loader(info, cfg, self.rank, self.world)
         self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.train.grad_accum
-        self.vae = _load_vae(cfg, device)
+        self.vae = info.vae.to(device) if info.vae is not None else None
         self.pos = Position()
         self.skipped_base = 0
         self.metrics = MetricsWriter(run_dir, self.rank)

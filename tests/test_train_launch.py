@@ -34,6 +34,30 @@ def digits8(tmp_path_factory):
     return write_digits_features(tmp_path_factory.mktemp("digits") / "feat8", 8)
 
 
+@pytest.fixture(scope="module")
+def photo_latents(tmp_path_factory):
+    """Real photos (scikit-learn's two) -> 24 crops in 2 classes -> extract_features.py with a tiny
+    AutoencoderKL (downsample 2, 4 channels) standing in for the SD VAE -> (4, 8, 8) latents."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    pytest.importorskip("diffusers")
+    from PIL import Image
+
+    import extract_features
+    from tests.vae_helpers import save_tiny_vae
+    tmp = tmp_path_factory.mktemp("photos")
+    for name, photo in zip(("china", "flower"), datasets.load_sample_images().images):
+        (tmp / "images" / name).mkdir(parents=True)
+        for i in range(12):
+            y, x = 20 * i, 30 * i
+            Image.fromarray(photo[y:y + 160, x:x + 200]).resize((40, 32)).save(
+                tmp / "images" / name / f"{i}.png")
+    vae_dir = save_tiny_vae(tmp / "tiny_vae")
+    argv = ["--data-path", str(tmp / "images"), "--features-path", str(tmp / "latents"),
+            "--vae", str(vae_dir), "--image-size", "16", "--num-workers", "0"]
+    assert extract_features.main(argv) == 0
+    return tmp / "latents", tmp / "images", vae_dir
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,13 +98,13 @@ def losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
-def check_ema_export(ckpt: Path, step: int) -> None:
+def check_ema_export(ckpt: Path, step: int, in_channels=1, num_classes=10) -> None:
     from dit_fast.checkpoint import load_state_dict
     from dit_fast.models import DiT
     path = ckpt / f"ema-{step:07d}.pt"
     state = torch.load(path, map_location="cpu")["ema"]  # what DiT's sample.py does
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4,
-                num_classes=10)
+    model = DiT(input_size=8, patch_size=2, in_channels=in_channels, hidden_size=64, depth=2,
+                num_heads=4, num_classes=num_classes)
     model.load_state_dict(state, strict=True)
     assert load_state_dict(str(path)).keys() == state.keys()
     assert all(torch.isfinite(v).all() for v in state.values())
@@ -111,8 +135,10 @@ def test_zero2_loss_falls_crash_mid_save_and_exact_resume(tmp_path, digits8):
     check_ema_export(ckpts / "step-0000012", 12)
 
 
-def test_zero3_stop_resume_exact(tmp_path, digits8):
-    common = ["--features-path", str(digits8), "--deepspeed_config",
+def test_zero3_stop_resume_exact_on_vae_latents_of_real_photos(tmp_path, photo_latents):
+    latents, _, vae_dir = photo_latents
+    common = ["--features-path", str(latents), "--vae", str(vae_dir), "--image-size", "16",
+              "--num-classes", "2", "--global-batch-size", "8", "--deepspeed_config",
               str(ROOT / "configs/deepspeed/zero3.json"), "--results-dir", str(tmp_path),
               "--ckpt-every", "3", "--keep-last", "0"]
     ok(launch([*common, "--max-steps", "6"]))  # stops at 6 (final save), via --max-steps
@@ -122,9 +148,22 @@ def test_zero3_stop_resume_exact(tmp_path, digits8):
     ok(launch([*common, "--max-steps", "6", "--resume", str(run / "checkpoints" / "step-0000003")]))
     resumed = losses(run)[6:]
     assert resumed == ref[3:]  # steps 4..6 again, bit-identical
-    check_ema_export(run / "checkpoints" / "step-0000006", 6)
+    check_ema_export(run / "checkpoints" / "step-0000006", 6, in_channels=4, num_classes=2)
     log = (run / "log.txt").read_text()
     assert "(step=0000006) Train Loss: " in log and "Train Steps/Sec: " in log
+
+
+def test_raw_images_through_the_vae_plain_python(tmp_path, photo_latents):
+    _, images, vae_dir = photo_latents
+    args = [*TINY, "--data-path", str(images), "--vae", str(vae_dir), "--image-size", "16",
+            "--num-classes", "2", "--global-batch-size", "4", "--results-dir", str(tmp_path),
+            "--max-steps", "2", "--ckpt-every", "2"]
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=_clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    ok(proc)
+    assert "(step=0000002) Train Loss:" in (run_dir_of(tmp_path) / "log.txt").read_text()
+    check_ema_export(run_dir_of(tmp_path) / "checkpoints" / "step-0000002", 2, in_channels=4,
+                     num_classes=2)
 
 
 def test_nan_loss_stops_plain_python_run_keeping_last_good_checkpoint(tmp_path, digits8):
