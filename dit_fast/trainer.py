@@ -122,6 +122,8 @@ def train(cfg: Config) -> Position:
     run_dir = make_run_dir(cfg, rank, resume_from)
     logger = make_logger(run_dir, rank)
     if rank == 0:
+        if cfg.train.resume == "auto" and resume_from is None:
+            logger.info(f"--resume auto: no checkpoint under {cfg.train.results_dir}; starting fresh")
         save_config(cfg, run_dir / "config.json")
         logger.info(f"Experiment directory: {run_dir}  (world size {world})")
         logger.info("Config:\n" + format_config(cfg))
@@ -157,7 +159,7 @@ class TrainLoop:
         self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.train.grad_accum
         self.vae = info.vae.to(device) if info.vae is not None else None
         self.pos = Position()
-        self.skipped_base = 0
+        self.resumed = False
         self.metrics = MetricsWriter(run_dir, self.rank)
 
     # ------------------------------------------------------------ resume / save
@@ -166,7 +168,7 @@ class TrainLoop:
         if self.ema.model is not None:
             self.ema.load_state_dict(ema_state)
         self.pos = Position(state["step"], state["epoch"], state["step_in_epoch"])
-        self.skipped_base = int(state.get("skipped_steps", 0))
+        self.resumed = True
         if state["world_size"] != self.world:
             self.logger.warning(f"checkpoint was written by {state['world_size']} ranks, this run "
                                 f"has {self.world}: training continues, but not bit-exactly")
@@ -184,7 +186,8 @@ class TrainLoop:
         return path
 
     def skipped_steps(self) -> int:
-        return self.skipped_base + int(getattr(self.engine, "skipped_steps", 0))
+        """fp16 overflow steps skipped so far (DeepSpeed restores the count on resume)."""
+        return int(getattr(self.engine, "skipped_steps", 0))
 
     # ------------------------------------------------------------ the step
     def model_fn(self, x, t, y):
@@ -222,7 +225,7 @@ class TrainLoop:
                          f"{self.steps_per_epoch} steps per epoch")
         self.engine.train()
         stats = LogStats(self.device)
-        last_saved = self.pos.step if t.resume else -1
+        last_saved = self.pos.step if self.resumed else -1
         while not self._done():
             set_data_epoch(self.info, self.sampler, self.pos.epoch,
                            self.pos.step_in_epoch * t.grad_accum)
