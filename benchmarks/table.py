@@ -32,8 +32,14 @@ for _path in (HERE, ROOT / "kernels", ROOT):  # runnable from a fresh clone with
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+# Triton reads TRITON_INTERPRET when it is first imported, and torch.utils.flop_counter imports it.
+if "--triton-interpret" in sys.argv[1:]:
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import torch  # noqa: E402
 
+import report  # noqa: E402
+from flops import PeakTable, forward_flops_per_image, mfu, train_flops_per_image  # noqa: E402
 from train_step import BenchSetup, RowConfig, build_state, free_state, measure  # noqa: E402
 
 _FEAT = dict(grad_ckpt=True, mixed_precision=True, pre_extracted=True)
@@ -73,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=None, help="pixels (default: 256; 32 for tiny)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 5 on CUDA, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CUDA, 1 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2)")
     p.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROW_KEYS)} (ratios need baseline or ckpt)")
     p.add_argument("--mp-dtype", choices=("bf16", "fp16"), default="bf16",
                    help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler")
@@ -105,8 +111,9 @@ def select_rows(spec: str) -> list[RowConfig]:
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the device-dependent defaults (GPU: DiT-XL/2 at batch 128; CPU: tiny model, batch 8)."""
-    if args.triton_interpret:
-        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    if args.triton_interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--triton-interpret must be seen before triton is imported: pass it on the command "
+                         "line of benchmarks/table.py, or set TRITON_INTERPRET=1 in the environment")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible; use --device cpu")
@@ -115,7 +122,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.batch = args.batch or (128 if gpu else 8)
     args.image_size = args.image_size or (32 if args.model == "tiny" else 256)
     args.steps = args.steps if args.steps is not None else (5 if gpu else 3)
-    args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
+    args.warmup = args.warmup if args.warmup is not None else 2
     if args.threads is None and not gpu and args.model == "tiny":
         args.threads = 1
     for name in ("batch", "image_size", "steps"):
@@ -237,7 +244,6 @@ def add_rates(result: dict, setup: BenchSetup, flops_per_image: int, peaks) -> N
     """steps/s, images/s, MB and MFU (against the row's precision peak) for a measured row."""
     if result["status"] != "ok":
         return
-    from flops import mfu
     result["steps_per_s"] = 1.0 / result["mean_step_s"]
     result["images_per_s"] = setup.batch * result["steps_per_s"]
     result["peak_mb"] = result["peak_bytes"] / 2 ** 20
@@ -271,8 +277,6 @@ def run_table(args: argparse.Namespace, progress: bool = True) -> tuple[list[dic
 
 
 def _run_rows(args, rows: list[RowConfig], setup: BenchSetup, progress: bool) -> tuple[list[dict], dict]:
-    import report
-    from flops import PeakTable, forward_flops_per_image, train_flops_per_image
     if setup.device.type == "cuda":  # fp32 rows run as the original train.py: TF32 matmuls and convs
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -309,7 +313,7 @@ def _progress(rows, enabled: bool):
 
 
 def main(argv=None) -> int:
-    import report
+    """Run the table with the command-line options; print it and write the result files."""
     args = resolve_defaults(parse_args(argv))
     results, meta = run_table(args)
     print(report.markdown(results, meta))
