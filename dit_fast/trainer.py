@@ -134,10 +134,10 @@ def train(cfg: Config) -> Position:
         logger.info(f"DiT Parameters: {n_params:,}")
     loop = TrainLoop(cfg, engine, ema, info, device, run_dir, logger, ds_config)
     seed_everything(cfg.train.global_seed * world + rank)  # DiT's per-rank seed
+    # A fresh EMA is already the fp32 copy of the initial weights (DiT's update_ema(decay=0));
+    # copying back from the engine would round it to the engine's bf16.
     if resume_from is not None:
         loop.resume(resume_from)  # restores this rank's RNG states too
-    else:
-        loop.ema.update(engine.module, loop.zero3, decay=0.0)  # DiT: EMA starts as the weights
     return loop.run()
 
 

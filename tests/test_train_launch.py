@@ -140,7 +140,7 @@ def test_zero3_stop_resume_exact_on_vae_latents_of_real_photos(tmp_path, photo_l
     common = ["--features-path", str(latents), "--vae", str(vae_dir), "--image-size", "16",
               "--num-classes", "2", "--global-batch-size", "8", "--deepspeed_config",
               str(ROOT / "configs/deepspeed/zero3.json"), "--results-dir", str(tmp_path),
-              "--ckpt-every", "3", "--keep-last", "0"]
+              "--ckpt-every", "3", "--keep-last", "0", "--ema-decay", "0"]
     ok(launch([*common, "--max-steps", "6"]))  # stops at 6 (final save), via --max-steps
     run = run_dir_of(tmp_path)
     ref = losses(run)
@@ -149,6 +149,14 @@ def test_zero3_stop_resume_exact_on_vae_latents_of_real_photos(tmp_path, photo_l
     resumed = losses(run)[6:]
     assert resumed == ref[3:]  # steps 4..6 again, bit-identical
     check_ema_export(run / "checkpoints" / "step-0000006", 6, in_channels=4, num_classes=2)
+    # With decay 0 the EMA is the weights: the per-block ZeRO-3 gathers must reassemble exactly
+    # what DeepSpeed's own consolidation gives (up to the bf16 working copy the EMA reads).
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    ckpt = run / "checkpoints" / "step-0000006"
+    master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
+    ema = torch.load(ckpt / "ema-0000006.pt", weights_only=True)["ema"]
+    for name, value in master.items():
+        torch.testing.assert_close(ema[name], value.float(), rtol=2**-8, atol=1e-6, msg=name)
     log = (run / "log.txt").read_text()
     assert "(step=0000006) Train Loss: " in log and "Train Steps/Sec: " in log
 
