@@ -139,7 +139,7 @@ def markdown(results: list[dict], meta: dict) -> str:
             f"| {_yes(r.get('pre_extracted'))} | {r.get('attn_backend', '-')} "
             f"| {'triton' if r.get('fused_adaln') else 'torch'} | {_yes(r.get('compile'))} "
             f"| {r.get('zero_stage') or '-'} | {_fmt(r.get('steps_per_s'), '.3f')} "
-            f"| {_fmt(r.get('images_per_s'), '.1f')} | {_fmt(r.get('peak_mb'), ',.1f' if r.get('peak_mb', 1e9) < 100 else ',.0f')} "
+            f"| {_fmt(r.get('images_per_s'), '.1f')} | {_fmt(r.get('peak_mb'), ',.1f' if (r.get('peak_mb') or 1e9) < 100 else ',.0f')} "
             f"| {_fmt(None if r.get('mfu') is None else 100 * r['mfu'], '.2f', '%')} "
             f"| {_fmt(r.get('ratio'), '.2f', 'x')} | {r['status']} |")
     return "\n".join(lines)

@@ -79,8 +79,11 @@ def _autocast_forward(model, device_type: str, dtype: torch.dtype, enabled: bool
 @torch.no_grad()
 def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float = EMA_DECAY) -> None:
     """ema = decay * ema + (1 - decay) * param for every parameter (DiT's update_ema, as one foreach)."""
-    src = [p.detach().float() if p.dtype != torch.float32 else p.detach() for p in params]
-    torch._foreach_lerp_(ema_params, src, 1.0 - decay)
+    if all(p.dtype == e.dtype for p, e in zip(params, ema_params)):
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+        return
+    for ema_p, p in zip(ema_params, params):  # half weights (DeepSpeed): upcast one tensor at a time
+        ema_p.lerp_(p.detach().float(), 1.0 - decay)
 
 
 def _init_single_process_dist() -> None:
