@@ -174,7 +174,23 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_training_checkpoint(engine, ckpt: Path, rank: int, world_size: int) -> tuple[dict, dict | None]:
+# Model fields that must match to resume; speed switches (attention backend, fused adaLN,
+# checkpointing fraction) may change between runs.
+_SHAPE_FIELDS = ("model", "depth", "hidden_size", "num_heads", "in_channels", "input_size",
+                 "num_classes", "learn_sigma", "class_dropout_prob")
+
+
+def check_same_model(saved: dict, current: dict, ckpt: Path) -> None:
+    """Raise ValueError listing every model field where the checkpoint and the flags differ."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+             for k in _SHAPE_FIELDS if saved.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError(f"cannot resume from {ckpt}: the model differs ({'; '.join(diffs)}); "
+                         "use the original run's model flags or start a new run")
+
+
+def load_training_checkpoint(engine, ckpt: Path, rank: int, world_size: int,
+                             model_config: dict) -> tuple[dict, dict | None]:
     """Collective: restore engine (module + optimizer) and this rank's RNG.
 
     Returns (train_state, ema_state); ema_state is None on ranks other than 0.
@@ -183,6 +199,7 @@ def load_training_checkpoint(engine, ckpt: Path, rank: int, world_size: int) -> 
     if state.get("version") != FORMAT_VERSION:
         raise ValueError(f"{ckpt}: checkpoint format {state.get('version')} is not "
                          f"{FORMAT_VERSION}; it was written by another dit_fast version")
+    check_same_model(state["config"]["model"], model_config, ckpt)
     load_path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:

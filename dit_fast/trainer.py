@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import resource
 import time
@@ -164,7 +163,8 @@ class TrainLoop:
 
     # ------------------------------------------------------------ resume / save
     def resume(self, ckpt: Path) -> None:
-        state, ema_state = load_training_checkpoint(self.engine, ckpt, self.rank, self.world)
+        state, ema_state = load_training_checkpoint(self.engine, ckpt, self.rank, self.world,
+                                                    config_to_dict(self.cfg)["model"])
         if self.ema.model is not None:
             self.ema.load_state_dict(ema_state)
         self.pos = Position(state["step"], state["epoch"], state["step_in_epoch"])

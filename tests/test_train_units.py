@@ -15,8 +15,9 @@ sys.path.insert(0, str(ROOT))
 import train as train_cli  # noqa: E402
 from dit_fast.config import (Config, config_from_args, config_from_dict, config_to_dict,  # noqa: E402
                              format_config, load_config, save_config)
-from dit_fast.train_checkpoint import (capture_rng, find_latest_checkpoint, prune_checkpoints,  # noqa: E402
-                                       resolve_resume, restore_rng)
+from dit_fast.train_checkpoint import (capture_rng, check_same_model,  # noqa: E402
+                                       find_latest_checkpoint, prune_checkpoints, resolve_resume,
+                                       restore_rng)
 from dit_fast.train_data import ResumableShardSampler  # noqa: E402
 from dit_fast.train_setup import EMA, DeepSpeedConfigError, build_deepspeed_config  # noqa: E402
 
@@ -188,6 +189,16 @@ def test_resume_auto_prefers_newest_complete_and_prune_keeps_last(tmp_path):
         fake_ckpt(run, step)
     prune_checkpoints(run / "checkpoints", keep_last=2)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000040", "step-0000050"]
+
+
+def test_resume_refuses_another_model_but_allows_speed_switches(tmp_path):
+    saved = config_to_dict(parse("--features-path", "x"))["model"]
+    fast = config_to_dict(parse("--features-path", "x", "--fused-adaln", "--grad-checkpointing",
+                                "--attn-backend", "math"))["model"]
+    check_same_model(saved, fast, tmp_path)
+    other = config_to_dict(parse("--features-path", "x", "--depth", "3", "--num-classes", "7"))
+    with pytest.raises(ValueError, match="depth: checkpoint 2 vs now 3; num_classes"):
+        check_same_model(saved, other["model"], tmp_path)
 
 
 def test_rng_states_round_trip_through_weights_only(tmp_path):
