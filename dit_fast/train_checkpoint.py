@@ -102,7 +102,7 @@ def capture_rng() -> dict:
         "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64),
                    "gauss": gauss},
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # CPU runs never touch CUDA
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 

@@ -163,7 +163,7 @@ def _check_label_list(labels, num_classes: int, source: str) -> None:
     check_labels(labels, num_classes, source=source)
 
 
-def build_loader(info: DataInfo, cfg: Config, rank: int, world_size: int):
+def build_loader(info: DataInfo, cfg: Config, rank: int, world_size: int, device: torch.device):
     """DataLoader + its sampler; the loader never draws from the global torch RNG."""
     micro = cfg.train.micro_batch_size
     sampler = ResumableShardSampler(len(info.dataset), rank, world_size, micro,
@@ -178,7 +178,7 @@ def build_loader(info: DataInfo, cfg: Config, rank: int, world_size: int):
     # consume the global RNG and make a resumed run diverge from the uninterrupted one.
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        pin_memory=device.type == "cuda", persistent_workers=False,
         generator=torch.Generator().manual_seed(cfg.train.global_seed))
     return loader, sampler
 

@@ -44,6 +44,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def uses_cuda() -> bool:
+    """Whether DeepSpeed's accelerator is CUDA (DS_ACCELERATOR=cpu keeps a GPU machine on the CPU)."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name() == "cuda" and torch.cuda.is_available()
+
+
 def init_distributed() -> torch.device:
     """Join the process group (deepspeed / torchrun env, or a one-process group for plain python).
 
@@ -57,7 +63,7 @@ def init_distributed() -> torch.device:
     from deepspeed.accelerator import get_accelerator
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     _, _, local_rank = env_world()
-    if torch.cuda.is_available():
+    if uses_cuda():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
@@ -168,14 +174,14 @@ def apply_compile(model: torch.nn.Module) -> None:
         block.compile()
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, ds_config: dict):
+def build_optimizer(model: torch.nn.Module, cfg: Config, ds_config: dict, device: torch.device):
     """DiT's AdamW (constant lr, no weight decay by default); DeepSpeedCPUAdam when offloading."""
     o = cfg.optim
     if offloads_optimizer(ds_config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                 weight_decay=o.weight_decay, adamw_mode=True)
-    fused = {"fused": True} if torch.cuda.is_available() else {}
+    fused = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                              weight_decay=o.weight_decay, **fused)
 

@@ -27,7 +27,7 @@ from .config import Config, config_to_dict, format_config, save_config
 from .train_checkpoint import load_training_checkpoint, resolve_resume, save_training_checkpoint
 from .train_data import build_loader, open_training_data, set_data_epoch
 from .train_setup import (EMA, apply_compile, build_deepspeed_config, build_model, build_optimizer,
-                          engine_dtype, env_world, init_distributed, zero_stage)
+                          engine_dtype, env_world, init_distributed, uses_cuda, zero_stage)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,7 +49,7 @@ def prepare(cfg: Config):
     Returns (ds_config, data_info). Raises before any step with a message naming the bad input.
     """
     _, world_size, _ = env_world()
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+    if cfg.train.precision == "fp16" and not uses_cuda():
         raise ValueError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
                          "use --precision bf16 or fp32 on CPU")
     ds_config = build_deepspeed_config(cfg, world_size)
@@ -107,7 +107,8 @@ def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, 
     ema = EMA(model, cfg.train.ema_decay, keep=rank == 0, device=device)
     if cfg.train.compile:
         apply_compile(model)
-    optimizer = build_optimizer(model, cfg, ds_config)
+    model.to(device)  # DeepSpeed would move it too; the optimizer is built on the device
+    optimizer = build_optimizer(model, cfg, ds_config, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, ema
 
@@ -154,7 +155,7 @@ class TrainLoop:
                                           noise_schedule=cfg.diffusion.noise_schedule,
                                           learn_sigma=cfg.model.learn_sigma,
                                           diffusion_steps=cfg.diffusion.diffusion_steps)
-        self.loader, self.sampler = build_loader(info, cfg, self.rank, self.world)
+        self.loader, self.sampler = build_loader(info, cfg, self.rank, self.world, device)
         self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.train.grad_accum
         self.vae = info.vae.to(device) if info.vae is not None else None
         self.pos = Position()

@@ -68,7 +68,8 @@ def _clean_env(extra=None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                         "CUDA_VISIBLE_DEVICES", CRASH_ENV)}
-    env.update(extra or {})
+    # DeepSpeed's CPU accelerator even on a GPU machine: 2 gloo ranks, bit-exact on any host.
+    env.update({"DS_ACCELERATOR": "cpu"}, **(extra or {}))
     return env
 
 
