@@ -4,6 +4,16 @@
         --features-path /data/in1k-latents
     torchrun --nproc_per_node 8 train.py ...       # also works; so does plain `python train.py ...`
 
+Many nodes (passwordless ssh; --results-dir and the data on a filesystem all nodes share, since
+every rank writes its shard of each checkpoint into the same directory):
+
+    $ cat hostfile
+    node1 slots=8
+    node2 slots=8
+    deepspeed --hostfile hostfile --master_addr node1 train.py \
+        --deepspeed_config configs/deepspeed/zero2.json --model DiT-XL/2 \
+        --features-path /shared/in1k-latents --results-dir /shared/results --global-batch-size 256
+
 Flags keep DiT / fast-DiT names; batch size, accumulation, precision and clipping are injected into
 the DeepSpeed JSON (which holds ZeRO knobs only). See dit_fast/trainer.py for the semantics.
 """
