@@ -7,14 +7,13 @@
 With the same seed and weights, fp32 eager DDPM gives the same grid as the original sample.py.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from dit_fast.diffusion import create_diffusion
 from dit_fast.images import save_image
-from dit_fast.sampling import (DEFAULT_CLASS_LABELS, SampleConfig, Sampler, add_common_flags,
+from dit_fast.sampling import (run_cli, DEFAULT_CLASS_LABELS, SampleConfig, Sampler, add_common_flags,
                                build_sampling_model, check_class_labels, check_official_defaults, decode,
                                format_sample_config, patch_size_of, resolve_device, sample_size, timed,
                                vae_downsample)
@@ -76,12 +75,7 @@ def main(argv=None) -> dict:
 
 def cli(argv=None) -> None:
     """Entry point: library errors (bad flags, missing checkpoint or VAE) become one clear line."""
-    from dit_fast.checkpoint import CheckpointError
-    from dit_fast.vae import VAEError
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError, CheckpointError, VAEError) as e:
-        sys.exit(f"sample.py: error: {e}")
+    run_cli(main, "sample.py", argv)
 
 
 if __name__ == "__main__":

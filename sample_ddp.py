@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch.distributed as dist
 
 from dit_fast.diffusion import create_diffusion
 from dit_fast.images import save_png, to_uint8_hwc, write_npz_from_pngs
-from dit_fast.sampling import (SampleConfig, Sampler, add_common_flags, build_sampling_model,
+from dit_fast.sampling import (run_cli, SampleConfig, Sampler, add_common_flags, build_sampling_model,
                                check_official_defaults, decode, format_sample_config, patch_size_of,
                                resolve_device, sample_size, vae_downsample)
 from dit_fast.vae import load_vae
@@ -193,12 +192,7 @@ def _run_batches(cfg, sampler, vae, folder, todo, iterations, rank, world_size, 
 
 def cli(argv=None) -> None:
     """Entry point: library errors (bad flags, missing checkpoint or VAE) become one clear line."""
-    from dit_fast.checkpoint import CheckpointError
-    from dit_fast.vae import VAEError
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError, CheckpointError, VAEError) as e:
-        sys.exit(f"sample_ddp.py: error: {e}")
+    run_cli(main, "sample_ddp.py", argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -374,3 +375,14 @@ def resolve_device(name: Optional[str], tf32: bool = True) -> torch.device:
         if tf32:  # cuDNN's TF32 is on by default anyway; sample_ddp.py's --no-tf32 leaves it, as the original
             torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def run_cli(main: Callable, prog: str, argv=None) -> None:
+    """Run a sampling CLI's ``main``; library errors (bad flags, missing checkpoint or VAE) exit with one
+    clear line instead of a traceback."""
+    from dit_fast.checkpoint import CheckpointError
+    from dit_fast.vae import VAEError
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, CheckpointError, VAEError) as e:
+        sys.exit(f"{prog}: error: {e}")
