@@ -57,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """Fail before any work, naming the flag to change."""
+    if args.image_size < 8 or args.image_size % args.patch_size:
+        raise ValueError(f"--image-size {args.image_size} must be >= 8 and divisible by --patch-size "
+                         f"{args.patch_size}")
+    if args.hidden_size % args.num_heads:
+        raise ValueError(f"--hidden-size {args.hidden_size} must be divisible by --num-heads {args.num_heads}")
+    for flag in ("max_steps", "global_batch_size", "num_sampling_steps", "samples_per_class", "log_every"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+
+
 def pick_threads(requested: int) -> int:
     """All cores on an idle machine; one on a busy one (OpenMP threads that wait for a core to
     come free spin, and a contended 2-thread step was measured 6x slower than 1 thread)."""
@@ -220,8 +232,9 @@ def main(argv=None) -> dict:
     from .scoring import DigitScorer
 
     args = build_parser().parse_args(argv)
+    check_args(args)
     start = time.perf_counter()
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # train.py runs from the repository root
     train_dir = out / "train"
     shutil.rmtree(train_dir, ignore_errors=True)  # one run per demo: the newest is the one scored
     train_dir.mkdir(parents=True)
@@ -280,5 +293,13 @@ def _last_loss(lines: list[str]) -> float | None:
     return losses[-1] if losses else None
 
 
+def cli(argv=None) -> None:
+    """Entry point: a failed step (bad flag, train.py error) ends with one clear line."""
+    try:
+        main(argv)
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"dit_fast.demo: error: {err}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -84,3 +84,14 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert np.isfinite(saved["frechet_distance"])
     assert saved["recipe"]["max_steps"] == 3
     assert "(step=0000003)" in (tmp_path / "train_log.txt").read_text()
+
+
+@pytest.mark.parametrize("flags, match", [(["--image-size", "9"], "divisible by --patch-size"),
+                                          (["--hidden-size", "30"], "--num-heads"),
+                                          (["--max-steps", "0"], "--max-steps")])
+def test_demo_rejects_bad_flags_before_any_work(tmp_path, flags, match):
+    from dit_fast.demo import main
+
+    with pytest.raises(ValueError, match=match):
+        main(["--out", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
