@@ -48,7 +48,8 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         model = build_sampling_model(cfg.model, input_size, cfg.num_classes, in_channels,
                                      cfg.ckpt or f"DiT-XL-2-{cfg.image_size}x{cfg.image_size}.pt",
-                                     device, cfg.attn_backend, cfg.fused_adaln)
+                                     device, cfg.attn_backend, cfg.fused_adaln, depth=cfg.depth,
+                                     hidden_size=cfg.hidden_size, num_heads=cfg.num_heads)
         diffusion = create_diffusion(str(cfg.num_sampling_steps))
         vae = load_vae(cfg.vae, device=device)
 
@@ -57,7 +58,8 @@ def main(argv=None) -> dict:
         y = torch.tensor(cfg.class_labels, device=device)
         # sample.py always runs the CFG forward, even at cfg_scale 1 (unlike sample_ddp.py).
         sampler = Sampler(model, diffusion, cfg_scale=cfg.cfg_scale, num_classes=cfg.num_classes,
-                          use_cfg=True, sampler=cfg.sampler, precision=cfg.precision)
+                          use_cfg=True, sampler=cfg.sampler, precision=cfg.precision,
+                          guide_all_channels=cfg.guide_all_channels)
         if cfg.compile:
             seconds = sampler.compile(z.shape, mode=cfg.compile_mode)
             print(f"Compiled the sampling step in {seconds:.1f} s (excluded from sampling time).")

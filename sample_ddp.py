@@ -128,12 +128,13 @@ def _sample_all(cfg, input_size: int, rank: int, world_size: int, device) -> dic
     in_channels = cfg.in_channels if cfg.vae.lower() == "none" else 4
     model = build_sampling_model(cfg.model, input_size, cfg.num_classes, in_channels,
                                  cfg.ckpt or f"DiT-XL-2-{cfg.image_size}x{cfg.image_size}.pt",
-                                 device, cfg.attn_backend, cfg.fused_adaln)
+                                 device, cfg.attn_backend, cfg.fused_adaln, depth=cfg.depth,
+                                 hidden_size=cfg.hidden_size, num_heads=cfg.num_heads)
     vae = load_vae(cfg.vae, device=device)
     using_cfg = cfg.cfg_scale > 1.0
     sampler = Sampler(model, create_diffusion(str(cfg.num_sampling_steps)), cfg_scale=cfg.cfg_scale,
                       num_classes=cfg.num_classes, use_cfg=using_cfg, sampler=cfg.sampler,
-                      precision=cfg.precision)
+                      precision=cfg.precision, guide_all_channels=cfg.guide_all_channels)
 
     folder = Path(cfg.sample_dir) / folder_name(cfg)
     if rank == 0:

@@ -288,6 +288,14 @@ class SampleConfig:
     """ema | mse | a local diffusers directory | none (pixel space)."""
     in_channels: int = 3
     """Image channels of a pixel-space (vae none) model."""
+    depth: Optional[int] = None
+    """Override the named model's depth (a custom-size model trained with train.py --depth)."""
+    hidden_size: Optional[int] = None
+    """Override the named model's width (train.py --hidden-size)."""
+    num_heads: Optional[int] = None
+    """Override the named model's head count (train.py --num-heads)."""
+    guide_all_channels: bool = False
+    """Guide every input channel; default: the first three, as the original (needed for 1-2 channel models)."""
     compile: bool = False
     """torch.compile the per-step function (CFG forward + update) once, static shapes, fullgraph."""
     compile_mode: Optional[str] = None

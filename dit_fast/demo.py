@@ -148,25 +148,6 @@ def find_run(results_dir: Path) -> tuple[Path, Path]:
 
 
 # ------------------------------------------------------------------------------------ sampling
-class GuideAllChannels(torch.nn.Module):
-    """forward_with_cfg that guides the noise prediction of every input channel.
-
-    DiT's forward_with_cfg guides output channels [:3] (RGB-like latents have 4). With one grey
-    channel and a learned variance the output is [eps, variance]: [:3] would also extrapolate the
-    variance interpolation weight out of its [-1, 1] range. Guiding channel 0 only is right here.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, t, y):
-        return self.model(x, t, y)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        return self.model.forward_with_cfg(x, t, y, cfg_scale, guide_all_channels=True)
-
-
 def load_ema_model(run_dir: Path, ema_path: Path, device: torch.device) -> torch.nn.Module:
     """The DiT described by the run's config.json, holding the EMA weights, in eval mode."""
     from .checkpoint import load_into_model, load_state_dict
@@ -189,8 +170,10 @@ def sample_digits(model, args, device: torch.device) -> tuple[torch.Tensor, np.n
     torch.manual_seed(args.seed)
     labels = torch.arange(10).repeat_interleave(args.samples_per_class)  # (N,)
     z = torch.randn(len(labels), model.in_channels, args.image_size, args.image_size)
-    sampler = Sampler(GuideAllChannels(model), create_diffusion(str(args.num_sampling_steps)),
-                      cfg_scale=args.cfg_scale, num_classes=10, use_cfg=True)
+    # One grey channel with a learned variance: the output is [eps, variance], so the original's
+    # "first three channels" would also extrapolate the variance weight; guide the noise channel only.
+    sampler = Sampler(model, create_diffusion(str(args.num_sampling_steps)), cfg_scale=args.cfg_scale,
+                      num_classes=10, use_cfg=True, guide_all_channels=True)
     samples = sampler.sample(z.to(device), labels.to(device), progress=True)
     return samples.clamp(-1, 1).cpu(), labels.numpy()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -79,7 +80,7 @@ def build_step_tables(diffusion, batch: int, device) -> StepTables:
 
 def make_denoise_step(model, diffusion, *, sampler: str = "ddpm", cfg_scale: float = 4.0,
                       use_cfg: bool = True, precision: str = "fp32", clip_denoised: bool = False,
-                      eta: float = 0.0) -> Callable:
+                      eta: float = 0.0, guide_all_channels: bool = False) -> Callable:
     """Return step(x, t, y, c, noise) -> x_prev, one reverse-diffusion step.
 
     x (B, C, H, W) fp32 current sample (B = 2N with CFG: [cond half, null half]); t (B,) int64 model
@@ -93,7 +94,10 @@ def make_denoise_step(model, diffusion, *, sampler: str = "ddpm", cfg_scale: flo
     amp_dtype = PRECISIONS[precision]
     learned = diffusion.model_var_type.name in ("LEARNED", "LEARNED_RANGE")
     predicts_xstart = diffusion.model_mean_type.name == "START_X"
-    forward = model.forward_with_cfg if use_cfg else model.forward
+    if use_cfg:
+        forward = functools.partial(model.forward_with_cfg, guide_all_channels=guide_all_channels)
+    else:
+        forward = model.forward
     device_type = next(model.parameters()).device.type
 
     def model_call(x, t, y):
@@ -156,7 +160,7 @@ class Sampler:
 
     def __init__(self, model, diffusion, *, cfg_scale: float = 4.0, num_classes: int = 1000,
                  use_cfg: bool = True, sampler: str = "ddpm", precision: str = "fp32",
-                 clip_denoised: bool = False, eta: float = 0.0):
+                 clip_denoised: bool = False, eta: float = 0.0, guide_all_channels: bool = False):
         self.model = model
         self.diffusion = diffusion
         self.num_classes = num_classes
@@ -164,7 +168,8 @@ class Sampler:
         self.device = next(model.parameters()).device
         self.step = make_denoise_step(model, diffusion, sampler=sampler, cfg_scale=cfg_scale,
                                       use_cfg=use_cfg, precision=precision,
-                                      clip_denoised=clip_denoised, eta=eta)
+                                      clip_denoised=clip_denoised, eta=eta,
+                                      guide_all_channels=guide_all_channels)
         self._eager_step = self.step
         self._tables: dict[int, StepTables] = {}
         self._cudagraphs = False
@@ -319,16 +324,27 @@ def check_class_labels(labels, num_classes: int) -> None:
 
 
 def build_sampling_model(model_name: str, input_size: int, num_classes: int, in_channels: int,
-                         ckpt: str, device, attn_backend: str = "sdpa", fused_adaln: bool = False):
+                         ckpt: str, device, attn_backend: str = "sdpa", fused_adaln: bool = False,
+                         **size_overrides):
     """DiT_models[model_name] built as the original sample.py does (random init, then .to(device),
-    then the checkpoint, then eval()), so the global RNG is left in the original's state."""
+    then the checkpoint, then eval()), so the global RNG is left in the original's state.
+    ``size_overrides`` (depth, hidden_size, num_heads; None = the named size) build a custom-size model."""
     from dit_fast.checkpoint import load_into_model, load_state_dict
     from dit_fast.models import DiT_models
 
     if model_name not in DiT_models:
         raise ValueError(f"unknown --model {model_name!r}; choose one of {', '.join(DiT_models)}")
-    model = DiT_models[model_name](input_size=input_size, num_classes=num_classes, in_channels=in_channels,
-                                   attn_backend=attn_backend, fused_adaln=fused_adaln).to(device)
+    sizes = {k: v for k, v in size_overrides.items() if v is not None}
+    if sizes:  # DiT_models' constructors fix depth/width/heads: build the DiT directly
+        from dit_fast.models import _SIZES, DiT
+        depth, hidden_size, num_heads = _SIZES[model_name[4:].split("/")[0]]
+        sizes = dict(dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads), **sizes)
+        model = DiT(input_size=input_size, patch_size=patch_size_of(model_name), in_channels=in_channels,
+                    num_classes=num_classes, attn_backend=attn_backend, fused_adaln=fused_adaln, **sizes)
+    else:
+        model = DiT_models[model_name](input_size=input_size, num_classes=num_classes, in_channels=in_channels,
+                                       attn_backend=attn_backend, fused_adaln=fused_adaln)
+    model = model.to(device)
     hint = (f"the checkpoint does not fit --model {model_name} --image-size/--num-classes/--in-channels "
             f"(input_size={input_size}, num_classes={num_classes}, in_channels={in_channels})")
     load_into_model(model, load_state_dict(ckpt), hint=hint)
@@ -350,6 +366,11 @@ def add_common_flags(parser, *, cfg_default: float) -> None:
                              "downloaded once into the cache)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     parser.add_argument("--in-channels", type=int, default=3, help="image channels with --vae none")
+    parser.add_argument("--depth", type=int, default=None, help="custom-size model: override the depth")
+    parser.add_argument("--hidden-size", type=int, default=None, help="custom-size model: override the width")
+    parser.add_argument("--num-heads", type=int, default=None, help="custom-size model: override the heads")
+    parser.add_argument("--guide-all-channels", action="store_true",
+                        help="guide every channel (default: the first three, as the original)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the per-step function")
     parser.add_argument("--compile-mode", type=str, default=None,
                         help='torch.compile mode (default: "reduce-overhead" on CUDA, "default" on CPU)')

@@ -188,3 +188,24 @@ def test_sample_cuda_compiled_cuda_graphs_match_eager(ckpt, tmp_path):
     torch.testing.assert_close(compiled["images"], eager["images"], atol=1e-3, rtol=1e-3)
     low = sample.main(_sample_args(ckpt, tmp_path / "b.png", "--device", "cuda", "--compile", "--precision", "bf16"))
     assert low["images"].dtype == torch.float32 and torch.isfinite(low["images"]).all()
+
+
+def test_custom_size_grey_model_with_guide_all_channels(tmp_path):
+    """A model trained with train.py --depth/--hidden-size/--num-heads samples through the same flags;
+    with one channel, --guide-all-channels guides the noise only (the default also guides the variance)."""
+    from dit_fast.models import DiT
+    from sample import main
+
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-Zero starts as the identity: make the output depend on y
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save({"ema": model.state_dict()}, tmp_path / "tiny.pt")
+    common = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--vae", "none",
+              "--image-size", "8", "--in-channels", "1", "--num-classes", "10", "--class-labels", "1", "7",
+              "--num-sampling-steps", "3", "--ckpt", str(tmp_path / "tiny.pt")]
+    guided = main(common + ["--guide-all-channels", "--out", str(tmp_path / "all.png")])
+    default = main(common + ["--out", str(tmp_path / "three.png")])
+    assert guided["path"].is_file() and guided["images"].shape == (2, 1, 8, 8)
+    assert not torch.equal(guided["images"], default["images"])
