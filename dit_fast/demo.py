@@ -69,14 +69,31 @@ def check_args(args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
 
 
+def busy_cores(seconds: float = 0.5) -> float:
+    """Cores other processes keep busy right now, from two reads of /proc/stat (the load average
+    lags by minutes: right after `make test` it still reports a load that is gone)."""
+    def read():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)          # idle + iowait, total
+    try:
+        idle0, total0 = read()
+        time.sleep(seconds)
+        idle1, total1 = read()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+    return busy * (os.cpu_count() or 1)
+
+
 def pick_threads(requested: int) -> int:
-    """All cores on an idle machine; one on a busy one (OpenMP threads that wait for a core to
+    """All cores on an idle machine; fewer on a busy one (OpenMP threads that wait for a core to
     come free spin, and a contended 2-thread step was measured 6x slower than 1 thread)."""
     if requested > 0:
         return requested
     cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return cores if load < 0.5 * cores else max(1, cores - int(round(load)))
+    busy = busy_cores()
+    return cores if busy < 0.5 else max(1, cores - int(round(busy)))
 
 
 # ------------------------------------------------------------------------------------ training
