@@ -15,29 +15,15 @@ if not torch.cuda.is_available():  # must precede the first import of dit_fast_k
 
 pytest.importorskip("triton")
 
+from tests.kernels.rule import DEVICE, FLOOR, TINY_TILES, assert_rule  # noqa: E402,F401
+
 from dit_fast_kernels.modulated_layer_norm import (  # noqa: E402
     modulated_layer_norm, modulated_layer_norm_bwd, modulated_layer_norm_fwd, modulated_layer_norm_ref,
 )
 
 # the package re-exports the function under the module's name: fetch the module itself
 mln_module = importlib.import_module("dit_fast_kernels.modulated_layer_norm")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-TINY_TILES = dict(block_t=4, rows_per_program=8)  # multi-tile loops and chunk tails in the interpreter
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def assert_rule(name, out, gold, base, dtype):
-    """err(out) <= 2 * err(base) + floor, both against gold; says where and how much on failure."""
-    err = (out.double() - gold).abs()
-    base_err = (base.double() - gold).abs().max().item()
-    bound = 2 * base_err + FLOOR[dtype] * max(1.0, gold.abs().max().item())
-    worst = err.max().item()
-    if not worst <= bound:  # also catches NaN
-        idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-        raise AssertionError(f"{name} ({dtype}): max error {worst:.3e} at {idx} (got {out[idx].item():.6g}, "
-                             f"want {gold[idx].item():.6g}) > bound {bound:.3e} (torch's own error "
-                             f"{base_err:.3e})")
 
 
 def make_inputs(N, T, D, dtype, device=DEVICE, mean=0.0, seed=0):
