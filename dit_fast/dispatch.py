@@ -194,13 +194,8 @@ def gated_residual_norm(x, gate, y, shift, scale, eps: float, backend: str):
     return h, modulate(F.layer_norm(h, h.shape[-1:], eps=eps), shift, scale)
 
 
-def attention_flops(batch: int, heads: int, tokens: int, head_dim: int) -> int:
-    """Forward FLOPs of non-causal attention (two matmuls of 2*T*T*d each per head)."""
-    return 4 * batch * heads * tokens * tokens * head_dim
-
-
 __all__ = [
     "ATTN_BACKENDS", "ADALN_BACKENDS", "attn_backend_status", "check_attn_backend_name", "check_adaln_flag",
     "resolve_attn_backend", "resolve_adaln_backend", "attention", "attention_math", "modulate",
-    "modulated_layer_norm", "gated_residual", "gated_residual_norm", "attention_flops",
+    "modulated_layer_norm", "gated_residual", "gated_residual_norm",
 ]

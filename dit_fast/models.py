@@ -290,8 +290,14 @@ DiT_models = {
 }
 
 
-def build_model(name: str, **kwargs) -> DiT:
-    """DiT_models[name](**kwargs) with a clear error for an unknown name."""
+def build_model(name: str, *, depth=None, hidden_size=None, num_heads=None, **kwargs) -> DiT:
+    """DiT_models[name](**kwargs) with a clear error for an unknown name. ``depth`` / ``hidden_size`` /
+    ``num_heads`` (None: the named size) override the size for custom models, keeping the patch size."""
     if name not in DiT_models:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(DiT_models)}")
-    return DiT_models[name](**kwargs)
+    if depth is None and hidden_size is None and num_heads is None:
+        return DiT_models[name](**kwargs)
+    size, patch = name[len("DiT-"):].split("/")
+    named_depth, named_hidden, named_heads = _SIZES[size]
+    return DiT(depth=depth or named_depth, hidden_size=hidden_size or named_hidden,
+               num_heads=num_heads or named_heads, patch_size=int(patch), **kwargs)

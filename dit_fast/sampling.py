@@ -330,20 +330,10 @@ def build_sampling_model(model_name: str, input_size: int, num_classes: int, in_
     then the checkpoint, then eval()), so the global RNG is left in the original's state.
     ``size_overrides`` (depth, hidden_size, num_heads; None = the named size) build a custom-size model."""
     from dit_fast.checkpoint import load_into_model, load_state_dict
-    from dit_fast.models import DiT_models
+    from dit_fast.models import build_model
 
-    if model_name not in DiT_models:
-        raise ValueError(f"unknown --model {model_name!r}; choose one of {', '.join(DiT_models)}")
-    sizes = {k: v for k, v in size_overrides.items() if v is not None}
-    if sizes:  # DiT_models' constructors fix depth/width/heads: build the DiT directly
-        from dit_fast.models import _SIZES, DiT
-        depth, hidden_size, num_heads = _SIZES[model_name[4:].split("/")[0]]
-        sizes = dict(dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads), **sizes)
-        model = DiT(input_size=input_size, patch_size=patch_size_of(model_name), in_channels=in_channels,
-                    num_classes=num_classes, attn_backend=attn_backend, fused_adaln=fused_adaln, **sizes)
-    else:
-        model = DiT_models[model_name](input_size=input_size, num_classes=num_classes, in_channels=in_channels,
-                                       attn_backend=attn_backend, fused_adaln=fused_adaln)
+    model = build_model(model_name, input_size=input_size, num_classes=num_classes, in_channels=in_channels,
+                        attn_backend=attn_backend, fused_adaln=fused_adaln, **size_overrides)
     model = model.to(device)
     hint = (f"the checkpoint does not fit --model {model_name} --image-size/--num-classes/--in-channels "
             f"(input_size={input_size}, num_classes={num_classes}, in_channels={in_channels})")

@@ -160,12 +160,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
                   learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
                   attn_backend=m.attn_backend, fused_adaln=m.fused_adaln,
                   grad_checkpointing=m.grad_checkpointing)
-    if m.depth is None and m.hidden_size is None and m.num_heads is None:
-        return models.build_model(m.model, **kwargs)
-    size = m.model.split("-", 1)[-1].rsplit("/", 1)[0]
-    depth, hidden, heads = models._SIZES[size]  # the named size, then the overrides
-    return models.DiT(patch_size=m.patch_size, depth=m.depth or depth,
-                      hidden_size=m.hidden_size or hidden, num_heads=m.num_heads or heads, **kwargs)
+    return models.build_model(m.model, depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads, **kwargs)
 
 
 def apply_compile(model: torch.nn.Module) -> None:
