@@ -1,4 +1,6 @@
 """DiT model: sizes, the original key layout, backends and speed switches that keep the numbers."""
+import importlib
+
 import pytest
 import torch
 
@@ -186,6 +188,9 @@ def test_wrong_input_size_and_unknown_model_have_clear_errors():
 
 
 def test_missing_backend_raises_clearly(monkeypatch):
+    # Import the kernels while the interpreter is on (conftest), as every other test sees them: Triton
+    # fixes interpreter mode at import, and only the availability check should see the variable change.
+    importlib.import_module("dit_fast_kernels.flash_attention")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = small(attn_backend="triton")
     x, t, y = inputs()
