@@ -290,6 +290,13 @@ DiT_models = {
 }
 
 
+def patch_size_of(name: str) -> int:
+    """The patch size of a DiT_models name ("DiT-XL/2" -> 2); the one place a model name is parsed."""
+    if name not in DiT_models:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(DiT_models)}")
+    return int(name.rsplit("/", 1)[1])
+
+
 def build_model(name: str, *, depth=None, hidden_size=None, num_heads=None, **kwargs) -> DiT:
     """DiT_models[name](**kwargs) with a clear error for an unknown name. ``depth`` / ``hidden_size`` /
     ``num_heads`` (None: the named size) override the size for custom models, keeping the patch size."""
@@ -297,7 +304,7 @@ def build_model(name: str, *, depth=None, hidden_size=None, num_heads=None, **kw
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(DiT_models)}")
     if depth is None and hidden_size is None and num_heads is None:
         return DiT_models[name](**kwargs)
-    size, patch = name[len("DiT-"):].split("/")
+    size = name[len("DiT-"):].split("/")[0]
     named_depth, named_hidden, named_heads = _SIZES[size]
     return DiT(depth=depth or named_depth, hidden_size=hidden_size or named_hidden,
-               num_heads=num_heads or named_heads, patch_size=int(patch), **kwargs)
+               num_heads=num_heads or named_heads, patch_size=patch_size_of(name), **kwargs)
