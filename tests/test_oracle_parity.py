@@ -102,7 +102,7 @@ def test_model_attributes_and_checkpointing():
     t = torch.tensor([0.0, 1.5, 999.0])
     same(old_models.TimestepEmbedder.timestep_embedding(t, 256), new_models.timestep_embedding(t, 256))
     same(old_models.TimestepEmbedder.timestep_embedding(t, 33), new_models.timestep_embedding(t, 33))
-    same(old_models.get_2d_sincos_pos_embed(64, (3, 5)), new_models.get_2d_sincos_pos_embed(64, (3, 5)))
+    same(old_models.get_2d_sincos_pos_embed(64, (3, 5)), new_models.sincos_pos_embed_2d(64, (3, 5)))
 
 
 # ------------------------------------------------------------------------------------- diffusion
