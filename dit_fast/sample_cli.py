@@ -12,13 +12,13 @@ from typing import Callable, Optional
 import torch
 
 from dit_fast.config import PRECISIONS
-from dit_fast.models import patch_size_of
 from dit_fast.sampling import SAMPLERS
 from dit_fast.vae import is_pixel_space, vae_downsample
 
 
 def model_input_size(model: str, image_size: int, vae_spec: str) -> int:
     """Side of the model's input for --model / --image-size / --vae (ValueError when it does not divide)."""
+    from dit_fast.models import patch_size_of
     return sample_size(image_size, vae_downsample(vae_spec), patch_size_of(model))
 
 
