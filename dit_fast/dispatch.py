@@ -67,14 +67,14 @@ def check_attn_backend_name(name: str) -> str:
     return name
 
 
-_TRUE_WORDS, _FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_TRUE_WORDS, _FALSE_WORDS = ("true", "1"), ("false", "0")
 
 
 def check_adaln_flag(fused) -> bool | str:
     """``fused_adaln`` normalised to True (Triton kernels), False (torch ops, as the original) or "auto".
 
-    Bool-like values (1 / 0, "true" / "false", "yes" / "no", "on" / "off") become bools, so that 0
-    means False everywhere (``0 in (True, False)`` holds, but ``0 is False`` does not); anything else
+    Bool-like values (1 / 0, "true" / "false", "1" / "0") become bools, so that 0 means False
+    everywhere (``0 in (True, False)`` holds, but ``0 is False`` does not); anything else
     raises ValueError.
     """
     if isinstance(fused, bool):

@@ -12,6 +12,7 @@ from PIL import Image
 import extract_features
 from dit_fast.data import LatentDataset, center_crop_arr, pixels_to_tensor
 from dit_fast.data import extract as extract_mod
+from dit_fast.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dit_fast.distributed import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 CRASH_ENV = "DIT_FAST_TEST_KILL_IN_SAVE_AT_STEP"
 TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "64", "--num-heads", "4",
