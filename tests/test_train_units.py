@@ -229,3 +229,11 @@ def test_default_config_is_dit():
     assert (cfg.model.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.train.ema_decay) == \
         ("DiT-XL/2", 1e-4, 0.0, 0.9999)
     assert cfg.diffusion.timestep_respacing == "" and cfg.model.patch_size == 2
+
+
+def test_every_train_flag_reaches_the_config():
+    """_ARG_MAP is derived from the dataclass fields: a flag without a field would be dropped."""
+    from dit_fast.config import _ARG_MAP
+    cli_only = {"local_rank"}  # the deepspeed launcher's; LOCAL_RANK in the env is what counts
+    dests = {a.dest for a in train_cli.build_parser()._actions if a.dest != "help"}
+    assert dests - cli_only <= set(_ARG_MAP), dests - cli_only - set(_ARG_MAP)
