@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_write_text
 from ..distributed import init_distributed
+from ..vae import is_pixel_space
 from .image_folder import ImageFolder, pixels_to_tensor
 from .latents import (STORAGE_DTYPES, finish_shard, open_shard_writer, read_shard_meta,
                       shard_name, write_index)
@@ -54,7 +55,7 @@ class ExtractConfig:
     def validate(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"--dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
-        if self.grayscale and self.vae != "none":
+        if self.grayscale and not is_pixel_space(self.vae):
             raise ValueError("--grayscale is for pixel space only: add --vae none (the SD VAEs "
                              "take RGB)")
         for name in ("image_size", "batch_size", "shard_size"):
@@ -74,7 +75,7 @@ def shard_fingerprint(cfg: ExtractConfig, folder: ImageFolder, shard: int) -> di
         h.update(f"{os.path.relpath(path, folder.root)}\t{label}\n".encode())
     settings = {"image_size": cfg.image_size, "vae": cfg.vae, "grayscale": cfg.grayscale,
                 "dtype": cfg.dtype, "shard_size": cfg.shard_size}
-    if cfg.vae != "none":  # the posterior noise depends on these; pixels don't
+    if not is_pixel_space(cfg.vae):  # the posterior noise depends on these; pixels don't
         settings.update(global_seed=cfg.global_seed, batch_size=cfg.batch_size)
     return {"settings": settings, "files_sha256": h.hexdigest(), "num_files": len(items)}
 
@@ -160,7 +161,7 @@ def _batches(cfg: ExtractConfig, n: int, shards: list[int]) -> list[tuple[int, i
 def _load_vae(cfg: ExtractConfig, device: torch.device):
     """(vae or None, latent_shape) for the configured --vae."""
     channels = 1 if cfg.grayscale else 3
-    if cfg.vae == "none":
+    if is_pixel_space(cfg.vae):
         return None, (channels, cfg.image_size, cfg.image_size)
     from dit_fast.vae import load_vae  # diffusers is only needed with a VAE
 
@@ -173,7 +174,7 @@ def _load_vae(cfg: ExtractConfig, device: torch.device):
 
 
 def _latent_scale(cfg: ExtractConfig) -> float | None:
-    if cfg.vae == "none":
+    if is_pixel_space(cfg.vae):
         return None
     from dit_fast.vae import LATENT_SCALE
 
