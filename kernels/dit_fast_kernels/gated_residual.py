@@ -22,15 +22,17 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from dit_fast_kernels.modulated_layer_norm import (
-    BACKWARD_RESIDUAL_TILES, ROWS_FORWARD, centered_rows, check_launchable, check_layout, check_modulation,
+    BACKWARD_RESIDUAL_TILES, centered_rows, check_launchable, check_layout, check_modulation,
     check_out_dtype, check_tokens, jit, last_dim_contiguous, launch_config, layout_config, load_row_stats,
     load_rows, load_tile, load_vector, modulated_layer_norm_ref, norm_input_grad, store_partial_sum, store_tile,
     store_vector, tl, use_triton,
 )
 
-# the fused backward holds more live tiles than the norm's (h, dm, y, dh and three accumulators):
-# two warps per row keep it near the register budget at D = 1152 (to confirm with the H200 sweep)
-ROWS_RESIDUAL_BACKWARD = dict(tile_elems=1024, num_warps=2, programs_per_sm=8)
+# rows layout of the fused op (see ROWS_FORWARD in modulated_layer_norm.py): x and y (and their prefetch)
+# spill one warp in the bf16 forward, so 2 warps (96-113 registers, ~8 resident); the backward (h, dm,
+# their prefetch, y, dh, three (D,) accumulators) needs 2 warps too (204-217 registers, ~4 resident)
+ROWS_RESIDUAL_FORWARD = dict(tile_elems=2048, num_warps=2, programs_per_sm=8)
+ROWS_RESIDUAL_BACKWARD = dict(tile_elems=2048, num_warps=2, programs_per_sm=4)
 
 
 def kernels_run_on(x) -> bool:
@@ -448,7 +450,7 @@ def gated_residual_norm_fwd(x, gate, y, shift, scale, eps, out_dtype=None, layou
     check_launchable(x.device)
     x, gate, y, shift, scale = _prepare(x, gate, y, shift, scale)
     N, T, D = x.shape
-    cfg = layout_config(layout, x.device, N, T, D, {}, ROWS_FORWARD, config_overrides)
+    cfg = layout_config(layout, x.device, N, T, D, {}, ROWS_RESIDUAL_FORWARD, config_overrides)
     kernel = _residual_norm_fwd_rows_kernel if check_layout(layout) == "rows" else _residual_norm_fwd_kernel
     h = torch.empty((N, T, D), dtype=residual_dtype(x, gate, y), device=x.device)
     m = torch.empty((N, T, D), dtype=out_dtype or h.dtype, device=x.device)

@@ -16,9 +16,10 @@ dshift/dscale to a buffer that a torch sum reduces: no atomics, so two runs give
 Two tilings (``layout``), same numbers up to fp32 summation order:
 - ``"tiles"``: BLOCK_T rows x several warps per program, shift/scale held in registers for the
   program, 2-D (BLOCK_T, D) accumulators in the backward. The tuned default of the 2026-11-26 H200 sweep.
-- ``"rows"``: one warp per program, so every row reduction is a warp shuffle (no block barrier); a
-  one-wave grid (``programs_per_sm`` x SM count programs, each looping over its span of rows); the next
-  tile's loads are issued before the current tile's reductions (register double-buffering); shift/scale
+- ``"rows"``: one row per tile and as few warps as hold it without spilling (the forward: one warp,
+  so every row reduction is a warp shuffle with no block barrier; the backward: two); a one-wave grid
+  (``programs_per_sm`` x SM count programs, each looping over its span of rows); the next tile's
+  loads are issued before the current tile's reductions (register double-buffering); shift/scale
   re-read per tile from L1 instead of pinned in registers; backward accumulators are 1-D (D,) vectors
   summed per tile. Built for memory-level parallelism (gpu/perf-review.md section 5); not yet timed.
 
@@ -245,10 +246,10 @@ def _mln_bwd_kernel(
     store_partial_sum(DSCALE_PART, part, cb, acc_scale_b, D)
 
 
-# "rows" layout: one warp per program (launched with num_warps=1), so tl.sum over a row is a warp
-# shuffle with no bar.sync; BLOCK_T rows per tile (1 at D = 1152, more for narrow D so a warp still
+# "rows" layout: few warps per program (the forward: num_warps=1, so tl.sum over a row is a warp
+# shuffle with no bar.sync); BLOCK_T rows per tile (1 at D = 1152, more for narrow D so each warp still
 # moves ~1K values per tile). Each loop iteration first issues the NEXT tile's loads (masked off past
-# t_end: no traffic), then reduces and stores the current tile, so a warp always has a tile in flight.
+# t_end: no traffic), then reduces and stores the current tile, so a program always has a tile in flight.
 
 @jit
 def load_rows(PTR, base, rows, stride_t, ca, cb, t_end, D):
@@ -432,11 +433,15 @@ def launch_config(N, T, D, tile_elems=8192, elems_per_thread=32, target_programs
 
 BACKWARD_NORM_TILES = dict(target_programs=1024, tile_elems=2048, elems_per_thread=4)  # 1 row x 8 warps
 BACKWARD_RESIDUAL_TILES = dict(target_programs=1024, tile_elems=4096, elems_per_thread=16)  # 2 rows x 4 warps
-# "rows" layout: one warp, ~1K values per tile (D = 1152: 1 row), a one-wave grid of programs_per_sm x SMs
-# (about the one-warp residency at ~128 registers a thread; the backward holds more live tiles, and
-# fewer chunks mean smaller partial-sum buffers). Starting points for the H200 sweep, not measurements.
+# "rows" layout: ~1K values per warp per tile (D = 1152: one row), a one-wave grid of programs_per_sm x
+# SMs. num_warps and programs_per_sm come from an offline sm_90 compile (triton 3.9, D = 1152, fp32 or
+# bf16 x, bf16 m; tests/kernels/sm90_resources.py): the fewest warps that do not spill, and about as
+# many programs as fit an SM by registers. Forward 1 warp: 102-114 registers, no barrier, 128-bit loads,
+# ~17 resident. Backward 1 warp spills (255 registers + stack: x, dm, their prefetch and two (D,)
+# accumulators); 2 warps: 187-211 registers, ~4 resident. Starting points for the H200 sweep, not
+# measurements.
 ROWS_FORWARD = dict(tile_elems=1024, num_warps=1, programs_per_sm=16)
-ROWS_BACKWARD = dict(tile_elems=1024, num_warps=1, programs_per_sm=8)
+ROWS_BACKWARD = dict(tile_elems=2048, num_warps=2, programs_per_sm=4)
 CPU_SM_COUNT = 4  # the interpreter has no SMs; a few programs, each looping over many rows
 
 
