@@ -14,25 +14,20 @@ The fused op normalizes h as rounded to its storage dtype, so its m equals ``mod
 of the unfused path and the backward, which re-reads the stored h, is consistent with the forward.
 As in modulated_layer_norm.py: m can be written in ``out_dtype`` (the autocast dtype: the next GEMM's
 input, no separate cast; its gradient dm comes back in that dtype), the fused op has the "tiles" and
-"rows" (one warp per row, prefetch, 1-D accumulators) layouts, and all ops are ``triton_op``s.
+"rows" (a row per tile in as few warps as hold it, prefetch, 1-D accumulators) layouts, and all ops
+are ``triton_op``s.
 """
 import torch
-
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from dit_fast_kernels.modulated_layer_norm import (
-    BACKWARD_RESIDUAL_TILES, centered_rows, check_launchable, check_layout, check_modulation,
-    check_out_dtype, check_tokens, jit, last_dim_contiguous, launch_config, layout_config, load_row_stats,
-    load_rows, load_tile, load_vector, modulated_layer_norm_ref, norm_input_grad, store_partial_sum, store_tile,
-    store_vector, tl, use_triton,
+from dit_fast_kernels.adaln_tiles import (
+    BACKWARD_RESIDUAL_TILES, adaln_op, ROWS_RESIDUAL_BACKWARD, ROWS_RESIDUAL_FORWARD, centered_rows, check_launchable,
+    check_layout, check_modulation, check_out_dtype, check_tokens, jit, last_dim_contiguous, launch_config,
+    layout_config, load_row_stats, load_rows, load_tile, load_vector, norm_input_grad, store_partial_sum,
+    store_tile, store_vector, tl, use_triton,
 )
-
-# rows layout of the fused op (see ROWS_FORWARD in modulated_layer_norm.py): x and y (and their prefetch)
-# spill one warp in the bf16 forward, so 2 warps (96-113 registers, ~8 resident); the backward (h, dm,
-# their prefetch, y, dh, three (D,) accumulators) needs 2 warps too (204-217 registers, ~4 resident)
-ROWS_RESIDUAL_FORWARD = dict(tile_elems=2048, num_warps=2, programs_per_sm=8)
-ROWS_RESIDUAL_BACKWARD = dict(tile_elems=2048, num_warps=2, programs_per_sm=4)
+from dit_fast_kernels.modulated_layer_norm import modulated_layer_norm_ref
 
 
 def kernels_run_on(x) -> bool:
@@ -496,7 +491,7 @@ def gated_residual_norm_bwd(dh, dm, h, gate, y, scale, mean, rstd, layout=None, 
 # Ops: triton_ops with explicit fakes and autograd (see modulated_layer_norm.py)
 # ---------------------------------------------------------------------------------------------
 
-@triton_op("dit_fast::gated_residual", mutates_args=())
+@adaln_op("dit_fast::gated_residual")
 def _residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if kernels_run_on(x):
         return gated_residual_fwd(x, gate, y)
@@ -508,7 +503,7 @@ def _(x, gate, y):
     return torch.empty(x.shape, dtype=residual_dtype(x, gate, y), device=x.device)
 
 
-@triton_op("dit_fast::gated_residual_backward", mutates_args=())
+@adaln_op("dit_fast::gated_residual_backward")
 def _residual_backward_op(dh: torch.Tensor, gate: torch.Tensor,
                           y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if kernels_run_on(y):
@@ -536,7 +531,7 @@ def _residual_backward(ctx, dh):
 _residual_op.register_autograd(_residual_backward, setup_context=_residual_setup_context)
 
 
-@triton_op("dit_fast::gated_residual_norm", mutates_args=())
+@adaln_op("dit_fast::gated_residual_norm")
 def _residual_norm_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
                       scale: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None,
                       layout: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -554,7 +549,7 @@ def _(x, gate, y, shift, scale, eps, out_dtype=None, layout=None):
     return h, torch.empty_like(h, dtype=out_dtype or h.dtype), stats, torch.empty_like(stats)
 
 
-@triton_op("dit_fast::gated_residual_norm_backward", mutates_args=())
+@adaln_op("dit_fast::gated_residual_norm_backward")
 def _residual_norm_backward_op(
     dh: torch.Tensor | None, dm: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
     scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, layout: str | None = None,

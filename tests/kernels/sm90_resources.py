@@ -52,26 +52,27 @@ def kernel_table(x_dtype="fp32", extra_warps=()):
     """[(name, layout, num_warps, BLOCK_T, usage)] for the four norm kernels x both layouts."""
     mln = importlib.import_module("dit_fast_kernels.modulated_layer_norm")
     gr = importlib.import_module("dit_fast_kernels.gated_residual")
+    cfgs = importlib.import_module("dit_fast_kernels.adaln_tiles")
     bf, f32 = "bf16", "fp32"
     stats = dict(MEAN=f32, RSTD=f32)
     kernels = {  # name: (kernels per layout, pointer dtypes, tiles defaults, rows defaults, extra constexprs)
         "mln_fwd": ({"tiles": mln._mln_fwd_kernel, "rows": mln._mln_fwd_rows_kernel},
-                    dict(X=x_dtype, SHIFT=bf, SCALE=bf, OUT=bf, **stats), {}, mln.ROWS_FORWARD, {}),
+                    dict(X=x_dtype, SHIFT=bf, SCALE=bf, OUT=bf, **stats), {}, cfgs.ROWS_FORWARD, {}),
         "mln_bwd": ({"tiles": mln._mln_bwd_kernel, "rows": mln._mln_bwd_rows_kernel},
                     dict(DOUT=bf, X=x_dtype, SCALE=bf, DX=x_dtype, DSHIFT_PART=f32, DSCALE_PART=f32, **stats),
-                    mln.BACKWARD_NORM_TILES, mln.ROWS_BACKWARD, {}),
+                    cfgs.BACKWARD_NORM_TILES, cfgs.ROWS_BACKWARD, {}),
         "grn_fwd": ({"tiles": gr._residual_norm_fwd_kernel, "rows": gr._residual_norm_fwd_rows_kernel},
                     dict(X=x_dtype, GATE=bf, Y=bf, SHIFT=bf, SCALE=bf, H=x_dtype, M=bf, **stats), {},
-                    gr.ROWS_RESIDUAL_FORWARD, {}),
+                    cfgs.ROWS_RESIDUAL_FORWARD, {}),
         "grn_bwd": ({"tiles": gr._residual_norm_bwd_kernel, "rows": gr._residual_norm_bwd_rows_kernel},
                     dict(DH=x_dtype, DM=bf, H=x_dtype, GATE=bf, Y=bf, SCALE=bf, DX=x_dtype, DY=bf, DGATE_PART=f32,
                          DSHIFT_PART=f32, DSCALE_PART=f32, **stats),
-                    mln.BACKWARD_RESIDUAL_TILES, gr.ROWS_RESIDUAL_BACKWARD, dict(HAS_DH=True)),
+                    cfgs.BACKWARD_RESIDUAL_TILES, cfgs.ROWS_RESIDUAL_BACKWARD, dict(HAS_DH=True)),
     }
     rows = []
     for name, (fns, ptrs, tiles_defaults, rows_defaults, extra) in kernels.items():
         for layout, fn in fns.items():
-            cfg = mln.layout_config(layout, "cpu", 128, T, D, tiles_defaults, rows_defaults, {})
+            cfg = cfgs.layout_config(layout, "cpu", 128, T, D, tiles_defaults, rows_defaults, {})
             consts = dict(BLOCK_T=cfg.BLOCK_T, BLOCK_A=cfg.BLOCK_A, BLOCK_B=cfg.BLOCK_B, **extra)
             for num_warps in dict.fromkeys([cfg.num_warps, *extra_warps]):
                 rows.append((name, layout, num_warps, cfg.BLOCK_T, num_warps == cfg.num_warps,

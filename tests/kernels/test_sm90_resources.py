@@ -1,8 +1,8 @@
 """The adaLN kernels' default launch configs compile for sm_90 without register spills (no GPU needed).
 
 A spill turns register traffic into local-memory traffic in a memory-bound kernel; the configs in
-modulated_layer_norm.py / gated_residual.py were picked from this compile (tests/kernels/sm90_resources.py
-prints the whole table). The compile runs in a subprocess because this test session interprets the
+adaln_tiles.py were picked from this compile (tests/kernels/sm90_resources.py prints the whole
+table). The compile runs in a subprocess because this test session interprets the
 kernels (TRITON_INTERPRET=1), and interpreted kernels cannot be compiled.
 """
 import importlib.util
