@@ -128,6 +128,12 @@ def test_widths_split_into_two_column_blocks(D):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_dit_width_with_fp16_m(layout):
+    """D = 1152 (1024 + 128 column blocks), odd T, default launch, m in fp16."""
+    check_fused(make_inputs(2, 5, 1152, torch.float32), layout=layout, out_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tiles", [None, dict(block_t=2, rows_per_program=5)], ids=["default-tiles", "odd-chunks"])
 def test_out_dtype_writes_the_gemm_input(tiles, layout):
     """fp32 residual stream, m in fp16 (the autocast case): the bits of the kernel's fp32 m cast by
@@ -144,6 +150,30 @@ def test_out_dtype_writes_the_gemm_input(tiles, layout):
     for a, b in zip(gated_residual_norm_bwd(inp["dh"], dm16, *common, **opts),
                     gated_residual_norm_bwd(inp["dh"], dm16.float(), *common, **opts)):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def autocast_block(inp, out_dtype, layout, device_type="cpu", dtype=torch.float16):
+    """h, next GEMM's output and all gradients (weights too) of the fused op feeding a linear under autocast."""
+    D = inp["x"].shape[-1]
+    w = torch.randn(24, D, generator=torch.Generator().manual_seed(1)).to(inp["x"].device)
+    gout = torch.randn(*inp["x"].shape[:2], 24, generator=torch.Generator().manual_seed(2)).to(inp["x"].device)
+    names = ("x", "gate", "y", "shift", "scale")
+    leaves = {k: inp[k].detach().clone().requires_grad_() for k in names}
+    w = w.requires_grad_()
+    with torch.autocast(device_type, dtype=dtype):
+        h, m = gated_residual_norm(**leaves, out_dtype=out_dtype, layout=layout)
+        out = torch.nn.functional.linear(m, w)
+    ((out.float() * gout).sum() + (h * inp["dh"]).sum()).backward()
+    return [h.detach(), out.detach(), w.grad] + [leaves[k].grad for k in names]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_out_dtype_equals_autocasts_own_cast(layout):
+    """Under autocast, the same bits forward and backward whether the GEMM casts an fp32 m (today)
+    or gets m written in fp16 by the kernel (the switch)."""
+    inp = make_inputs(2, 7, 40, torch.float32)
+    for a, b in zip(autocast_block(inp, None, layout), autocast_block(inp, torch.float16, layout)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_layouts_agree():
@@ -278,6 +308,15 @@ def test_gpu_matches_reference(dtype, shape):
     for layout in LAYOUTS:
         check_fused(inp, layout=layout)
     check_residual(inp)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_out_dtype_equals_autocasts_own_cast(layout):
+    inp = make_inputs(8, 256, 1152, torch.float32, device="cuda")
+    got = autocast_block(inp, torch.bfloat16, layout, "cuda", torch.bfloat16)
+    for a, b in zip(autocast_block(inp, None, layout, "cuda", torch.bfloat16), got):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @needs_cuda

@@ -91,6 +91,12 @@ def test_widths_split_into_two_column_blocks(D, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_dit_width_with_fp16_m(layout):
+    """D = 1152 (1024 + 128 column blocks, the rows layout's one row per tile), odd T, default launch."""
+    check_all(*make_inputs(2, 5, 1152, torch.float32), layout=layout, out_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tiles", [None, dict(block_t=2, rows_per_program=5)], ids=["default-tiles", "odd-chunks"])
 def test_out_dtype_writes_the_gemm_input(tiles, layout):
     """fp32 x, m in fp16 (the autocast case): the same bits as the kernel's fp32 m cast by torch (what
@@ -108,6 +114,28 @@ def test_out_dtype_writes_the_gemm_input(tiles, layout):
     for a, b in zip(modulated_layer_norm_bwd(d16, x, scale, mean, rstd, layout, **opts),
                     modulated_layer_norm_bwd(d16.float(), x, scale, mean, rstd, layout, **opts)):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def autocast_block(x, shift, scale, out_dtype, layout, device_type="cpu", dtype=torch.float16):
+    """The next GEMM's output and every gradient (weights too) of the op feeding a linear under autocast."""
+    w = torch.randn(24, x.shape[-1], generator=torch.Generator().manual_seed(1)).to(x.device)
+    gout = torch.randn(*x.shape[:2], 24, generator=torch.Generator().manual_seed(2)).to(x.device)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, shift, scale, w)]
+    with torch.autocast(device_type, dtype=dtype):
+        m = modulated_layer_norm(*leaves[:3], out_dtype=out_dtype, layout=layout)
+        out = torch.nn.functional.linear(m, leaves[3])
+    out.float().backward(gout)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_out_dtype_equals_autocasts_own_cast(layout):
+    """Under autocast, the next GEMM gives the same bits, forward and every gradient, whether it gets
+    fp32 m and casts it (today) or m written in fp16 by the kernel (the switch)."""
+    x, shift, scale, _ = make_inputs(2, 7, 40, torch.float32)
+    for a, b in zip(autocast_block(x, shift, scale, None, layout),
+                    autocast_block(x, shift, scale, torch.float16, layout)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_out_dtype_of_the_public_function():
@@ -222,6 +250,15 @@ GPU_CASES = [(torch.bfloat16, (128, 256, 1152)), (torch.float16, (128, 256, 1152
 @pytest.mark.parametrize("dtype,shape", GPU_CASES, ids=str)
 def test_gpu_matches_reference(dtype, shape, layout):
     check_all(*make_inputs(*shape, dtype, device="cuda"), layout=layout)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_out_dtype_equals_autocasts_own_cast(layout):
+    x, shift, scale, _ = make_inputs(8, 256, 1152, torch.float32, device="cuda")
+    got = autocast_block(x, shift, scale, torch.bfloat16, layout, "cuda", torch.bfloat16)
+    for a, b in zip(autocast_block(x, shift, scale, None, layout, "cuda", torch.bfloat16), got):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @needs_cuda
