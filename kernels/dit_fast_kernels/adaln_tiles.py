@@ -243,6 +243,14 @@ def adaln_op(name):
     return torch.library.triton_op(name, mutates_args=())
 
 
+def traced(t) -> bool:
+    """True when ``t`` stands in for a tensor while torch.compile / export trace (a fake or functional
+    tensor, or another subclass), False for a plain tensor. Launches for plain tensors call the kernel
+    directly: through wrap_triton, an eager call would go through the tracing machinery (a higher-order
+    op, and a new side-table entry per call because of the num_warps config)."""
+    return type(t) not in (torch.Tensor, torch.nn.Parameter) or torch._is_functional_tensor(t)
+
+
 def use_triton(device) -> bool:
     """Run the Triton kernels (True) or the reference (False) on ``device``: runtime.triton_status,
     with CUDA (where it is always True once triton imported) answered without its per-call checks."""

@@ -18,14 +18,13 @@ input, no separate cast; its gradient dm comes back in that dtype), the fused op
 are ``triton_op``s.
 """
 import torch
-from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from dit_fast_kernels.adaln_tiles import (
     BACKWARD_RESIDUAL_TILES, adaln_op, ROWS_RESIDUAL_BACKWARD, ROWS_RESIDUAL_FORWARD, centered_rows, check_launchable,
     check_layout, check_modulation, check_out_dtype, check_tokens, jit, last_dim_contiguous, launch_config,
     layout_config, load_row_stats, load_rows, load_tile, load_vector, norm_input_grad, store_partial_sum,
-    store_tile, store_vector, tl, use_triton,
+    store_tile, store_vector, tl, traced, use_triton,
 )
 from dit_fast_kernels.modulated_layer_norm import modulated_layer_norm_ref
 
@@ -33,7 +32,7 @@ from dit_fast_kernels.modulated_layer_norm import modulated_layer_norm_ref
 def kernels_run_on(x) -> bool:
     """As modulated_layer_norm.kernels_run_on (a traced CPU op takes the reference), with this
     module's ``use_triton`` (the tests patch it)."""
-    return use_triton(x.device) and not (x.device.type == "cpu" and is_fake(x))
+    return use_triton(x.device) and not (x.device.type == "cpu" and traced(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +415,7 @@ def gated_residual_fwd(x, gate, y, **config_overrides):
     N, T, D = x.shape
     cfg = launch_config(N, T, D, **config_overrides)
     h = torch.empty((N, T, D), dtype=residual_dtype(x, gate, y), device=x.device)
-    wrap_triton(_residual_fwd_kernel)[(cfg.n_chunks, N)](
+    (wrap_triton(_residual_fwd_kernel) if traced(x) else _residual_fwd_kernel)[(cfg.n_chunks, N)](
         x, gate, y, h, T, D, cfg.rows_per_program,
         x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1),
         BLOCK_T=cfg.BLOCK_T, BLOCK_A=cfg.BLOCK_A, BLOCK_B=cfg.BLOCK_B, num_warps=cfg.num_warps,
@@ -432,7 +431,7 @@ def gated_residual_bwd(dh, gate, y, **config_overrides):
     cfg = launch_config(N, T, D, **{**BACKWARD_RESIDUAL_TILES, **config_overrides})
     dy = torch.empty((N, T, D), dtype=y.dtype, device=y.device)
     dgate_part = torch.empty((N, cfg.n_chunks, D), dtype=torch.float32, device=y.device)
-    wrap_triton(_residual_bwd_kernel)[(cfg.n_chunks, N)](
+    (wrap_triton(_residual_bwd_kernel) if traced(y) else _residual_bwd_kernel)[(cfg.n_chunks, N)](
         dh, gate, y, dy, dgate_part, T, D, cfg.rows_per_program, cfg.n_chunks,
         dh.stride(0), dh.stride(1), gate.stride(0), y.stride(0), y.stride(1),
         BLOCK_T=cfg.BLOCK_T, BLOCK_A=cfg.BLOCK_A, BLOCK_B=cfg.BLOCK_B, num_warps=cfg.num_warps,
@@ -451,7 +450,7 @@ def gated_residual_norm_fwd(x, gate, y, shift, scale, eps, out_dtype=None, layou
     m = torch.empty((N, T, D), dtype=out_dtype or h.dtype, device=x.device)
     mean = torch.empty((N, T), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    wrap_triton(kernel)[(cfg.n_chunks, N)](
+    (wrap_triton(kernel) if traced(x) else kernel)[(cfg.n_chunks, N)](
         x, gate, y, shift, scale, h, m, mean, rstd, T, D, cfg.rows_per_program,
         x.stride(0), x.stride(1), gate.stride(0), y.stride(0), y.stride(1), shift.stride(0),
         scale.stride(0), eps,
@@ -476,7 +475,7 @@ def gated_residual_norm_bwd(dh, dm, h, gate, y, scale, mean, rstd, layout=None, 
     dy = torch.empty((N, T, D), dtype=y.dtype, device=h.device)
     dgate_part, dshift_part, dscale_part = (
         torch.empty((N, cfg.n_chunks, D), dtype=torch.float32, device=h.device) for _ in range(3))
-    wrap_triton(kernel)[(cfg.n_chunks, N)](
+    (wrap_triton(kernel) if traced(h) else kernel)[(cfg.n_chunks, N)](
         dh, dm, h, gate, y, scale, mean, rstd, dx, dy, dgate_part, dshift_part, dscale_part,
         T, D, cfg.rows_per_program, cfg.n_chunks,
         dh.stride(0), dh.stride(1), dm.stride(0), dm.stride(1), gate.stride(0), y.stride(0), y.stride(1),

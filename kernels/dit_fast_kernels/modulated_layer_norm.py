@@ -31,14 +31,13 @@ Registration: ``torch.library.triton_op`` with the launches wrapped by ``wrap_tr
 sees (and CUDA graphs capture) the kernels themselves; an explicit fake and an autograd formula.
 """
 import torch
-from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton  # torch >= 2.6; importable without triton
 
 from dit_fast_kernels.adaln_tiles import (  # noqa: F401  (LAYOUTS, DEFAULT_LAYOUT, launch_config: public here too)
     BACKWARD_NORM_TILES, adaln_op, DEFAULT_LAYOUT, LAYOUTS, ROWS_BACKWARD, ROWS_FORWARD, centered_rows, check_launchable,
     check_layout, check_modulation, check_out_dtype, check_tokens, jit, last_dim_contiguous, launch_config,
     layout_config, load_row_stats, load_rows, load_tile, load_vector, norm_input_grad, store_partial_sum,
-    store_tile, store_vector, tl, use_triton,
+    store_tile, store_vector, tl, traced, use_triton,
 )
 
 
@@ -294,7 +293,7 @@ def modulated_layer_norm_fwd(x, shift, scale, eps, out_dtype=None, layout=None, 
     out = torch.empty((N, T, D), dtype=out_dtype or x.dtype, device=x.device)
     mean = torch.empty((N, T), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    wrap_triton(kernel)[(cfg.n_chunks, N)](
+    (wrap_triton(kernel) if traced(x) else kernel)[(cfg.n_chunks, N)](
         x, shift, scale, out, mean, rstd, T, D, cfg.rows_per_program,
         x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), eps,
         BLOCK_T=cfg.BLOCK_T, BLOCK_A=cfg.BLOCK_A, BLOCK_B=cfg.BLOCK_B, num_warps=cfg.num_warps,
@@ -314,7 +313,7 @@ def modulated_layer_norm_bwd(dout, x, scale, mean, rstd, layout=None, **config_o
     dx = torch.empty((N, T, D), dtype=x.dtype, device=x.device)
     dshift_part = torch.empty((N, cfg.n_chunks, D), dtype=torch.float32, device=x.device)
     dscale_part = torch.empty_like(dshift_part)
-    wrap_triton(kernel)[(cfg.n_chunks, N)](
+    (wrap_triton(kernel) if traced(x) else kernel)[(cfg.n_chunks, N)](
         dout, x, scale, mean, rstd, dx, dshift_part, dscale_part,
         T, D, cfg.rows_per_program, cfg.n_chunks,
         dout.stride(0), dout.stride(1), x.stride(0), x.stride(1), scale.stride(0),
@@ -327,7 +326,7 @@ def kernels_run_on(x) -> bool:
     """Launch the kernels for ``x`` (True) or compute the reference (False). Under torch.compile the
     op bodies are traced with fake tensors: on CUDA wrap_triton records the launch for inductor; the
     interpreter cannot run on fake tensors, so a traced CPU op becomes the reference's torch ops."""
-    return use_triton(x.device) and not (x.device.type == "cpu" and is_fake(x))
+    return use_triton(x.device) and not (x.device.type == "cpu" and traced(x))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,11 @@ for layout in ("tiles", "rows"):
                                     tok, vec, tok, vec, vec)
 out["gr"] = graph_of(lambda x, g, y: k.gated_residual(x, g, y), tok, vec, tok)
 print("GRAPHS=" + json.dumps(out))
+from torch._library.triton import get_triton_kernels_for_op
+ops = ("modulated_layer_norm", "gated_residual", "gated_residual_norm")
+found = {f"{op}{part}": sorted(kern.fn.__name__ for kern in get_triton_kernels_for_op(f"dit_fast::{op}{part}"))
+         for op in ops for part in ("", "_backward")}
+print("KERNELS=" + json.dumps(found))
 '''
 
 
@@ -75,6 +80,12 @@ def test_compiled_graph_holds_the_triton_kernels():
     lines = [line for line in done.stdout.splitlines() if line.startswith("GRAPHS=")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     graphs = json.loads(lines[0][len("GRAPHS="):])
+    # the kernels torch found in each op's body (AOTAutograd's cache key hashes their source): both
+    # layouts' kernels of every op
+    kernels = json.loads([line for line in done.stdout.splitlines() if line.startswith("KERNELS=")][0][8:])
+    want = {"modulated_layer_norm": 2, "modulated_layer_norm_backward": 2, "gated_residual": 1,
+            "gated_residual_backward": 1, "gated_residual_norm": 2, "gated_residual_norm_backward": 2}
+    assert {op: len(names) for op, names in kernels.items()} == want, kernels
     for name, code in graphs.items():
         assert "triton_kernel_wrapper_functional" in code, f"{name}: no Triton kernel in the graph:\n{code}"
         assert "dit_fast." not in code, f"{name}: the op stayed opaque:\n{code}"
