@@ -4,8 +4,8 @@ In a DiT block every sublayer ends with ``x = x + gate * sublayer(...)`` and the
 with ``modulate(LayerNorm(x), shift, scale)``. ``gated_residual_norm`` does both in one pass: it reads
 x and y once and writes the new residual stream h and the next sublayer's input m.
 
-Anatomy (STYLE.md): reference -> Triton kernels -> launchers -> custom ops (``dit_fast::``) with fake
-and autograd registrations -> public functions. Grid and tiling are those of modulated_layer_norm.py:
+Anatomy (STYLE.md): reference -> Triton kernels -> launchers -> ops (``dit_fast::``) with fake and
+autograd registrations -> public functions. Grid and tiling are those of modulated_layer_norm.py:
 a program owns consecutive tokens of one sample (gate/shift/scale loaded once per program); the
 backward's per-sample reductions (dgate, dshift, dscale) go through per-(sample, chunk) fp32 partial
 sums reduced by torch, so the backward is deterministic.
@@ -21,10 +21,10 @@ import torch
 from torch.library import wrap_triton
 
 from dit_fast_kernels.adaln_tiles import (
-    BACKWARD_RESIDUAL_TILES, adaln_op, ROWS_RESIDUAL_BACKWARD, ROWS_RESIDUAL_FORWARD, centered_rows, check_launchable,
-    check_layout, check_modulation, check_out_dtype, check_tokens, jit, last_dim_contiguous, launch_config,
-    layout_config, load_row_stats, load_rows, load_tile, load_vector, norm_input_grad, store_partial_sum,
-    store_tile, store_vector, tl, traced, use_triton,
+    BACKWARD_RESIDUAL_TILES, ROWS_RESIDUAL_BACKWARD, ROWS_RESIDUAL_FORWARD, adaln_op, centered_rows,
+    check_launchable, check_layout, check_modulation, check_out_dtype, check_tokens, jit, last_dim_contiguous,
+    launch_config, layout_config, load_row_stats, load_rows, load_tile, load_vector, norm_input_grad,
+    store_partial_sum, store_tile, store_vector, tl, traced, use_triton,
 )
 from dit_fast_kernels.modulated_layer_norm import modulated_layer_norm_ref
 

@@ -3,8 +3,8 @@
 DiT applies this before every attention and MLP sublayer. Unfused it costs a LayerNorm pass plus two
 broadcast elementwise passes (and their backward); fused it is one read of x and one write.
 
-Anatomy (STYLE.md): reference -> Triton kernels -> launchers -> custom ops (``dit_fast::``) with fake
-and autograd registrations -> public function.
+Anatomy (STYLE.md): reference -> Triton kernels -> launchers -> ops (``dit_fast::``) with fake and
+autograd registrations -> public function. Shared helpers and launch configs: adaln_tiles.py.
 
 Kernel layout: the grid is (chunks of T, N). A program owns ``rows_per_program`` consecutive tokens
 of ONE sample, so a block of rows never straddles two samples. Rows are processed ``BLOCK_T`` at a time;
@@ -33,11 +33,11 @@ sees (and CUDA graphs capture) the kernels themselves; an explicit fake and an a
 import torch
 from torch.library import wrap_triton  # torch >= 2.6; importable without triton
 
-from dit_fast_kernels.adaln_tiles import (  # noqa: F401  (LAYOUTS, DEFAULT_LAYOUT, launch_config: public here too)
-    BACKWARD_NORM_TILES, adaln_op, DEFAULT_LAYOUT, LAYOUTS, ROWS_BACKWARD, ROWS_FORWARD, centered_rows, check_launchable,
-    check_layout, check_modulation, check_out_dtype, check_tokens, jit, last_dim_contiguous, launch_config,
-    layout_config, load_row_stats, load_rows, load_tile, load_vector, norm_input_grad, store_partial_sum,
-    store_tile, store_vector, tl, traced, use_triton,
+from dit_fast_kernels.adaln_tiles import (  # noqa: F401  (DEFAULT_LAYOUT, LAYOUTS, launch_config: re-exported)
+    BACKWARD_NORM_TILES, DEFAULT_LAYOUT, LAYOUTS, ROWS_BACKWARD, ROWS_FORWARD, adaln_op, centered_rows,
+    check_launchable, check_layout, check_modulation, check_out_dtype, check_tokens, jit, last_dim_contiguous,
+    launch_config, layout_config, load_row_stats, load_rows, load_tile, load_vector, norm_input_grad,
+    store_partial_sum, store_tile, store_vector, tl, traced, use_triton,
 )
 
 

@@ -91,5 +91,6 @@ def test_compiled_graph_holds_the_triton_kernels():
         assert "dit_fast." not in code, f"{name}: the op stayed opaque:\n{code}"
         # torch's mutation analysis (from the kernels' TTIR) sees that only the outputs are written: an
         # input marked as mutated would make inductor copy it before every launch
-        cloned = {n for group in re.findall(r"tensors_to_clone = \[([^]]*)\]", code) for n in re.findall(r"'(\w+)'", group)}
+        groups = re.findall(r"tensors_to_clone = \[([^]]*)\]", code)
+        cloned = {n for group in groups for n in re.findall(r"'(\w+)'", group)}
         assert cloned and not cloned & {"X", "GATE", "Y", "SHIFT", "SCALE"}, f"{name}: inputs copied: {cloned}"
