@@ -23,9 +23,15 @@ several tilings of both layouts, the defaults among them: the data to choose DEF
 retune the configs. pytest-benchmark's own columns are wall-clock times of one call + synchronize
 (host overhead included). No speed is asserted. Run:
     pytest benchmarks/test_bench_adaln.py --benchmark-json benchmarks/results/adaln-<gpu>.json
+pytest-benchmark writes its JSON only when the session ends; with ADALN_BENCH_JSONL=<file> each case's
+extra_info is also appended to <file> as it finishes, so a run cut short by a timeout keeps what it
+measured. Subsets by test id, e.g. ``-k "not sweep"`` (~60 cases) or ``-k "fp32-stream"``.
 """
+import datetime
 import functools
 import importlib
+import json
+import os
 
 import pytest
 import torch
@@ -158,7 +164,7 @@ def device_time_ms(run):
     run()  # compile / autotune / first-launch costs stay out of the numbers
     torch.cuda.synchronize()
     try:
-        return triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median"), "do_bench_cudagraph"
+        return triton.testing.do_bench_cudagraph(run, rep=50, return_mode="median"), "do_bench_cudagraph"
     except Exception as err:  # noqa: BLE001 - a path that cannot be captured: time it with events instead
         torch.cuda.synchronize()
         return (triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median"),
@@ -174,14 +180,18 @@ def measure(benchmark, run, op, direction, precision, impl):
     benchmark.extra_info.update(
         op=op, direction=direction, precision=precision, impl=impl, shape=[N, T, D], us=ms * 1e3,
         bytes=nbytes, gb_per_s=nbytes / (ms * 1e-3) / 1e9, timer=timer, gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__, triton=triton.__version__,
+        torch=torch.__version__, triton=triton.__version__, commit=os.environ.get("DIT_FAST_COMMIT", "unknown"),
+        date=datetime.date.today().isoformat(),
     )
 
     def synced():
         run()
         torch.cuda.synchronize()
 
-    benchmark.pedantic(synced, rounds=30, iterations=1, warmup_rounds=3)
+    benchmark.pedantic(synced, rounds=10, iterations=1, warmup_rounds=2)
+    if os.environ.get("ADALN_BENCH_JSONL"):
+        with open(os.environ["ADALN_BENCH_JSONL"], "a") as f:
+            f.write(json.dumps(benchmark.extra_info) + "\n")
     print(f"{op} {direction} {precision} {impl}: {ms * 1e3:.1f} us, {nbytes / (ms * 1e-3) / 1e9:.0f} GB/s ({timer})")
 
 
