@@ -3,6 +3,7 @@
     loop.py      train(cfg) and TrainLoop: the optimizer-step loop, resume, save, the log line
     engine.py    the DeepSpeed config (ZeRO knobs from JSON + injected batch/precision/clipping),
                  model -> checkpointing -> compile -> optimizer -> engine
+    step.py      the one training step (micro-step, optimizer step, EMA update): train.py and the table
     ema.py       the fp32 EMA of the weights (ZeRO-3 aware)
     data.py      the training data: checks before any step, resumable per-rank order, flips
     run_dir.py   run directories and their checkpoints (atomic, keep-last-K, resume lookup, RNG)

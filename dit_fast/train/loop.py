@@ -20,9 +20,10 @@ import torch
 from ..config import Config, config_to_dict, format_config, save_config
 from ..distributed import deepspeed_uses_cuda, env_world, init_distributed
 from .data import build_loader, open_training_data, set_data_epoch
-from .engine import build_deepspeed_config, build_engine, engine_dtype, seed_everything, zero_stage
+from .engine import build_deepspeed_config, build_engine, seed_everything, zero_stage
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
 from .run_dir import load_training_checkpoint, make_run_dir, resolve_resume, save_training_checkpoint
+from .step import TrainStep
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -90,7 +91,6 @@ class TrainLoop:
         self.device, self.run_dir, self.logger = device, run_dir, logger
         self.rank, self.world, _ = env_world()
         self.zero3 = zero_stage(ds_config) == 3
-        self.dtype = engine_dtype(cfg.train.precision)
         self.diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
                                           noise_schedule=cfg.diffusion.noise_schedule,
                                           learn_sigma=cfg.model.learn_sigma,
@@ -98,6 +98,8 @@ class TrainLoop:
         self.loader, self.sampler = build_loader(info, cfg, self.rank, self.world, device)
         self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.train.grad_accum
         self.vae = info.vae.to(device) if info.vae is not None else None
+        self.train_step = TrainStep(engine, ema, self.diffusion, device, cfg.train.precision,
+                                    cfg.train.grad_accum, self.zero3, self.vae)
         self.pos = Position()
         self.resumed = False
         self.metrics = MetricsWriter(run_dir, self.rank)
@@ -131,30 +133,9 @@ class TrainLoop:
         return int(getattr(self.engine, "skipped_steps", 0))
 
     # ------------------------------------------------------------ the step
-    def model_fn(self, x, t, y):
-        """The engine in its precision; t stays an integer timestep (never rounded to bf16)."""
-        return self.engine(x.to(self.dtype), t, y).float()
-
-    def micro_step(self, x, y) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)  # (N, C, h, w)
-        y = y.to(self.device, non_blocking=True)  # (N,)
-        if self.vae is not None:
-            with torch.no_grad():
-                x = self.vae.encode(x)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.device)
-        loss = self.diffusion.training_losses(self.model_fn, x, t, dict(y=y))["loss"].mean()
-        self.engine.backward(loss)
-        self.engine.step()
-        return loss.detach()
-
     def optimizer_step(self, batches) -> torch.Tensor:
-        """grad_accum micro-steps = one optimizer step; returns the summed micro losses."""
-        total = torch.zeros((), device=self.device)
-        for _ in range(self.cfg.train.grad_accum):
-            x, y = next(batches)
-            total += self.micro_step(x, y)
-        self.ema.update(self.engine.module, self.zero3)
-        return total
+        """One optimizer step through the trainer's one step (step.py; the table times the same)."""
+        return self.train_step.optimizer_step(batches)
 
     def run(self) -> Position:
         """Train until --epochs or --max-steps; checkpoint every --ckpt-every and at the end."""
