@@ -10,7 +10,7 @@ setup(
     package_dir={"dit_fast_kernels": "kernels/dit_fast_kernels"},
     py_modules=[],
     install_requires=[
-        "torch>=2.4",  # install the build you want first; the Makefile pins the CPU wheel on CPU-only machines
+        "torch>=2.6",  # weights_only loading without known bypass (CVE-2025-32434); install the build you want first; the Makefile pins the CPU wheel on CPU-only machines
         "numpy",
         "pillow",
         "tqdm",

@@ -147,19 +147,39 @@ def _download(url: str, target: Path) -> None:
 
 # --------------------------------------------------------------------------- loading
 
+# torch.load(weights_only=True) is the safety boundary; below 2.6 it had a published bypass
+# (CVE-2025-32434) and torch.serialization.safe_globals did not exist yet.
+MIN_SAFE_TORCH = (2, 6)
+
+
+def _check_torch_version() -> None:
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if version < MIN_SAFE_TORCH or not hasattr(torch.serialization, "safe_globals"):
+        raise CheckpointError(
+            f"dit_fast loads checkpoints only with torch>=2.6 (found torch {torch.__version__}): "
+            "older torch.load(weights_only=True) can be bypassed by a crafted file (CVE-2025-32434). "
+            "Upgrade torch (pip install 'torch>=2.6').")
+
+
 def safe_torch_load(path, map_location="cpu"):
     """``torch.load(path, weights_only=True)`` allowing only ``SAFE_GLOBALS`` beyond tensors.
 
     A file that needs anything else (a pickled class, a function such as os.system) is refused
-    with ``UnsafeCheckpointError`` before any of its objects are created.
+    with ``UnsafeCheckpointError`` before any of its objects are created. Other failures say
+    which: an unsupported torch, an empty / truncated file, or not a torch checkpoint at all.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
+    _check_torch_version()
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # The weights-only unpickler names what it refused (a GLOBAL, an unsupported opcode);
+        # anything else is a broken stream, not a forbidden object.
+        if not any(word in str(e).lower() for word in ("global", "unsupported", "weightsunpickler")):
+            raise CheckpointError(_format_problem(path, e)) from e
         raise UnsafeCheckpointError(
             f"Refusing to load {path}: it holds arbitrary Python objects that dit_fast does not "
             f"unpickle (only tensors, plain containers, argparse.Namespace and numpy arrays are "
@@ -167,10 +187,24 @@ def safe_torch_load(path, map_location="cpu"):
             f"plain state dict or .safetensors file. Details: {_detail(e)}"
         ) from e
     except Exception as e:  # junk bytes fail in many ways inside the unpickler
-        raise CheckpointError(
-            f"Could not read {path} as a torch checkpoint ({type(e).__name__}: {_detail(e)}); "
-            f"is it truncated, or a different format? Use a .pt/.pth/.bin or .safetensors file."
-        ) from e
+        raise CheckpointError(_format_problem(path, e)) from e
+
+
+def _format_problem(path: Path, error: Exception) -> str:
+    """What is wrong with a file torch.load could not read, judged by its first bytes."""
+    head = path.read_bytes()[:16] if path.stat().st_size else b""
+    if not head:
+        what = "it is empty (0 bytes): an interrupted copy or download?"
+    elif head.startswith(b"PK\x03\x04"):
+        what = "it is a damaged or truncated torch (zip) checkpoint; copy or download it again"
+    elif head[:1] == b"\x80":
+        what = "it is a damaged or truncated pickle-format checkpoint; copy or download it again"
+    elif len(head) > 8 and head[8:9] == b"{":
+        what = "it looks like a .safetensors file; give it the .safetensors suffix"
+    else:
+        what = ("it is not a torch checkpoint (no zip or pickle header); pass a "
+                ".pt/.pth/.bin or .safetensors file")
+    return f"Could not read {path}: {what} ({type(error).__name__}: {_detail(error)})"
 
 
 def _detail(error: Exception) -> str:
