@@ -20,12 +20,13 @@ the DeepSpeed JSON (which holds ZeRO knobs only). See dit_fast/train/ for the se
 import argparse
 import sys
 
+from dit_fast.cli import OneLineParser, one_line, run_entry
 from dit_fast.config import PRECISIONS, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # DiT / fast-DiT flags (same names and defaults)
     a("--model", type=str, default="DiT-XL/2", help="name in dit_fast.models.DiT_models")
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="a checkpoints/step-NNNNNNN dir, or auto: newest under --results-dir")
     a("--keep-last", type=int, default=2, help="checkpoints kept (0 = all)")
     a("--ema-decay", type=float, default=0.9999)
+    a("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
+      help="a collective or DataLoader worker waiting longer fails the job, naming step and rank")
     # small models for tests and ablations: override the named size
     a("--depth", type=int, default=None, help=argparse.SUPPRESS)
     a("--hidden-size", type=int, default=None, help=argparse.SUPPRESS)
@@ -70,15 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done; 2 bad input (one line, nothing created); 1 the run failed (a
+    non-finite loss on any rank, a collective that timed out), one line naming step and rank."""
+    return run_entry(_main, "train.py", argv)
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    from dit_fast.distributed import CollectiveTimeout
     from dit_fast.train import NonFiniteLossError, train
+    cfg = config_from_args(args)
     try:
-        cfg = config_from_args(args)
         train(cfg)
         _shutdown()
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2 if not isinstance(err, NonFiniteLossError) else 1
+    except (NonFiniteLossError, CollectiveTimeout) as err:
+        print(f"train.py: error: {one_line(err)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -58,3 +58,13 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and directory under ``root`` (and ``root`` itself), deepest first, so a
+    directory written by someone else's code (DeepSpeed's shards) is durable before it is renamed."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(dirpath)

@@ -147,6 +147,9 @@ class TrainConfig:
     """ZeRO-knobs JSON (configs/deepspeed/zero2.json ...); None = ZeRO stage 0."""
     ema_decay: float = 0.9999
     """EMA decay per optimizer step (fp32 EMA, DiT's 0.9999)."""
+    collective_timeout: float = 600.0
+    """Seconds any collective (or DataLoader worker) may wait; past it the job fails naming the
+    step and the rank that did not arrive, instead of idling until someone kills it."""
 
 
 # ---- sampling section: the sampling owner adds SampleConfig here (keep Config's field order) ----
@@ -212,6 +215,16 @@ def validate_config(cfg: Config) -> None:
         (t.keep_last >= 0, f"--keep-last must be >= 0, got {t.keep_last}"),
         (t.max_steps is None or t.max_steps > 0, f"--max-steps must be positive, got {t.max_steps}"),
         (0.0 <= t.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {t.ema_decay}"),
+        (t.collective_timeout > 0,
+         f"--collective-timeout is in seconds and must be positive, got {t.collective_timeout}"),
+        (d.num_workers >= 0, f"--num-workers must be >= 0, got {d.num_workers}"),
+        (m.num_classes > 0, f"--num-classes must be positive, got {m.num_classes}"),
+        (m.image_size > 0, f"--image-size must be positive, got {m.image_size}"),
+        (cfg.optim.lr > 0, f"--lr must be positive, got {cfg.optim.lr}"),
+        (cfg.optim.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.optim.weight_decay}"),
+        (t.epochs > 0, f"--epochs must be positive, got {t.epochs}"),
+        (all(v is None or v > 0 for v in (m.depth, m.hidden_size, m.num_heads)),
+         "--depth, --hidden-size and --num-heads must be positive"),
         (cfg.optim.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {cfg.optim.grad_clip}"),
         (bool(d.features_path) != bool(d.data_path),
          "give exactly one of --features-path (pre-extracted latents) or --data-path (images)"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -67,17 +68,23 @@ def _pick_device(name: str | None, use_deepspeed: bool, local_rank: int) -> torc
     return device
 
 
-def init_distributed(device: str | None = None, *, use_deepspeed: bool = False) -> DistContext:
+DEFAULT_TIMEOUT_S = 600.0  # torch's own default: long enough for a slow checkpoint write
+
+
+def init_distributed(device: str | None = None, *, use_deepspeed: bool = False,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
     """Join the launcher's process group and pick this rank's device.
 
     device: None = cuda:LOCAL_RANK when CUDA is available, else cpu (ignored with use_deepspeed,
     where DeepSpeed's accelerator decides). use_deepspeed: join through ``deepspeed.init_distributed``
     (the backend of its accelerator: nccl on CUDA, gloo on CPU), always, a world of one included;
-    otherwise ``torch.distributed`` (nccl / gloo) and only when WORLD_SIZE > 1.
+    otherwise ``torch.distributed`` (nccl / gloo) and only when WORLD_SIZE > 1. timeout_s bounds
+    every collective: a rank that waits longer for a peer raises instead of idling forever.
     """
     rank, world, local_rank = env_world()
     dev = _pick_device(device, use_deepspeed, local_rank)
     here = False
+    timeout = timedelta(seconds=timeout_s)
     if use_deepspeed:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
@@ -87,10 +94,84 @@ def init_distributed(device: str | None = None, *, use_deepspeed: bool = False) 
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
         here = not dist.is_initialized()
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   verbose=False)
+                                   verbose=False, timeout=timeout)
     elif world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
         here = True
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistContext(rank, world, dev, here)
+
+
+# ---------------------------------------------------------------- failures every rank sees
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete in time: a peer is stuck or dead."""
+
+
+class RemoteError(RuntimeError):
+    """Raised on every rank when the rank that computed a broadcast value failed."""
+
+
+def broadcast_from_rank0(compute, rank: int):
+    """Rank 0 runs ``compute()`` and every rank gets its value; if it raised, every rank raises an
+    exception of the same kind (ValueError / FileNotFoundError / OSError, else RemoteError) with
+    rank 0's message, so the others never wait in the broadcast for a value that will not come."""
+    payload = [None]
+    if rank == 0:
+        try:
+            payload[0] = ("ok", compute())
+        except (ValueError, OSError, RuntimeError) as err:
+            payload[0] = ("error", type(err).__name__, str(err))
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.broadcast_object_list(payload, src=0)
+            raise
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    if payload[0][0] == "ok":
+        return payload[0][1]
+    kinds = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError,
+             "NotADirectoryError": NotADirectoryError, "PermissionError": PermissionError}
+    raise kinds.get(payload[0][1], RemoteError)(f"(on rank 0) {payload[0][2]}")
+
+
+_ARRIVED = "dit_fast/arrived/{}"
+
+
+def guarded_collective(fn, what: str, step: int, timeout_s: float):
+    """Run the collective ``fn()``; a timeout or a dead peer becomes CollectiveTimeout naming the
+    step and the ranks that never reached this point (read from the rendezvous store, where each
+    rank notes the last step it arrived at; the store is served outside the stuck rank's Python)."""
+    store = _store()
+    rank = dist.get_rank()
+    if store is not None:
+        store.set(_ARRIVED.format(rank), str(step))
+    try:
+        return fn()
+    except RuntimeError as err:  # gloo: "Timed out ...", "Connection closed by peer"; nccl alike
+        late = _late_ranks(store, step)
+        who = f"rank(s) {late} never reached it" if late else "a peer failed or left"
+        raise CollectiveTimeout(
+            f"step {step}: {what} on rank {rank} did not complete within --collective-timeout "
+            f"{timeout_s:g} s: {who} (stuck or dead; see that rank's output)") from err
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):  # private API: naming the rank is a bonus
+        return None
+
+
+def _late_ranks(store, step: int) -> list[int]:
+    if store is None:
+        return []
+    late = []
+    try:
+        for r in range(dist.get_world_size()):
+            key = _ARRIVED.format(r)
+            if not store.check([key]) or int(store.get(key)) < step:
+                late.append(r)
+    except (RuntimeError, ValueError):  # the store's host (rank 0) may be the one that died
+        return []
+    return late

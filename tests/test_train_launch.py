@@ -4,10 +4,10 @@
 --num_gpus for the slot count). The first launch on a machine builds DeepSpeed's small shm
 communication op (~1.5 min, cached in ~/.cache/torch_extensions); later launches take ~15-60 s.
 
-Checked: the loss falls; a resumed run reproduces the uninterrupted run's per-step losses exactly;
-a SIGKILL inside a checkpoint save leaves the previous checkpoint loadable and `--resume auto`
-continues from it; the EMA export loads the way DiT's sample.py and dit_fast load it; a NaN loss
-stops a plain `python train.py` run naming the step, the last good checkpoint intact.
+Checked: a ZeRO-3 run resumed from a checkpoint reproduces the uninterrupted run's per-step losses
+exactly; the EMA export loads the way DiT's sample.py and dit_fast load it; a NaN loss stops a plain
+`python train.py` run naming the step, the last good checkpoint intact. Kills, hangs and NaNs on one
+rank under the launcher are tests/test_train_faults.py.
 """
 import json
 import os
@@ -21,7 +21,6 @@ import torch
 from dit_fast.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-CRASH_ENV = "DIT_FAST_TEST_KILL_IN_SAVE_AT_STEP"
 TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "64", "--num-heads", "4",
         "--image-size", "8", "--num-classes", "10", "--vae", "none", "--num-workers", "0",
         "--global-batch-size", "32", "--lr", "2e-3", "--log-every", "1", "--precision", "bf16"]
@@ -63,7 +62,7 @@ def photo_latents(tmp_path_factory):
 def _clean_env(extra=None) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                        "CUDA_VISIBLE_DEVICES", CRASH_ENV)}
+                        "CUDA_VISIBLE_DEVICES", "DIT_FAST_FAULT")}
     # DeepSpeed's CPU accelerator even on a GPU machine: 2 gloo ranks, bit-exact on any host.
     env.update({"DS_ACCELERATOR": "cpu"}, **(extra or {}))
     return env
@@ -105,31 +104,6 @@ def check_ema_export(ckpt: Path, step: int, in_channels=1, num_classes=10) -> No
     model.load_state_dict(state, strict=True)
     assert load_state_dict(str(path)).keys() == state.keys()
     assert all(torch.isfinite(v).all() for v in state.values())
-
-
-def test_zero2_loss_falls_crash_mid_save_and_exact_resume(tmp_path, digits8):
-    common = ["--features-path", str(digits8), "--deepspeed_config",
-              str(ROOT / "configs/deepspeed/zero2.json"), "--max-steps", "12", "--ckpt-every", "4"]
-    ok(launch([*common, "--results-dir", str(tmp_path / "a"), "--keep-last", "0"]))
-    ref = dict(losses(run_dir_of(tmp_path / "a")))
-    assert sorted(ref) == list(range(1, 13))
-    first, last = [ref[s] for s in (1, 2, 3)], [ref[s] for s in (10, 11, 12)]
-    assert sum(last) < 0.8 * sum(first), ref  # the loss falls
-
-    crashed = launch([*common, "--results-dir", str(tmp_path / "b")], env={CRASH_ENV: "8"})
-    assert crashed.returncode != 0
-    ckpts = run_dir_of(tmp_path / "b") / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000004", "step-0000008.tmp"]
-    state = torch.load(ckpts / "step-0000004" / "train_state.pt", weights_only=True)
-    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (4, 0, 4)
-    check_ema_export(ckpts / "step-0000004", 4)
-
-    out = ok(launch([*common, "--results-dir", str(tmp_path / "b"), "--resume", "auto"]))
-    assert "Resumed from" in out.stdout + out.stderr
-    got = dict(losses(run_dir_of(tmp_path / "b")))  # later (resumed) entries win
-    assert got == ref  # exact, per step
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000008", "step-0000012"]
-    check_ema_export(ckpts / "step-0000012", 12)
 
 
 def test_zero3_stop_resume_exact_on_vae_latents_of_real_photos(tmp_path, photo_latents):

@@ -1,6 +1,7 @@
 """Fast in-process tests of the training pieces: config tree, DeepSpeed-config injection, data order,
 checkpoint bookkeeping, RNG capture, EMA, and every bad input failing before any step."""
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ sys.path.insert(0, str(ROOT))
 import train as train_cli  # noqa: E402
 from dit_fast.config import (Config, config_from_args, config_from_dict, config_to_dict,  # noqa: E402
                              format_config, load_config, save_config)
+from dit_fast.train.resume import config_differences, resolve_resume  # noqa: E402
 from dit_fast.train.run_dir import (capture_rng, check_same_model,  # noqa: E402
-                                       find_latest_checkpoint, prune_checkpoints, resolve_resume,
+                                       prune_checkpoints, recover_checkpoints,
                                        restore_rng)
 from dit_fast.train.data import ResumableShardSampler  # noqa: E402
 from dit_fast.train.ema import EMA  # noqa: E402
@@ -167,21 +169,43 @@ def test_sampler_shards_are_disjoint_reproducible_and_resumable():
 
 # ------------------------------------------------------------------ checkpoint bookkeeping
 
-def fake_ckpt(root: Path, step: int, complete=True) -> Path:
+def fake_ckpt(root: Path, step: int, complete=True, config=None, mtime=None) -> Path:
     path = root / "checkpoints" / (f"step-{step:07d}" + ("" if complete else ".tmp"))
     path.mkdir(parents=True)
     if complete:
-        torch.save({"step": step}, path / "train_state.pt")
+        torch.save({"step": step, "config": config}, path / "train_state.pt")
+        if mtime is not None:
+            os.utime(path / "train_state.pt", (mtime, mtime))
     return path
 
 
-def test_resume_auto_prefers_newest_complete_and_prune_keeps_last(tmp_path):
+def test_resume_auto_only_continues_the_same_experiment_newest_by_time(tmp_path):
+    a = config_to_dict(parse("--features-path", str(tmp_path)))
+    b = config_to_dict(parse("--features-path", str(tmp_path), "--lr", "3e-4"))
+    run_a, run_b = tmp_path / "000-DiT-S-2", tmp_path / "001-DiT-S-2"
+    fake_ckpt(run_a, 10, config=a, mtime=1000)
+    newest_a = fake_ckpt(run_a, 5, config=a, mtime=3000)  # restarted from 5: its timeline is newer
+    fake_ckpt(run_b, 20, config=b, mtime=2000)
+    fake_ckpt(run_a, 30, complete=False)  # killed mid-save: ignored
+    choice = resolve_resume("auto", str(tmp_path), a)
+    assert choice.path == newest_a
+    assert any("differs: optim.lr: checkpoint 0.0003 vs now 0.0001" in n for n in choice.notes)
+    assert resolve_resume("auto", str(tmp_path), b).path == run_b / "checkpoints" / "step-0000020"
+    c = config_to_dict(parse("--features-path", str(tmp_path), "--global-seed", "7"))
+    fresh = resolve_resume("auto", str(tmp_path), c)
+    assert fresh.path is None and "starting fresh" in fresh.notes[-1]
+    assert resolve_resume("auto", str(tmp_path / "none"), a).path is None
+    # --resume PATH: deliberate changes go through, listed
+    deliberate = resolve_resume(str(run_b / "checkpoints" / "step-0000020"), str(tmp_path), a)
+    assert "optim.lr" in deliberate.notes[0]
+    assert config_differences(a, config_to_dict(parse("--features-path", str(tmp_path),
+                                                      "--attn-backend", "math"))) == []
+
+
+def test_resume_path_checks_and_prune_keeps_last(tmp_path):
     run = tmp_path / "000-DiT-S-2"
     fake_ckpt(run, 10)
-    newest = fake_ckpt(tmp_path / "001-DiT-S-2", 20)
-    fake_ckpt(run, 30, complete=False)  # killed mid-save: ignored
-    assert find_latest_checkpoint(tmp_path) == newest
-    assert resolve_resume("auto", str(tmp_path / "none")) is None
+    fake_ckpt(run, 30, complete=False)
     with pytest.raises(ValueError, match="unfinished save"):
         resolve_resume(str(run / "checkpoints" / "step-0000030.tmp"), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
@@ -190,6 +214,19 @@ def test_resume_auto_prefers_newest_complete_and_prune_keeps_last(tmp_path):
         fake_ckpt(run, step)
     prune_checkpoints(run / "checkpoints", keep_last=2)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000040", "step-0000050"]
+
+
+def test_interrupted_publish_is_recovered_never_pruned(tmp_path):
+    # A crash between the renames of a replacing publish: step-50 moved aside, new one not in place.
+    run = tmp_path / "000-DiT-S-2"
+    fake_ckpt(run, 40)
+    aside = fake_ckpt(run, 50)
+    aside.rename(aside.with_name("step-0000050.old"))
+    fake_ckpt(run, 50, complete=False)
+    prune_checkpoints(run / "checkpoints", keep_last=1)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000050"]
+    recover_checkpoints(run / "checkpoints")  # idempotent
+    assert (run / "checkpoints" / "step-0000050" / "train_state.pt").is_file()
 
 
 def test_resume_refuses_another_model_but_allows_speed_switches(tmp_path):

@@ -41,6 +41,24 @@ class FlipPicker(torch.utils.data.Dataset):
         return self.dataset.get(i, flip)  # (C, h, w): half the bytes of both slots
 
 
+class EpochKeyed(torch.utils.data.Dataset):
+    """Wraps a dataset with per-epoch behaviour (ImageFolder's seeded flips): key (i, epoch) ->
+    dataset[i] in that epoch. The epoch travels with the index because persistent DataLoader
+    workers hold their own copy of the dataset, which a set_epoch in the main process never reaches."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, epoch = key
+        if self.dataset.epoch != epoch:
+            self.dataset.set_epoch(epoch)
+        return self.dataset[i]
+
+
 class ResumableShardSampler(torch.utils.data.Sampler):
     """Per-rank micro-batches of one epoch, optionally starting after ``skip_batches``.
 
@@ -51,9 +69,10 @@ class ResumableShardSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_items: int, rank: int, world_size: int, micro_batch: int, seed: int,
-                 with_flips: bool):
+                 with_flips: bool, with_epoch: bool = False):
         self.n, self.rank, self.world = num_items, rank, world_size
         self.micro_batch, self.seed, self.with_flips = micro_batch, seed, with_flips
+        self.with_epoch = with_epoch  # items (index, epoch) for EpochKeyed
         self.epoch, self.skip_batches = 0, 0
         self.per_rank = math.ceil(num_items / world_size)
 
@@ -71,6 +90,8 @@ class ResumableShardSampler(torch.utils.data.Sampler):
         pad = self.per_rank * self.world - self.n
         positions = torch.arange(self.n + pad) % self.n
         mine = positions[self.rank::self.world]
+        if self.with_epoch:
+            return [(i, self.epoch) for i in perm[mine].tolist()]
         if not self.with_flips:
             return perm[mine].tolist()
         return list(zip(perm[mine].tolist(), flips[mine].tolist()))
@@ -154,19 +175,27 @@ def _check_label_list(labels, num_classes: int, source: str) -> None:
 def build_loader(info: DataInfo, cfg: Config, rank: int, world_size: int, device: torch.device):
     """DataLoader + its sampler; the loader never draws from the global torch RNG."""
     micro = cfg.train.micro_batch_size
+    per_epoch = not info.has_flips and hasattr(info.dataset, "set_epoch")
     sampler = ResumableShardSampler(len(info.dataset), rank, world_size, micro,
-                                    cfg.train.global_seed, with_flips=info.has_flips)
+                                    cfg.train.global_seed, with_flips=info.has_flips,
+                                    with_epoch=per_epoch)
     if sampler.batches_per_epoch() < cfg.train.grad_accum:
         raise ValueError(
             f"{len(info.dataset)} items give rank {rank} fewer than one optimizer step per epoch "
             f"(micro batch {micro} x grad accumulation {cfg.train.grad_accum}); lower "
             "--global-batch-size or use more data")
-    dataset = FlipPicker(info.dataset) if info.has_flips else info.dataset
+    dataset = FlipPicker(info.dataset) if info.has_flips else (
+        EpochKeyed(info.dataset) if per_epoch else info.dataset)
+    workers = cfg.data.num_workers
     # A private generator: DataLoader draws a base seed per iterator, which would otherwise
     # consume the global RNG and make a resumed run diverge from the uninterrupted one.
+    # Persistent workers: forked once, not at every epoch boundary (forking a process whose
+    # gloo/DeepSpeed threads hold locks is how an epoch start can hang); a worker that still
+    # delivers nothing within --collective-timeout raises instead of idling.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        dataset, batch_sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        timeout=cfg.train.collective_timeout if workers > 0 else 0,
         generator=torch.Generator().manual_seed(cfg.train.global_seed))
     return loader, sampler
 

@@ -18,11 +18,14 @@ from pathlib import Path
 import torch
 
 from ..config import Config, config_to_dict, format_config, save_config
-from ..distributed import deepspeed_uses_cuda, env_world, init_distributed
+from ..distributed import (broadcast_from_rank0, deepspeed_uses_cuda, env_world, guarded_collective,
+                           init_distributed)
+from ..faults import maybe_fault, poison
 from .data import build_loader, open_training_data, set_data_epoch
 from .engine import build_deepspeed_config, build_engine, seed_everything, zero_stage
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
-from .run_dir import load_training_checkpoint, make_run_dir, resolve_resume, save_training_checkpoint
+from .resume import check_resume_spec, resolve_resume
+from .run_dir import load_training_checkpoint, make_run_dir, save_training_checkpoint
 from .step import TrainStep
 
 
@@ -40,31 +43,51 @@ class Position:
 
 
 def prepare(cfg: Config):
-    """All input checks that need no process group: DeepSpeed JSON vs flags, the data vs the model.
+    """All input checks that need no process group: DeepSpeed JSON vs flags, backends, the data vs
+    the model, --resume and --results-dir. Nothing is created here (no group, no run dir).
 
     Returns (ds_config, data_info). Raises before any step with a message naming the bad input.
     """
     _, world_size, _ = env_world()
-    if cfg.train.precision == "fp16" and not deepspeed_uses_cuda():
+    on_gpu = deepspeed_uses_cuda()
+    if cfg.train.precision == "fp16" and not on_gpu:
         raise ValueError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
                          "use --precision bf16 or fp32 on CPU")
+    _check_backends(cfg, "cuda" if on_gpu else "cpu")
+    results = Path(cfg.train.results_dir)
+    if results.exists() and not results.is_dir():
+        raise NotADirectoryError(f"--results-dir {str(results)!r} is a file, not a directory")
+    check_resume_spec(cfg.train.resume)
     ds_config = build_deepspeed_config(cfg, world_size)
     info = open_training_data(cfg)
     cfg.model.in_channels, cfg.model.input_size = info.in_channels, info.input_size
     return ds_config, info
 
 
+def _check_backends(cfg: Config, device_type: str) -> None:
+    """An unknown or unavailable --attn-backend / --fused-adaln fails here, not after the group,
+    the run directory and config.json exist."""
+    from ..dispatch import resolve_adaln_backend, resolve_attn_backend
+    try:
+        resolve_attn_backend(cfg.model.attn_backend, device_type)
+        resolve_adaln_backend(cfg.model.fused_adaln, device_type)
+    except RuntimeError as err:  # dispatch says "asked for but unavailable" with a RuntimeError
+        raise ValueError(str(err)) from err
+
+
 def train(cfg: Config) -> Position:
     """Run (or resume) training as configured. Collective: every rank calls it."""
     ds_config, info = prepare(cfg)
-    ctx = init_distributed(use_deepspeed=True)
+    ctx = init_distributed(use_deepspeed=True, timeout_s=cfg.train.collective_timeout)
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
-    resume_from = resolve_resume(cfg.train.resume, cfg.train.results_dir)
-    run_dir = make_run_dir(cfg, rank, resume_from)
+    # Rank 0 alone looks (and repairs an interrupted publish); its choice, or its error, reaches all.
+    choice = broadcast_from_rank0(lambda: resolve_resume(cfg.train.resume, cfg.train.results_dir,
+                                                         config_to_dict(cfg)), rank)
+    run_dir = make_run_dir(cfg, rank, choice.path)
     logger = make_logger(run_dir, rank)
     if rank == 0:
-        if cfg.train.resume == "auto" and resume_from is None:
-            logger.info(f"--resume auto: no checkpoint under {cfg.train.results_dir}; starting fresh")
+        for note in choice.notes:
+            logger.info(note)
         save_config(cfg, run_dir / "config.json")
         logger.info(f"Experiment directory: {run_dir}  (world size {world})")
         logger.info("Config:\n" + format_config(cfg))
@@ -77,8 +100,8 @@ def train(cfg: Config) -> Position:
     seed_everything(cfg.train.global_seed * world + rank)  # DiT's per-rank seed
     # A fresh EMA is already the fp32 copy of the initial weights (DiT's update_ema(decay=0));
     # copying back from the engine would round it to the engine's bf16.
-    if resume_from is not None:
-        loop.resume(resume_from)  # restores this rank's RNG states too
+    if choice.path is not None:
+        loop.resume(choice.path)  # restores this rank's RNG states too
     return loop.run()
 
 
@@ -112,13 +135,17 @@ class TrainLoop:
             self.ema.load_state_dict(ema_state)
         self.pos = Position(state["step"], state["epoch"], state["step_in_epoch"])
         self.resumed = True
+        self.metrics.truncate_after(self.pos.step)  # the steps after it are about to run again
         if state["world_size"] != self.world:
             self.logger.warning(f"checkpoint was written by {state['world_size']} ranks, this run "
                                 f"has {self.world}: training continues, but not bit-exactly")
         self.logger.info(f"Resumed from {ckpt} at step {self.pos.step} (epoch {self.pos.epoch}, "
                          f"step {self.pos.step_in_epoch} of it)")
 
-    def save(self) -> Path:
+    def save(self, stats: LogStats | None = None) -> Path:
+        """Every rank agrees the loss is finite (stats given), then all write the checkpoint."""
+        if stats is not None and stats.unsynced:
+            self.sync(stats, "the pre-checkpoint finite check")
         train_state = {"step": self.pos.step, "epoch": self.pos.epoch,
                        "step_in_epoch": self.pos.step_in_epoch, "world_size": self.world,
                        "skipped_steps": self.skipped_steps(), "config": config_to_dict(self.cfg)}
@@ -153,24 +180,24 @@ class TrainLoop:
                            self.pos.step_in_epoch * t.grad_accum)
             batches = iter(self.loader)
             while self.pos.step_in_epoch < self.steps_per_epoch and not self._done():
-                loss_sum = self.optimizer_step(batches)
+                loss_sum = poison("loss", self.pos.step + 1, self.optimizer_step(batches))
+                maybe_fault("step.mid", self.pos.step + 1)
                 self.pos.step += 1
                 self.pos.step_in_epoch += 1
                 stats.add(loss_sum, t.grad_accum, self.pos.step, check=t.precision != "fp16")
                 if self.pos.step % t.log_every == 0:
                     self.log(stats)
                 if self.pos.step % t.ckpt_every == 0:
-                    self._check_finite(stats)
-                    self.save()
+                    self.save(stats)
                     last_saved = self.pos.step
             if self.pos.step_in_epoch >= self.steps_per_epoch:
                 self.pos.epoch += 1
                 self.pos.step_in_epoch = 0
+                maybe_fault("epoch.boundary", self.pos.step)
         if stats.count:
             self.log(stats)
         if last_saved != self.pos.step:
-            self._check_finite(stats)
-            self.save()
+            self.save(stats)
         self.engine.eval()
         self.logger.info("Done!")
         self.metrics.close()
@@ -186,20 +213,30 @@ class TrainLoop:
         return self._done()
 
     # ------------------------------------------------------------ logging
-    def _check_finite(self, stats: LogStats) -> None:
-        bad = int(stats.first_bad.item())
-        if bad >= 0:
-            message = (f"non-finite loss (NaN/inf) at step {bad}: stopping without saving; the last "
-                       f"good checkpoint under {self.run_dir / 'checkpoints'} is intact. Lower --lr, "
-                       "or use --precision fp32/bf16 with --grad-clip")
+    def sync(self, stats: LogStats, what: str) -> float:
+        """The all-ranks sync point (log lines, checkpoints): one all-reduce of the loss sum and of
+        every rank's first non-finite step, so a NaN on any rank stops every rank here, at the same
+        step; a peer that never arrives becomes CollectiveTimeout naming it. Returns the loss sum."""
+        step = self.pos.step
+        maybe_fault("sync", step)
+        total, bad = guarded_collective(lambda: stats.all_reduce(self.rank, self.world), what,
+                                        step, self.cfg.train.collective_timeout)
+        if bad:
+            first = min(bad.values())
+            ranks = sorted(r for r, s in bad.items() if s == first)
+            message = (f"non-finite loss (NaN/inf) at step {first} on rank {', '.join(map(str, ranks))}"
+                       f" (every rank stops at step {step}): stopping without saving; the last good "
+                       f"checkpoint under {self.run_dir / 'checkpoints'} is intact. Lower --lr, or use "
+                       "--precision fp32/bf16 with --grad-clip")
             self.logger.error(message)
             raise NonFiniteLossError(message)
+        return total
 
     def log(self, stats: LogStats) -> None:
         """DiT's line, then throughput, memory, grad norm, loss scale (and fp16 skips)."""
         t = self.cfg.train
-        self._check_finite(stats)
-        avg_loss, steps, seconds = stats.reduce(self.world)
+        total = self.sync(stats, "the loss all-reduce")
+        avg_loss, steps, seconds = stats.take(total, self.world)
         steps_per_sec = steps / max(seconds, 1e-9)
         grad_norm = as_float(self.engine.get_global_grad_norm())
         scale = loss_scale(self.engine, t.precision)

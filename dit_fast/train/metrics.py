@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_write_text
+
 
 def make_logger(run_dir: Path, rank: int) -> logging.Logger:
     """Rank 0 logs to stdout and run_dir/log.txt (DiT's format); other ranks stay silent."""
@@ -39,25 +41,39 @@ class LogStats:
     def _reset(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.count, self.micro = 0, 0
+        self.unsynced = False
         self.start = time.time()
 
     def add(self, loss_sum: torch.Tensor, micro: int, step: int, check: bool) -> None:
         self.loss_sum += loss_sum.double()
         self.count += 1
         self.micro += micro
+        self.unsynced = True
         if check:  # remember the first step whose loss was not finite, without syncing
             newly_bad = (~torch.isfinite(loss_sum)) & (self.first_bad < 0)
             self.first_bad = torch.where(newly_bad, torch.full_like(self.first_bad, step),
                                          self.first_bad)
 
-    def reduce(self, world: int) -> tuple[float, int, float]:
-        """(loss averaged over ranks and micro-steps, steps, seconds) since the last call."""
+    def all_reduce(self, rank: int, world: int) -> tuple[float, dict[int, int]]:
+        """Collective: (loss sum over ranks, {rank: first non-finite step} of the bad ranks).
+
+        One all-reduce of [loss_sum, first_bad + 1 of rank 0, ..., of rank W-1] (each rank fills
+        its own slot), then the one host sync of the log/checkpoint point."""
+        vec = torch.zeros(1 + world, dtype=torch.float64, device=self.device)
+        vec[0] = self.loss_sum
+        vec[1 + rank] = (self.first_bad + 1).double()
+        if dist.is_initialized():
+            dist.all_reduce(vec)
+        host = vec.tolist()
+        self.unsynced = False
+        return host[0], {r: int(v) - 1 for r, v in enumerate(host[1:]) if v > 0}
+
+    def take(self, total: float, world: int) -> tuple[float, int, float]:
+        """(loss averaged over ranks and micro-steps, steps, seconds) since the last take; resets."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - self.start
-        total = self.loss_sum.clone()
-        dist.all_reduce(total)
-        avg, steps = total.item() / (self.micro * world), self.count
+        avg, steps = total / (self.micro * world), self.count
         self._reset()
         return avg, steps, seconds
 
@@ -66,14 +82,36 @@ class MetricsWriter:
     """Rank 0: metrics.jsonl (full-precision losses) and TensorBoard scalars when installed."""
 
     def __init__(self, run_dir: Path, rank: int):
-        self.file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-        self.tb = None
-        if rank == 0:
+        self.path, self.run_dir = run_dir / "metrics.jsonl", run_dir
+        self.file = open(self.path, "a") if rank == 0 else None
+        self.tb = self._tensorboard(None) if rank == 0 else None
+
+    def _tensorboard(self, purge_step: int | None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume from ``step``: drop the records of later steps (they are about to be logged
+        again) and a half-written last line, so every step appears once."""
+        if self.file is None:
+            return
+        self.file.close()
+        keep = []
+        for line in self.path.read_text().splitlines() if self.path.is_file() else []:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                pass
+                record = json.loads(line)
+            except json.JSONDecodeError:  # cut off by a kill mid-write
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(line + "\n")
+        atomic_write_text(self.path, "".join(keep))
+        self.file = open(self.path, "a")
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = self._tensorboard(step + 1)
 
     def write(self, record: dict) -> None:
         if self.file is None:

@@ -13,7 +13,9 @@ A run directory holds config.json, log.txt, metrics.jsonl and ``checkpoints/``. 
 
 All ranks write into ``step-0000100.tmp/``; after a barrier rank 0 renames it to ``step-0000100/``.
 A kill mid-save therefore leaves only a ``.tmp`` dir, which resume ignores and the next save
-removes. Our files load with ``torch.load(weights_only=True)``; ``ds/`` is read by DeepSpeed.
+removes. Replacing an existing step dir moves it to ``.old`` first; resume puts a lone ``.old``
+back (run_dir.recover_checkpoints), so the previous complete checkpoint survives every crash.
+Before the rename every file and directory of the ``.tmp`` dir is fsynced (DeepSpeed does not). Our files load with ``torch.load(weights_only=True)``; ``ds/`` is read by DeepSpeed.
 """
 from __future__ import annotations
 
@@ -21,40 +23,43 @@ import os
 import random
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..atomic import fsync_dir
+from ..atomic import fsync_dir, fsync_tree
 from ..checkpoint import atomic_save, safe_torch_load
 from ..config import Config
+from ..distributed import broadcast_from_rank0
+from ..faults import maybe_fault
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAIN_STATE = "train_state.pt"
 DS_TAG = "ds"
 FORMAT_VERSION = 1
-# Test hook: kill rank 0 with SIGKILL after the files of this step are written, before the rename.
-CRASH_ENV = "DIT_FAST_TEST_KILL_IN_SAVE_AT_STEP"
 
 
 def make_run_dir(cfg: Config, rank: int, resume_from: Path | None) -> Path:
-    """results/NNN-<model> (DiT's naming), or the run that holds the resumed checkpoint."""
-    if resume_from is not None:
-        run_dir = resume_from.parent.parent
-    elif rank == 0:
+    """results/NNN-<model> (DiT's naming), or the run that holds the resumed checkpoint.
+
+    Collective. Rank 0 creates it; if that fails (a file where the folder should be, no
+    permission) every rank raises the same error instead of waiting in the broadcast.
+    """
+    def create() -> str:
+        if resume_from is not None:
+            return str(resume_from.parent.parent)
         root = Path(cfg.train.results_dir)
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"--results-dir {str(root)!r} is a file, not a directory")
         root.mkdir(parents=True, exist_ok=True)
         index = len(list(root.glob("*")))
         run_dir = root / f"{index:03d}-{cfg.model.model.replace('/', '-')}"
         run_dir.mkdir(parents=True, exist_ok=False)
-    else:
-        run_dir = None
-    shared = [str(run_dir) if run_dir is not None else None]
-    dist.broadcast_object_list(shared, src=0)
-    return Path(shared[0])
+        return str(run_dir)
+
+    return Path(broadcast_from_rank0(create, rank))
 
 
 def step_dir_name(step: int) -> str:
@@ -81,33 +86,6 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     found = [(int(STEP_DIR.match(p.name).group(1)), p) for p in ckpt_root.iterdir()
              if STEP_DIR.match(p.name) and is_complete(p)]
     return sorted(found)
-
-
-def find_latest_checkpoint(results_dir: str | os.PathLike) -> Path | None:
-    """Newest complete checkpoint in any run under results_dir (highest step, then newest file)."""
-    best = None
-    for run in Path(results_dir).glob("*/checkpoints"):
-        for step, path in list_checkpoints(run):
-            key = (step, (path / TRAIN_STATE).stat().st_mtime)
-            if best is None or key > best[0]:
-                best = (key, path)
-    return best[1] if best else None
-
-
-def resolve_resume(spec: str | None, results_dir: str) -> Path | None:
-    """--resume value -> a complete checkpoint dir, or None to start fresh."""
-    if not spec:
-        return None
-    if spec == "auto":
-        return find_latest_checkpoint(results_dir)
-    path = Path(spec)
-    if path.name.endswith(".tmp"):
-        raise ValueError(f"--resume {spec!r} is an unfinished save (.tmp); resume from a complete "
-                         "step-NNNNNNN dir or use --resume auto")
-    if not is_complete(path):
-        raise FileNotFoundError(f"--resume {spec!r} is not a complete checkpoint dir (expected "
-                                f"<run>/checkpoints/step-NNNNNNN/ with {TRAIN_STATE})")
-    return path
 
 
 # ---------------------------------------------------------------- RNG states (plain tensors only)
@@ -153,35 +131,59 @@ def save_training_checkpoint(engine, ema_state: dict | None, train_state: dict, 
         tmp.mkdir()
     dist.barrier()
     engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    maybe_fault("save.after_engine", step)
     atomic_save(capture_rng(), tmp / rng_file_name(rank))
+    maybe_fault("save.after_rng", step)
     if rank == 0:
         atomic_save({"ema": ema_state}, tmp / ema_file_name(step))
+        maybe_fault("save.after_ema", step)
         atomic_save({**train_state, "version": FORMAT_VERSION}, tmp / TRAIN_STATE)
-        if os.environ.get(CRASH_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        maybe_fault("save.after_state", step)
     dist.barrier()
     if rank == 0:
-        _publish(tmp, final)
+        # DeepSpeed's files are written without fsync: make every byte durable before the
+        # rename publishes them (one file system walk; each rank's shards are in place by now).
+        fsync_tree(tmp)
+        maybe_fault("save.before_publish", step)
+        _publish(tmp, final, step)
+        maybe_fault("save.before_prune", step)
         prune_checkpoints(root, keep_last)
     dist.barrier()
     return final
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename tmp -> final; an existing final (re-run of an older resume) is replaced."""
-    old = None
+def _publish(tmp: Path, final: Path, step: int) -> None:
+    """Rename tmp -> final. An existing final (a re-run from an older checkpoint) is first moved to
+    final.old, removed only once the new one is in place; a crash between the two renames leaves
+    final.old, which recover_checkpoints renames back."""
+    old = final.with_name(final.name + ".old")
     if final.exists():
-        old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
+        fsync_dir(final.parent)
+        maybe_fault("publish.between_renames", step)
     os.rename(tmp, final)
     fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoints(root: Path) -> None:
+    """Undo an interrupted publish in one run's checkpoints/ dir: a step-N.old whose step-N is
+    missing is the last complete copy of step N and goes back in place. (A .tmp is never
+    trusted: some rank may not have finished its shards.)"""
+    if not root.is_dir():
+        return
+    for old in root.glob("step-*.old"):
+        final = old.with_name(old.name[:-len(".old")])
+        if not final.exists() and old.is_dir() and (old / TRAIN_STATE).is_file():
+            os.rename(old, final)
+            fsync_dir(root)
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints and every stale .tmp/.old."""
+    """Delete all but the newest ``keep_last`` complete checkpoints and every stale .tmp/.old
+    (after recover_checkpoints has put back any .old that is still the only copy)."""
+    recover_checkpoints(root)
     complete = list_checkpoints(root)
     if keep_last > 0:
         for _, path in complete[:-keep_last]:

@@ -1,0 +1,146 @@
+"""Which checkpoint a run continues from: ``--resume auto`` / ``--resume PATH``.
+
+``auto`` continues only a run whose saved config matches the current one in every field that
+changes the numbers (``RESUME_FIELDS``: the model's shape, the data, the optimizer, the diffusion,
+batch / precision / seed / EMA decay): two experiments that share a --results-dir and differ in
+--lr never continue each other. Among the matching checkpoints the newest by time wins (a run
+restarted from an older step overwrites the later steps of its abandoned timeline). Every
+candidate is reported with the fields that differ, so "why did it start fresh?" has an answer in
+the log. ``PATH`` is the deliberate choice: any difference is allowed (and logged) except the
+model's shape, which cannot load.
+
+Before looking, an interrupted publish is repaired (run_dir.recover_checkpoints), so the previous
+complete checkpoint is always found.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .run_dir import STEP_DIR, TRAIN_STATE, is_complete, list_checkpoints, recover_checkpoints
+
+# Fields whose change makes a continued run another experiment. Speed switches (attention backend,
+# fused adaLN, checkpointing, compile), duration (--epochs, --max-steps), logging and workers are
+# free to change between restarts.
+RESUME_FIELDS = {
+    "model": ("model", "depth", "hidden_size", "num_heads", "in_channels", "input_size",
+              "num_classes", "learn_sigma", "class_dropout_prob", "image_size"),
+    "data": ("features_path", "data_path", "vae", "random_flip"),
+    "optim": ("lr", "weight_decay", "betas", "eps", "grad_clip"),
+    "diffusion": ("diffusion_steps", "noise_schedule", "timestep_respacing"),
+    "train": ("global_batch_size", "grad_accum", "precision", "global_seed", "ema_decay"),
+}
+_PATH_FIELDS = {("data", "features_path"), ("data", "data_path"), ("data", "vae")}
+
+
+@dataclass
+class ResumeChoice:
+    """The checkpoint to continue (None: start fresh) and the lines to log about the choice."""
+
+    path: Path | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _norm(section: str, key: str, value):
+    if (section, key) in _PATH_FIELDS and isinstance(value, str) and value:
+        p = Path(value).expanduser()
+        return str(p.resolve()) if p.exists() else value
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``section.field: checkpoint X vs now Y`` for every RESUME_FIELDS entry that differs."""
+    diffs = []
+    for section, keys in RESUME_FIELDS.items():
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in keys:
+            a, b = _norm(section, key, old.get(key)), _norm(section, key, new.get(key))
+            if a != b:
+                diffs.append(f"{section}.{key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}")
+    return diffs
+
+
+def _saved_config(ckpt: Path) -> dict | None:
+    from ..checkpoint import CheckpointError, safe_torch_load
+    try:
+        state = safe_torch_load(ckpt / TRAIN_STATE)
+    except (CheckpointError, OSError):
+        return None
+    return state.get("config") if isinstance(state, dict) else None
+
+
+def _candidates(results_dir: Path) -> list[tuple[float, int, Path]]:
+    """(mtime, step, path) of every complete checkpoint of every run under results_dir, and of
+    every step-N.old left alone by an interrupted publish (read only: another job may share the
+    results dir; only the chosen run is repaired)."""
+    found = []
+    for ckpt_root in sorted(results_dir.glob("*/checkpoints")):
+        complete = list_checkpoints(ckpt_root)
+        found += [((path / TRAIN_STATE).stat().st_mtime, step, path) for step, path in complete]
+        steps = {step for step, _ in complete}
+        for old in ckpt_root.glob("step-*.old"):
+            match = STEP_DIR.match(old.name[:-len(".old")])
+            if match and int(match.group(1)) not in steps and (old / TRAIN_STATE).is_file():
+                found.append(((old / TRAIN_STATE).stat().st_mtime, int(match.group(1)), old))
+    return found
+
+
+def choose_auto(results_dir: str | os.PathLike, current: dict) -> ResumeChoice:
+    """The newest complete checkpoint whose saved config matches ``current`` (config_to_dict)."""
+    root = Path(results_dir)
+    notes, matching = [], []
+    for mtime, step, path in _candidates(root) if root.is_dir() else []:
+        saved = _saved_config(path)
+        diffs = ["no readable saved config"] if saved is None else config_differences(saved, current)
+        if diffs:
+            notes.append(f"--resume auto: candidate {path} differs: {'; '.join(diffs)}")
+        else:
+            notes.append(f"--resume auto: candidate {path} matches")
+            matching.append((mtime, step, path))
+    if matching:
+        chosen = max(matching)[2]
+        if chosen.name.endswith(".old"):
+            recover_checkpoints(chosen.parent)
+            chosen = chosen.with_name(chosen.name[:-len(".old")])
+        notes.append(f"--resume auto: continuing {chosen} (the newest matching checkpoint)")
+        return ResumeChoice(chosen, notes)
+    tail = ("; use --resume PATH to continue one of them with these changes" if notes else "")
+    notes.append(f"--resume auto: no matching checkpoint under {root}; starting fresh{tail}")
+    return ResumeChoice(None, notes)
+
+
+def resolve_resume(spec: str | None, results_dir: str, current: dict | None = None) -> ResumeChoice:
+    """--resume value -> the checkpoint to continue (or None) and notes to log."""
+    if not spec:
+        return ResumeChoice(None)
+    if spec == "auto":
+        return choose_auto(results_dir, current or {})
+    path = Path(spec)
+    if path.name.endswith(".tmp") or path.name.endswith(".old"):
+        raise ValueError(f"--resume {spec!r} is an unfinished save ({path.suffix}); resume from a "
+                         "complete step-NNNNNNN dir or use --resume auto")
+    if STEP_DIR.match(path.name) and path.parent.is_dir():
+        recover_checkpoints(path.parent)
+    if not is_complete(path):
+        raise FileNotFoundError(f"--resume {spec!r} is not a complete checkpoint dir (expected "
+                                f"<run>/checkpoints/step-NNNNNNN/ with {TRAIN_STATE})")
+    saved = _saved_config(path)
+    diffs = config_differences(saved, current) if saved is not None and current else []
+    notes = [f"--resume {path}: continuing with changed settings: {'; '.join(diffs)}"] if diffs else []
+    return ResumeChoice(path, notes)
+
+
+def check_resume_spec(spec: str | None) -> None:
+    """Read-only check of --resume before anything is created (resolve_resume decides later, on
+    rank 0): an unfinished save or a path that is no checkpoint fails here."""
+    if not spec or spec == "auto":
+        return
+    path = Path(spec)
+    if path.name.endswith(".tmp") or path.name.endswith(".old"):
+        raise ValueError(f"--resume {spec!r} is an unfinished save ({path.suffix}); resume from a "
+                         "complete step-NNNNNNN dir or use --resume auto")
+    aside = path.with_name(path.name + ".old")  # an interrupted publish, repaired by resolve_resume
+    if not (is_complete(path) or (aside / TRAIN_STATE).is_file()):
+        raise FileNotFoundError(f"--resume {spec!r} is not a complete checkpoint dir (expected "
+                                f"<run>/checkpoints/step-NNNNNNN/ with {TRAIN_STATE}), nor 'auto'")
