@@ -10,12 +10,12 @@ horizontally; train.py picks one of the two per visit. Rerunning the same comman
 import argparse
 import sys
 
+from dit_fast.cli import OneLineParser, run_entry
 from dit_fast.data.extract import ExtractConfig, extract_features
-from dit_fast.vae import VAEError  # light: diffusers is imported only when a VAE is loaded
 
 
 def parse_args(argv=None) -> ExtractConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="extract_features.py", description=__doc__.splitlines()[0])
     p.add_argument("--data-path", required=True, help="ImageFolder root (one folder per class)")
     p.add_argument("--features-path", required=True, help="output directory (rerun to resume)")
     p.add_argument("--image-size", type=int, default=256, help="center-crop side in pixels")
@@ -36,14 +36,8 @@ def parse_args(argv=None) -> ExtractConfig:
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    try:
-        extract_features(cfg)
-    except (FileNotFoundError, NotADirectoryError, ValueError, VAEError) as err:
-        # Bad input: one clear line instead of a traceback (bugs still raise other types).
-        print(f"extract_features.py: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """0 done; 2 bad input: one line on stderr, nothing created (dit_fast.cli)."""
+    return run_entry(lambda a: extract_features(parse_args(a)), "extract_features.py", argv)
 
 
 if __name__ == "__main__":

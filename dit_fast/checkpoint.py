@@ -177,8 +177,9 @@ def safe_torch_load(path, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # The weights-only unpickler names what it refused (a GLOBAL, an unsupported opcode);
-        # anything else is a broken stream, not a forbidden object.
-        if not any(word in str(e).lower() for word in ("global", "unsupported", "weightsunpickler")):
+        # in a file without a zip or pickle header those are just junk bytes, not objects.
+        refused = any(word in str(e).lower() for word in ("global", "unsupported", "weightsunpickler"))
+        if not refused or not _has_checkpoint_header(path):
             raise CheckpointError(_format_problem(path, e)) from e
         raise UnsafeCheckpointError(
             f"Refusing to load {path}: it holds arbitrary Python objects that dit_fast does not "
@@ -188,6 +189,13 @@ def safe_torch_load(path, map_location="cpu"):
         ) from e
     except Exception as e:  # junk bytes fail in many ways inside the unpickler
         raise CheckpointError(_format_problem(path, e)) from e
+
+
+def _has_checkpoint_header(path: Path) -> bool:
+    """torch.save writes a zip (PK) or, in the legacy format, a protocol-2+ pickle (0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _format_problem(path: Path, error: Exception) -> str:

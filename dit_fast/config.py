@@ -234,6 +234,18 @@ def validate_config(cfg: Config) -> None:
             raise ValueError(message)
     from .models import patch_size_of
     patch_size_of(m.model)  # an unknown --model raises, naming the choices
+    _check_width(m)
+
+
+def _check_width(m: ModelConfig) -> None:
+    """--hidden-size must split into --num-heads heads (else the model build fails much later)."""
+    if m.hidden_size is None and m.num_heads is None:
+        return
+    from . import models
+    _, width, heads = models._SIZES[m.model[len("DiT-"):].split("/")[0]]
+    width, heads = m.hidden_size or width, m.num_heads or heads
+    if width % heads:
+        raise ValueError(f"--hidden-size {width} is not divisible by --num-heads {heads}")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -116,18 +116,29 @@ def load_vae(spec, device="cpu", dtype=torch.float32) -> VAE | None:
     """
     if is_pixel_space(spec):
         return None
+    check_vae_spec(spec)
     spec = str(spec)
     local = Path(spec).expanduser()
     if local.is_dir():
         vae = _from_directory(local, dtype)
-    elif spec in VAE_REPOS or _REPO_ID.match(spec):
-        vae = _from_hub(VAE_REPOS.get(spec, spec), dtype)
     else:
+        vae = _from_hub(VAE_REPOS.get(spec, spec), dtype)
+    return VAE(vae.to(device))
+
+
+def check_vae_spec(spec) -> None:
+    """Raise VAEError for a --vae that can never load (checked before anything is created)."""
+    if is_pixel_space(spec):
+        return
+    spec = str(spec)
+    local = Path(spec).expanduser()
+    if local.exists() and not local.is_dir():
+        raise VAEError(f"--vae {spec!r} is a file; give a diffusers AutoencoderKL directory")
+    if not (local.is_dir() or spec in VAE_REPOS or _REPO_ID.match(spec)) or (
+            spec.startswith(("/", ".", "~")) and not local.exists()):
         raise VAEError(
             f"--vae {spec!r} is not 'ema', 'mse', 'none', an existing directory or a Hugging Face "
-            f"repo id (owner/name). If it is meant to be a directory, check the path."
-        )
-    return VAE(vae.to(device))
+            f"repo id (owner/name). If it is meant to be a directory, check the path.")
 
 
 def _load_kwargs(dtype) -> dict:

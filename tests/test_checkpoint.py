@@ -237,7 +237,7 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 def test_not_a_checkpoint_is_clear(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="Could not read .*junk.pt as a torch checkpoint"):
+    with pytest.raises(CheckpointError, match="Could not read .*junk.pt: it is not a torch checkpoint"):
         load_state_dict(tmp_path / "junk.pt")
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(CheckpointError, match="Could not read .*junk.safetensors"):

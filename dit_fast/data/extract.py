@@ -158,6 +158,24 @@ def _batches(cfg: ExtractConfig, n: int, shards: list[int]) -> list[tuple[int, i
     return out
 
 
+def _open_images(cfg: ExtractConfig) -> ImageFolder:
+    """The ImageFolder of --data-path, after the checks a bad command line fails on."""
+    from ..vae import check_vae_spec, vae_downsample
+    data, out = Path(cfg.data_path), Path(cfg.features_path)
+    if not data.is_dir():
+        raise NotADirectoryError(f"--data-path {cfg.data_path!r} is not a directory of class folders")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--features-path {cfg.features_path!r} is a file; give a directory")
+    check_vae_spec(cfg.vae)
+    if cfg.image_size % vae_downsample(cfg.vae):
+        raise ValueError(f"--image-size {cfg.image_size} must be divisible by the VAE's "
+                         f"downsampling factor {vae_downsample(cfg.vae)}")
+    folder = ImageFolder(cfg.data_path, cfg.image_size, random_flip=False, grayscale=cfg.grayscale)
+    if len(folder) == 0:
+        raise ValueError(f"--data-path {cfg.data_path!r} holds no images")
+    return folder
+
+
 def _load_vae(cfg: ExtractConfig, device: torch.device):
     """(vae or None, latent_shape) for the configured --vae."""
     channels = 1 if cfg.grayscale else 3
@@ -255,10 +273,10 @@ def _write_final_index(cfg, folder, num_shards) -> dict:
 def extract_features(cfg: ExtractConfig) -> dict | None:
     """Run (or resume) an extraction; returns the index on rank 0, None on other ranks."""
     cfg.validate()
+    # Every input is checked before the process group and the features folder exist.
+    folder = _open_images(cfg)
     ctx = init_distributed()
     try:
-        folder = ImageFolder(cfg.data_path, cfg.image_size, random_flip=False,
-                             grayscale=cfg.grayscale)
         num_shards = -(-len(folder) // cfg.shard_size)
         Path(cfg.features_path).mkdir(parents=True, exist_ok=True)
         pending, done = find_pending(cfg, folder, num_shards)

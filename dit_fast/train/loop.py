@@ -61,6 +61,11 @@ def prepare(cfg: Config):
     ds_config = build_deepspeed_config(cfg, world_size)
     info = open_training_data(cfg)
     cfg.model.in_channels, cfg.model.input_size = info.in_channels, info.input_size
+    per_rank, per_step = -(-len(info.dataset) // world_size), cfg.train.micro_batch_size * cfg.train.grad_accum
+    if per_rank < per_step:
+        raise ValueError(f"{len(info.dataset)} items give each of the {world_size} rank(s) {per_rank}, "
+                         f"fewer than one optimizer step ({per_step}: micro batch x --grad-accum); "
+                         "lower --global-batch-size or use more data")
     return ds_config, info
 
 

@@ -1,0 +1,174 @@
+"""Bad input on every entry point: one line on stderr (`<prog>: error: ...`), exit code 2, no
+traceback, and nothing created (the folder listing before == after; no process group joined).
+
+The table runs the entry points in-process (their `main(argv)`, exactly what `python train.py` runs
+after argv) to stay cheap; a few rows also go through a real subprocess to prove the exit code
+and the absence of a traceback end to end.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "64", "--num-heads", "4",
+        "--image-size", "8", "--num-classes", "10", "--vae", "none", "--num-workers", "0",
+        "--global-batch-size", "32", "--max-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Inputs the bad command lines point at (outside the folder whose listing is checked)."""
+    from dit_fast.data import write_digits_features
+    base = tmp_path_factory.mktemp("inputs")
+    feat = write_digits_features(base / "feat8", 8)
+    (base / "empty").mkdir()
+    (base / "notes.txt").write_text("not a checkpoint, not a folder\n")
+    (base / "bad.json").write_text("{\"zero_optimization\": {\"stage\": 2},,}")
+    (base / "contra.json").write_text(json.dumps({"train_batch_size": 7}))
+    (base / "optim.json").write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    (base / "fp16on.json").write_text(json.dumps({"fp16": {"enabled": True}}))
+    (base / "images" / "cat").mkdir(parents=True)
+    (base / "junk.pt").write_bytes(b"junk bytes, not a torch file" * 4)
+    torch.save({"pos_embed": torch.zeros(3)}, base / "wrong_shape.pt")
+    ckpt = base / "run" / "checkpoints" / "step-0000004.tmp"
+    ckpt.mkdir(parents=True)
+    return {"feat": str(feat), "empty": str(base / "empty"), "txt": str(base / "notes.txt"),
+            "base": base, "ckpt_tmp": str(ckpt), "images": str(base / "images"),
+            "junk": str(base / "junk.pt"), "wrong": str(base / "wrong_shape.pt")}
+
+
+def train_main(argv):
+    import train
+    return train.main(argv)
+
+
+def extract_main(argv):
+    import extract_features
+    return extract_features.main(argv)
+
+
+def T(*extra, feat=True):
+    """A train.py command line: the tiny model, plus --features-path unless told otherwise."""
+    return lambda f: [*TINY, *(["--features-path", f["feat"]] if feat else []), "--results-dir",
+                      "results", *[a.format(**f) for a in extra]]
+
+
+def E(*args):
+    return lambda f: [a.format(**f) for a in args]
+
+
+TRAIN_CASES = [
+    ("features path missing", T("--features-path", "{base}/nope"), "does not exist"),
+    ("features path is a file", T("--features-path", "{txt}"), ""),
+    ("features path empty dir", T("--features-path", "{empty}"), "is empty"),
+    ("no data flag", T(feat=False), "exactly one of --features-path"),
+    ("both data flags", T("--data-path", "{images}"), "exactly one of --features-path"),
+    ("data path is a file", T("--data-path", "{txt}", feat=False), "not a directory"),
+    ("data path has no images", T("--data-path", "{images}", feat=False), ""),
+    ("unknown model", T("--model", "DiT-Q/3"), "unknown model"),
+    ("unknown attention backend", T("--attn-backend", "flashy"), "unknown attention backend"),
+    ("unavailable attention backend", T("--attn-backend", "xformers"), "unavailable"),
+    ("zero batch", T("--global-batch-size", "0"), "--global-batch-size must be positive"),
+    ("negative batch", T("--global-batch-size", "-32"), "--global-batch-size must be positive"),
+    ("batch not an int", T("--global-batch-size", "lots"), "invalid int value"),
+    ("batch not divisible by accumulation", T("--grad-accum", "3"), "not divisible"),
+    ("zero accumulation", T("--grad-accum", "0"), "--grad-accum must be positive"),
+    ("batch larger than the data", T("--global-batch-size", "4096"), "fewer than one optimizer step"),
+    ("image size off the latents", T("--image-size", "16"), "pass --image-size 8"),
+    ("negative image size", T("--image-size", "-8"), "--image-size must be positive"),
+    ("zero classes", T("--num-classes", "0"), "--num-classes must be positive"),
+    ("labels out of range", T("--num-classes", "5"), ""),
+    ("deepspeed json missing", T("--deepspeed_config", "{base}/nope.json"), "does not exist"),
+    ("deepspeed json invalid", T("--deepspeed_config", "{base}/bad.json"), "not valid JSON"),
+    ("deepspeed json contradicts", T("--deepspeed_config", "{base}/contra.json"), "contradicts"),
+    ("deepspeed json optimizer", T("--deepspeed_config", "{base}/optim.json"), "optimizer"),
+    ("deepspeed json fp16 vs bf16", T("--deepspeed_config", "{base}/fp16on.json"), "contradicts"),
+    ("fp16 on a CPU", T("--precision", "fp16"), "needs a GPU"),
+    ("unknown precision", T("--precision", "fp8"), "invalid choice"),
+    ("resume path missing", T("--resume", "{base}/nope"), "not a complete checkpoint"),
+    ("resume an unfinished save", T("--resume", "{ckpt_tmp}"), "unfinished save"),
+    ("resume a file", T("--resume", "{txt}"), "not a complete checkpoint"),
+    ("results dir is a file", T("--results-dir", "{txt}"), "is a file"),
+    ("checkpointing fraction > 1", T("--grad-checkpointing", "2"), "fraction"),
+    ("negative lr", T("--lr=-1e-4"), "--lr must be positive"),
+    ("zero collective timeout", T("--collective-timeout", "0"), "--collective-timeout"),
+    ("EMA decay above 1", T("--ema-decay", "1.5"), "--ema-decay"),
+    ("width not divisible by heads", T("--hidden-size", "60", "--num-heads", "7"), "divisible"),
+    ("zero max steps", T("--max-steps", "0"), "--max-steps must be positive"),
+    ("negative workers", T("--num-workers", "-1"), "--num-workers"),
+    ("unknown flag", T("--learning-rate", "1"), "unrecognized arguments"),
+]
+
+EXTRACT_CASES = [
+    ("data path missing", E("--data-path", "{base}/nope", "--features-path", "out"), "not a directory"),
+    ("data path is a file", E("--data-path", "{txt}", "--features-path", "out"), "not a directory"),
+    ("no images", E("--data-path", "{images}", "--features-path", "out", "--vae", "none"), ""),
+    ("features path is a file", E("--data-path", "{images}", "--features-path", "{txt}"), "is a file"),
+    ("zero image size", E("--data-path", "{images}", "--features-path", "out", "--image-size", "0"),
+     "--image-size must be positive"),
+    ("image size not divisible", E("--data-path", "{images}", "--features-path", "out",
+                                   "--image-size", "12"), "divisible"),
+    ("unknown vae", E("--data-path", "{images}", "--features-path", "out", "--vae", "/no/vae"),
+     "--vae"),
+    ("grayscale with a VAE", E("--data-path", "{images}", "--features-path", "out", "--grayscale"),
+     "--grayscale"),
+    ("missing flag", E("--data-path", "{images}"), "required"),
+    ("negative batch", E("--data-path", "{images}", "--features-path", "out", "--batch-size", "-1"),
+     "--batch-size must be positive"),
+]
+
+CASES = ([("train.py", train_main, *c) for c in TRAIN_CASES]
+         + [("extract_features.py", extract_main, *c) for c in EXTRACT_CASES])
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def run_in_process(main, argv, capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse's own exit
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prog, main, name, argv, expect", CASES, ids=[f"{c[0]}: {c[2]}" for c in CASES])
+def test_bad_input_one_line_exit_2_nothing_created(prog, main, name, argv, expect, files, tmp_path,
+                                                   monkeypatch, capsys):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    before, inputs_before = listing(tmp_path), listing(files["base"])
+    code, err = run_in_process(main, argv(files), capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (name, code, err)
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    assert expect in lines[0], lines[0]
+    assert listing(tmp_path) == before and listing(files["base"]) == inputs_before
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args", [
+    ("train.py", ["--features-path", "{feat}", "--attn-backend", "flashy"]),
+    ("train.py", ["--features-path", "{feat}", "--global-batch-size", "0"]),
+    ("extract_features.py", ["--data-path", "{txt}", "--features-path", "out"]),
+])
+def test_bad_input_through_a_real_process(script, args, files, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "kernels"), env.get("PYTHONPATH", "")])
+    extra = TINY if script == "train.py" else []
+    proc = subprocess.run([sys.executable, str(ROOT / script), *extra,
+                           *[a.format(**files) for a in args]], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), proc.stderr
+    assert listing(tmp_path) == []

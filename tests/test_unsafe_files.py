@@ -1,0 +1,87 @@
+"""A weights / EMA file with a malicious pickle is refused on every path that loads one, before
+its payload runs (the payload would create a file: the file must not exist afterwards); a file
+that is merely broken is named as such (empty, truncated, not a checkpoint), not as unsafe."""
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit_fast.checkpoint import (CheckpointError, UnsafeCheckpointError, load_state_dict,
+                                 safe_torch_load)
+
+
+class Payload:
+    """Unpickling this runs os.system: it would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def evil(tmp_path):
+    """(path of an EMA-style file whose pickle creates ``marker``, marker)."""
+    marker = tmp_path / "PAYLOAD_RAN"
+    path = tmp_path / "ema-0000001.pt"
+    torch.save({"ema": {"pos_embed": torch.zeros(1)}, "extra": Payload(marker)}, path)
+    assert not marker.exists()
+    return path, marker
+
+
+def test_load_state_dict_refuses_a_malicious_pickle(evil):
+    path, marker = evil
+    with pytest.raises(UnsafeCheckpointError, match="Refusing to load"):
+        load_state_dict(str(path))
+    assert not marker.exists()
+
+
+def test_resume_ema_load_refuses_a_malicious_pickle(evil, tmp_path):
+    from dit_fast.train.run_dir import FORMAT_VERSION, TRAIN_STATE, load_training_checkpoint
+    path, marker = evil
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000001"
+    ckpt.mkdir(parents=True)
+    torch.save({"step": 1, "epoch": 0, "step_in_epoch": 1, "world_size": 1, "version": FORMAT_VERSION,
+                "config": {"model": {}}}, ckpt / TRAIN_STATE)
+    path.rename(ckpt / path.name)
+
+    class Engine:  # DeepSpeed's side of the load is not under test here
+        def load_checkpoint(self, *args, **kwargs):
+            return str(ckpt), {}
+
+    with pytest.raises(UnsafeCheckpointError, match="Refusing to load"):
+        load_training_checkpoint(Engine(), ckpt, rank=0, world_size=1, model_config={})
+    assert not marker.exists()
+
+
+def test_sample_py_refuses_a_malicious_ckpt(evil, tmp_path, capsys):
+    import sample
+    path, marker = evil
+    argv = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
+            "--vae", "none", "--image-size", "8", "--num-classes", "10", "--in-channels", "1",
+            "--class-labels", "0", "--num-sampling-steps", "2", "--device", "cpu",
+            "--ckpt", str(path), "--out", str(tmp_path / "grid.png")]
+    with pytest.raises(SystemExit) as stop:
+        sample.cli(argv)
+    assert "Refusing to load" in str(stop.value.code) or "Refusing to load" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "it is empty"),
+    (b"plain text, no checkpoint" * 3, "not a torch checkpoint"),
+    ("truncate", "damaged or truncated torch (zip) checkpoint"),
+])
+def test_broken_files_name_the_real_cause(tmp_path, content, says):
+    path = tmp_path / "broken.pt"
+    if content == "truncate":
+        torch.save({"w": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=re.escape(says)) as err:
+        safe_torch_load(path)
+    assert not isinstance(err.value, UnsafeCheckpointError)
