@@ -49,6 +49,23 @@ def test_fp16_dynamic_loss_scale_and_skipped_steps_logged(tmp_path, digits8):
     assert "Skipped Steps: " in (run / "log.txt").read_text()
 
 
+def test_fp16_overflow_is_skipped_counted_and_the_scale_drops(tmp_path, digits8):
+    # A 2^32 initial loss scale overflows the fp16 gradients: DeepSpeed must skip those steps
+    # (counted in the log and metrics.jsonl), halve the scale, then train with finite losses.
+    ds = tmp_path / "fp16_big_scale.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                              "fp16": {"initial_scale_power": 32, "hysteresis": 1}}))
+    results = tmp_path / "results"
+    run_plain(["--features-path", str(digits8), "--results-dir", str(results), "--precision",
+               "fp16", "--deepspeed_config", str(ds), "--max-steps", "12", "--ckpt-every", "12"])
+    rows = metrics(results)
+    assert rows[-1]["skipped_steps"] >= 1, rows
+    assert rows[-1]["loss_scale"] < 2**32, rows
+    assert all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e3 for r in rows), rows  # finite
+    skipped = [r["skipped_steps"] for r in rows]
+    assert skipped == sorted(skipped), skipped  # a running count
+
+
 def test_bf16_zero2_compile_and_grad_checkpointing(tmp_path, digits8):
     run_plain(["--features-path", str(digits8), "--results-dir", str(tmp_path), "--precision",
                "bf16", "--deepspeed_config", str(ROOT / "configs/deepspeed/zero2.json"),
