@@ -106,7 +106,7 @@ TRAIN_CASES = [
 ]
 
 EXTRACT_CASES = [
-    ("data path missing", E("--data-path", "{base}/nope", "--features-path", "out"), "not a directory"),
+    ("data path missing", E("--data-path", "{base}/nope", "--features-path", "out"), "does not exist"),
     ("data path is a file", E("--data-path", "{txt}", "--features-path", "out"), "not a directory"),
     ("no images", E("--data-path", "{images}", "--features-path", "out", "--vae", "none"), ""),
     ("features path is a file", E("--data-path", "{images}", "--features-path", "{txt}"), "is a file"),

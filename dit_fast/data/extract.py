@@ -162,8 +162,11 @@ def _open_images(cfg: ExtractConfig) -> ImageFolder:
     """The ImageFolder of --data-path, after the checks a bad command line fails on."""
     from ..vae import check_vae_spec, vae_downsample
     data, out = Path(cfg.data_path), Path(cfg.features_path)
+    if not data.exists():
+        raise FileNotFoundError(f"--data-path {cfg.data_path!r} does not exist")
     if not data.is_dir():
-        raise NotADirectoryError(f"--data-path {cfg.data_path!r} is not a directory of class folders")
+        raise NotADirectoryError(f"--data-path {cfg.data_path!r} is a file, not a directory of "
+                                 "class folders")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--features-path {cfg.features_path!r} is a file; give a directory")
     check_vae_spec(cfg.vae)
