@@ -99,7 +99,7 @@ class TrainLoop:
         self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.train.grad_accum
         self.vae = info.vae.to(device) if info.vae is not None else None
         self.train_step = TrainStep(engine, ema, self.diffusion, device, cfg.train.precision,
-                                    cfg.train.grad_accum, self.zero3, self.vae)
+                                    cfg.train.grad_accum, self.vae)
         self.pos = Position()
         self.resumed = False
         self.metrics = MetricsWriter(run_dir, self.rank)
