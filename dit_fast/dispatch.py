@@ -185,11 +185,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def modulated_layer_norm(x, shift, scale, eps: float, backend: str) -> torch.Tensor:
-    """modulate(LayerNorm(x, no affine, eps), shift, scale)."""
+def modulated_layer_norm(x, shift, scale, eps: float, backend: str, out_dtype=None) -> torch.Tensor:
+    """modulate(LayerNorm(x, no affine, eps), shift, scale).
+
+    ``out_dtype`` (Triton only): write the result in the dtype the next GEMM reads (autocast's), the
+    same bits as autocast's own cast, without the separate cast kernels; the torch ops leave the cast
+    to autocast.
+    """
     if backend == "triton":
         from dit_fast_kernels.modulated_layer_norm import modulated_layer_norm as fused
-        return fused(x, shift, scale, eps)
+        return fused(x, shift, scale, eps, out_dtype=out_dtype)
     return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
 
 
@@ -201,11 +206,12 @@ def gated_residual(x, gate, y, backend: str) -> torch.Tensor:
     return x + gate.unsqueeze(1) * y
 
 
-def gated_residual_norm(x, gate, y, shift, scale, eps: float, backend: str):
-    """(h, m): h = x + gate * y and m = modulated_layer_norm(h, shift, scale), in one pass on Triton."""
+def gated_residual_norm(x, gate, y, shift, scale, eps: float, backend: str, out_dtype=None):
+    """(h, m): h = x + gate * y and m = modulated_layer_norm(h, shift, scale), in one pass on Triton
+    (m in ``out_dtype`` there, as in modulated_layer_norm)."""
     if backend == "triton":
         from dit_fast_kernels.gated_residual import gated_residual_norm as fused
-        return fused(x, gate, y, shift, scale, eps)
+        return fused(x, gate, y, shift, scale, eps, out_dtype=out_dtype)
     h = x + gate.unsqueeze(1) * y
     return h, modulate(F.layer_norm(h, h.shape[-1:], eps=eps), shift, scale)
 

@@ -99,14 +99,28 @@ class ModulatedLayerNorm(nn.Module):
         return dispatch.resolve_adaln_backend(self.fused, device)
 
     def forward(self, x, shift, scale):                          # (N, T, D), (N, D), (N, D) -> (N, T, D)
-        return dispatch.modulated_layer_norm(x, shift, scale, self.eps, self._backend(x.device))
+        return dispatch.modulated_layer_norm(x, shift, scale, self.eps, self._backend(x.device),
+                                             gemm_input_dtype(x))
 
     def residual_norm(self, x, gate, y, shift, scale):
         """h = x + gate * y and this norm applied to h, returned as (h, norm(h)); one pass when fused."""
-        return dispatch.gated_residual_norm(x, gate, y, shift, scale, self.eps, self._backend(x.device))
+        return dispatch.gated_residual_norm(x, gate, y, shift, scale, self.eps, self._backend(x.device),
+                                            gemm_input_dtype(x))
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, fused={self.fused}"
+
+
+def gemm_input_dtype(x: torch.Tensor):
+    """The dtype autocast will cast the norm's output to for the next Linear (None: no autocast here).
+
+    The fused adaLN ops then write that dtype directly (bit-identical to autocast's round-to-nearest
+    cast of the fp32 result), saving a cast kernel each way per norm.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def gated_residual(x, gate, y, fused) -> torch.Tensor:

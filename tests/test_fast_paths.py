@@ -72,3 +72,31 @@ def test_every_fast_path_matches_reference_gpu(dtype):
         bound = 2 * max_rel(grads_lo[name], g32) + floor
         rel = max_rel(grads_fast[name], g32)
         assert rel <= bound, f"grad of {name}: fast path rel. err {rel:.3e} > {bound:.3e}"
+
+
+def test_fused_adaln_emits_the_autocast_dtype_bit_identical_to_the_cast(monkeypatch):
+    """Under autocast the fused norms write the GEMM's input dtype themselves (out_dtype): the forward
+    and every gradient equal, bit for bit, the same model whose norms return fp32 for autocast to cast;
+    and both stay within half-precision error of the unfused torch ops. fp16 on the CPU: Triton's
+    interpreter rounds fp32 -> bf16 by truncation (the GPU rounds to nearest even, as autocast does;
+    tests/kernels/test_*::test_gpu_out_dtype_equals_autocasts_own_cast check bf16 there)."""
+    dtype = torch.float16
+    import dit_fast.layers as layers
+    seen = []
+    real = layers.gemm_input_dtype
+    monkeypatch.setattr(layers, "gemm_input_dtype", lambda x: seen.append(real(x)) or seen[-1])
+
+    def under_autocast(model):
+        with torch.autocast("cpu", dtype=dtype):
+            return run(model, *inputs("cpu", torch.float32))
+    out_direct, grads_direct = under_autocast(build(attn_backend="math", fused_adaln=True))
+    assert seen and all(d == dtype for d in seen), seen
+    monkeypatch.setattr(layers, "gemm_input_dtype", lambda x: None)  # fp32 m, autocast casts it
+    out_cast, grads_cast = under_autocast(build(attn_backend="math", fused_adaln=True))
+    assert torch.equal(out_direct, out_cast)
+    for name, g in grads_cast.items():
+        assert torch.equal(grads_direct[name], g), name
+    out_ref, grads_ref = under_autocast(build(attn_backend="math", fused_adaln=False))
+    assert max_rel(out_direct, out_ref) <= 2e-2
+    for name, g in grads_ref.items():
+        assert max_rel(grads_direct[name], g) <= 5e-2, name
