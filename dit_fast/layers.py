@@ -127,3 +127,24 @@ def gated_residual(x, gate, y, fused) -> torch.Tensor:
     """adaLN-Zero's residual x + gate * y; (N, T, D), (N, D), (N, T, D). Triton when ``fused`` says so."""
     backend = dispatch.resolve_adaln_backend(fused, x.device)
     return dispatch.gated_residual(x, gate, y, backend)
+
+
+def keep_outputs_of_matmuls_over(k: int):
+    """A selective-checkpointing context: keep the output of every matmul that contracts over ``k``
+    (a DiT block's fc2: K = mlp hidden width), recompute everything else in the backward.
+
+    fc2's output is cheap to keep (one (N, T, D) tensor) and its GEMM is the costliest single
+    recompute per byte (gpu/perf-review.md section 3); it is needed only by the gated residual's
+    backward. Recomputing the rest re-runs exactly the same ops, so gradients are bit-identical.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    aten = torch.ops.aten
+
+    def policy(ctx, func, *args, **kwargs):
+        if func in (aten.addmm.default, aten.mm.default):
+            a = args[1] if func is aten.addmm.default else args[0]  # (M, K) @ (K, N)
+            if a.shape[-1] == k:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
