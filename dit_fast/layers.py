@@ -118,7 +118,7 @@ def gemm_input_dtype(x: torch.Tensor):
     cast of the fp32 result), saving a cast kernel each way per norm.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

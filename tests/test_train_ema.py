@@ -24,7 +24,6 @@ def tiny_cfg(precision: str = "bf16") -> Config:
 
 
 def build(cfg: Config, stage: int):
-    from dit_fast.diffusion import create_diffusion
     from dit_fast.distributed import init_distributed
     from dit_fast.train.engine import build_deepspeed_config, build_engine
     from dit_fast.train.step import TrainStep
@@ -32,7 +31,7 @@ def build(cfg: Config, stage: int):
     ds_config = build_deepspeed_config(cfg, 1)
     ds_config["zero_optimization"] = {"stage": stage}
     engine, ema = build_engine(cfg, ds_config, ctx.device, 0, 1)
-    step = TrainStep(engine, ema, create_diffusion(timestep_respacing=""), ctx.device, cfg.train.precision, 1)
+    step = TrainStep.from_config(cfg, engine, ema, ctx.device)
     return engine, ema, step
 
 

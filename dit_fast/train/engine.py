@@ -164,6 +164,9 @@ def seed_everything(seed: int) -> None:
 def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, world: int):
     """Model -> activation checkpointing (constructor flag) -> compile -> EMA copy -> engine."""
     import deepspeed
+    if device.type == "cuda":  # DiT's train.py: TF32 matmuls and convolutions for the fp32 work
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     # Every rank builds the same initial weights (DiT's DDP broadcast of rank 0's init, whose
     # seed is global_seed * world_size); ZeRO-3 partitions these local copies without a broadcast.
     seed_everything(cfg.train.global_seed * world)

@@ -1,6 +1,6 @@
 """One DiT training step, as train.py runs it and benchmarks/table.py times it (one copy of the step).
 
-    step = TrainStep(engine, ema, diffusion, device, precision, grad_accum, vae)
+    step = TrainStep.from_config(cfg, engine, ema, device, vae)   # what TrainLoop and the table do
     loss_sum = step.optimizer_step(batches)   # grad_accum micro-steps, then the EMA update
 
 A micro-step is DiT's: t ~ randint(0, T) per sample, loss = training_losses(...)["loss"].mean(),
@@ -22,6 +22,16 @@ class TrainStep:
         self.engine, self.ema, self.diffusion, self.vae = engine, ema, diffusion, vae
         self.device, self.grad_accum = device, grad_accum
         self.dtype = engine_dtype(precision)
+
+    @classmethod
+    def from_config(cls, cfg, engine, ema, device: torch.device, vae=None) -> "TrainStep":
+        """The step of a resolved Config: DiT's diffusion (cfg.diffusion), precision and accumulation."""
+        from ..diffusion import create_diffusion
+        diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
+                                     noise_schedule=cfg.diffusion.noise_schedule,
+                                     learn_sigma=cfg.model.learn_sigma,
+                                     diffusion_steps=cfg.diffusion.diffusion_steps)
+        return cls(engine, ema, diffusion, device, cfg.train.precision, cfg.train.grad_accum, vae)
 
     def model_fn(self, x, t, y):
         """The engine in its precision; t stays an integer timestep (never rounded to bf16)."""
