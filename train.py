@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from dit_fast.cli import OneLineParser, one_line, run_entry
-from dit_fast.config import PRECISIONS, config_from_args
+from dit_fast.config import PRECISIONS, checkpointing_arg, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off (DiT)")
     a("--lr", type=float, default=1e-4)
     a("--weight-decay", type=float, default=0.0)
-    a("--grad-checkpointing", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
-      help="recompute activations of this fraction of blocks (flag alone = all)")
+    a("--grad-checkpointing", type=checkpointing_arg, nargs="?", const=1.0, default=0.0,
+      metavar="FRACTION|selective",
+      help="recompute activations of this fraction of blocks (flag alone = all); selective: every "
+           "block, keeping each fc2 output")
     a("--attn-backend", type=str, default="sdpa")
     a("--fused-adaln", action="store_true", help="fused Triton adaLN kernels")
     a("--compile", action="store_true", help="torch.compile each block")

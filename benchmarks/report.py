@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CSV_FIELDS = ("key", "label", "grad_ckpt", "mixed_precision", "pre_extracted", "attn_backend", "fused_adaln",
-              "compile", "zero_stage", "status", "steps_per_s", "images_per_s", "peak_mb", "peak_reserved_mb",
-              "mfu", "ratio", "mean_step_s", "warmup_s", "mfu_peak")
+CSV_FIELDS = ("key", "label", "grad_ckpt", "precision", "pre_extracted", "attn_backend", "fused_adaln", "compile",
+              "zero_stage", "status", "steps_per_s", "images_per_s", "peak_mb", "peak_reserved_mb", "mfu", "ratio",
+              "ratio_sdpa", "mean_step_s", "warmup_s", "mfu_peak", "command")
 
 
 def _version(dist: str) -> str:
@@ -67,40 +67,44 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
 
 
-def metadata(args, setup, forward_flops: int, train_flops: int, peak_info: dict) -> dict:
+def metadata(args, latent_size: int, forward_flops: int, train_flops: int, peak_info: dict, vae_note: str) -> dict:
     """Everything a reader needs to know where the numbers come from."""
     now = dt.datetime.now(dt.timezone.utc)
-    memory = ("torch.cuda.max_memory_allocated after reset_peak_memory_stats, per row from a fresh state "
-              "(weights, grads, AdamW state, EMA and VAE included); reserved in the JSON/CSV"
-              if setup.device.type == "cuda" else
-              "CPU has no allocator statistic: peak live tensor bytes over one extra step = every tensor "
-              "of the row's state at the step's start (weights, AdamW state, EMA, VAE, data) + every "
-              "storage aten ops create during the step (TorchDispatchMode), minus each storage when it "
-              "is freed; deterministic, sees checkpointing's recomputation")
+    cuda = args.device.type == "cuda"
+    memory = ("peak allocated = torch.cuda.max_memory_allocated, peak reserved = torch.cuda.max_memory_reserved, "
+              "after reset_peak_memory_stats, per row from a fresh state (weights, fp32 master weights, grads, "
+              "AdamW state, EMA and VAE included)"
+              if cuda else
+              "CPU, no allocator statistic: peak live tensor bytes (LiveBytes) over one extra step = every tensor "
+              "of the row's state at the step's start (weights, fp32 master, AdamW state, EMA, VAE, data) + every "
+              "storage aten ops create during the step (TorchDispatchMode), minus each storage when it is "
+              "freed; deterministic, sees checkpointing's recomputation")
     return {
         "date": now.strftime("%Y-%m-%d"), "time_utc": now.strftime("%H:%M:%S"),
-        "device": device_name(setup.device), "device_type": setup.device.type,
-        "slug": device_slug(setup.device), "git_commit": _git_commit(),
+        "device": device_name(args.device), "device_type": args.device.type,
+        "slug": device_slug(args.device), "git_commit": _git_commit(),
         "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
         "deepspeed": _version("deepspeed"), "diffusers": _version("diffusers"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "model": args.model, "batch": args.batch, "image_size": args.image_size,
-        "latent_size": setup.latent_size, "steps": args.steps, "warmup": args.warmup,
-        "mixed_precision": f"{args.mp_dtype} autocast on the model forward"
-                           + (" + GradScaler" if args.mp_dtype == "fp16" else ""),
-        "fp32": "TF32 matmuls/convs on CUDA (as DiT's train.py)" if setup.device.type == "cuda" else "fp32",
-        "compile_mode": args.compile_mode,
+        "latent_size": latent_size, "steps": args.steps, "warmup": args.warmup,
+        "mixed_precision": f"train.py --precision {args.mp_dtype}: DeepSpeed's {args.mp_dtype} engine ({args.mp_dtype} "
+                           "weights and activations, fp32 master weights and AdamW state"
+                           + (", dynamic loss scaling)" if args.mp_dtype == "fp16" else ")"),
+        "fp32": "TF32 matmuls/convs on CUDA (as DiT's train.py; build_engine sets it)" if cuda else "fp32",
         "forward_flops_per_image": forward_flops, "train_flops_per_image": train_flops,
         "flops_note": "FlopCounterMode on one forward (meta device) x3 per training image; recompute and "
                       "VAE not counted",
         "peaks": peak_info,
-        "mfu_note": ("MFU against the GPU's dense spec peak (bf16 rows: bf16, fp32 rows: TF32); the "
-                     "measured bf16 matmul peak is listed for comparison" if setup.device.type == "cuda" else
+        "mfu_note": ("MFU against the GPU's dense spec peak (bf16/fp16 rows: bf16, fp32 rows: TF32); the "
+                     "measured bf16 matmul peak is listed for comparison" if cuda else
                      "MFU against an fp32 matmul peak measured in this run (all rows)"),
-        "memory_method": memory, "vae_note": setup.vae_note,
-        "step": "VAE encode (rows without pre-extraction) + diffusion.training_losses (random t, labels) + "
-                "backward + AdamW(lr 1e-4, wd 0) + EMA(0.9999, fp32); timed with perf_counter, "
-                "synchronized per step on CUDA; mean over the timed steps",
+        "memory_method": memory, "vae_note": vae_note,
+        "step": "train.py's step: dit_fast.train.step.TrainStep.optimizer_step over the engine that "
+                "dit_fast.train.engine.build_engine builds from the row's flags (VAE encode for the rows "
+                "without pre-extraction, diffusion.training_losses with random t, engine.backward, "
+                "engine.step = fused AdamW lr 1e-4 wd 0, fp32 EMA 0.9999 of the fp32 master weights); "
+                "timed with perf_counter, synchronized per step on CUDA; mean over the timed steps",
     }
 
 
@@ -113,36 +117,47 @@ def _yes(flag) -> str:
 
 
 def markdown(results: list[dict], meta: dict) -> str:
-    """The table as markdown, with the run's provenance above it."""
-    ref = {"baseline": "the baseline row", "ckpt": "fast-DiT yes/no/no (the baseline did not run: see its "
-           "status)"}.get(meta.get("reference_row"), "nothing (neither the baseline nor yes/no/no ran)")
-    mem_head = "peak memory (MB)" if meta["device_type"] == "cuda" else "peak live tensors (MB)"
+    """The table as markdown, with the run's provenance above it and each row's train.py command below."""
+    refs = meta.get("reference_rows", {})
+    ref = {"original_math": "the original code path (math attention)", "ckpt": "fast-DiT's grad-ckpt row (the "
+           "math baseline did not run: see its status)"}.get(refs.get("ratio"), "nothing (no baseline ran)")
+    cuda = meta["device_type"] == "cuda"
+    mem_head = "peak alloc (MB) | peak reserved (MB)" if cuda else "peak live tensors, CPU (MB)"
     lines = [
-        f"## Training speed and memory: {meta['model']}, {meta['image_size']} px (latent "
-        f"{meta['latent_size']}), batch {meta['batch']}",
+        f"## Training speed and memory through train.py's step: {meta['model']}, {meta['image_size']} px "
+        f"(latent {meta['latent_size']}), batch {meta['batch']}",
         "",
         f"device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, deepspeed "
         f"{meta['deepspeed']}, diffusers {meta['diffusers']}; commit {meta['git_commit']}; "
         f"{meta['date']} {meta['time_utc']} UTC; {meta['steps']} timed steps after {meta['warmup']} warm-up",
-        f"ratio: steps/s against {ref}. MFU: {meta['mfu_note']}; model FLOPs "
-        f"{meta['train_flops_per_image'] / 1e9:.4g} GFLOP per training image ({meta['flops_note']}).",
+        f"step: {meta['step']}.",
+        f"ratios: steps/s against {ref} (vs math) and against original + SDPA (vs SDPA). MFU: "
+        f"{meta['mfu_note']}; model FLOPs {meta['train_flops_per_image'] / 1e9:.4g} GFLOP per training image "
+        f"({meta['flops_note']}).",
         f"memory: {meta['memory_method']}.",
         f"mixed precision: {meta['mixed_precision']}; fp32: {meta['fp32']}. {meta['vae_note']}.",
         "",
-        "| row | grad ckpt | mixed precision | feature pre-extraction | attention | adaLN | compile | ZeRO "
-        f"| steps/s | images/s | {mem_head} | MFU | vs baseline | status |",
-        "|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|--:|--:|--:|--:|--:|---|",
+        "| row | grad ckpt | precision | features | attention | adaLN | compile | ZeRO | steps/s | images/s "
+        f"| {mem_head} | MFU | vs math | vs SDPA | status |",
+        "|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|--:|--:|--:|" + ("--:|" if cuda else "") + "--:|--:|--:|---|",
     ]
     for r in results:
+        mem = _fmt_mb(r.get("peak_mb")) + (f" | {_fmt_mb(r.get('peak_reserved_mb'))}" if cuda else "")
         lines.append(
-            f"| {r['label']} | {_yes(r.get('grad_ckpt'))} | {_yes(r.get('mixed_precision'))} "
+            f"| {r['label']} | {r.get('grad_ckpt', '-')} | {r.get('precision', '-')} "
             f"| {_yes(r.get('pre_extracted'))} | {r.get('attn_backend', '-')} "
             f"| {'triton' if r.get('fused_adaln') else 'torch'} | {_yes(r.get('compile'))} "
             f"| {r.get('zero_stage') or '-'} | {_fmt(r.get('steps_per_s'), '.3f')} "
-            f"| {_fmt(r.get('images_per_s'), '.1f')} | {_fmt(r.get('peak_mb'), ',.1f' if (r.get('peak_mb') or 1e9) < 100 else ',.0f')} "
+            f"| {_fmt(r.get('images_per_s'), '.1f')} | {mem} "
             f"| {_fmt(None if r.get('mfu') is None else 100 * r['mfu'], '.2f', '%')} "
-            f"| {_fmt(r.get('ratio'), '.2f', 'x')} | {r['status']} |")
+            f"| {_fmt(r.get('ratio'), '.2f', 'x')} | {_fmt(r.get('ratio_sdpa'), '.2f', 'x')} | {r['status']} |")
+    lines += ["", "train.py command of each row (data paths are placeholders):", ""]
+    lines += [f"- {r['key']}: `{r['command']}`" for r in results if r.get("command")]
     return "\n".join(lines)
+
+
+def _fmt_mb(value) -> str:
+    return _fmt(value, ",.1f" if (value or 1e9) < 100 else ",.0f")
 
 
 def write_all(results: list[dict], meta: dict, out_dir: Path) -> list[Path]:

@@ -1,15 +1,21 @@
-"""The training speed / memory table: fast-DiT's three switches, then each of our speed-ups, measured now.
+"""The training speed / memory table, every row through train.py's own step, measured now.
 
     python benchmarks/table.py                       # CUDA: DiT-XL/2, 256 px, batch 128; CPU: a tiny DiT
-    python benchmarks/table.py --rows baseline,ckpt,ckpt_mp_feat --steps 3 --out /tmp/table
+    python benchmarks/table.py --rows original_math,ckpt,ckpt_mp_feat --steps 3 --out /tmp/table
 
-Rows (``--rows`` picks a subset, in this order): fast-DiT's (gradient checkpointing, mixed precision,
-feature pre-extraction) = no/no/no (this is the baseline: the original code path, i.e. unfused "math"
-attention, separate LayerNorm/modulate ops, fp32 = TF32 on a GPU, VAE on the fly), yes/no/no,
-yes/yes/no, yes/yes/yes; then yes/yes/yes plus ONE speed-up each (Triton fused adaLN, SDPA attention,
-Triton attention, torch.compile, DeepSpeed ZeRO-2 in one process); then all speed-ups that ran here
-(with and without checkpointing). Every row gets a ratio against the baseline measured in the same run
-(if the baseline runs out of memory, as fast-DiT's did, against yes/no/no, and the table says so).
+Each row is a train.py command line (printed with the results): its flags -> Config -> the DeepSpeed
+engine, fused AdamW and fp32 master-weight EMA that train.py builds -> the trainer's step
+(dit_fast/train/step.py), timed for a few steps on synthetic latents (pre-extracted features) or images
+(VAE on the fly). Mixed precision is what train.py does: ``--precision bf16``, DeepSpeed's bf16 engine
+(bf16 weights and activations, fp32 master weights and AdamW state); fp32 rows use TF32 on a GPU.
+
+Rows (``--rows`` picks a subset, in the order given): two baselines, the original DiT's code path with
+the attention of timm < 0.9 (unfused "math") and of timm >= 0.9 (SDPA), both fp32 with the VAE on the
+fly; fast-DiT's three switches (gradient checkpointing, mixed precision, feature pre-extraction) on
+train.py's defaults (SDPA attention); then each of our speed-ups on top of ckpt + bf16 + features;
+then the compiled rows without / with full / with selective checkpointing, each with inductor's adaLN
+and with the fused Triton adaLN ops. Ratios are against both baselines measured in the same run (if the
+math baseline cannot run, against fast-DiT's grad-ckpt row, and the table says so).
 
 The VAE of the "VAE on the fly" rows is a randomly initialised diffusers AutoencoderKL with the SD VAE
 config (the same compute as the real one; weights do not matter for timing, and none can be downloaded
@@ -19,9 +25,9 @@ JSON + CSV + markdown under benchmarks/results/ (or --out), naming device, versi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,24 +46,36 @@ import torch  # noqa: E402
 
 import report  # noqa: E402
 from flops import PeakTable, forward_flops_per_image, mfu, train_flops_per_image  # noqa: E402
-from train_step import BenchSetup, RowConfig, build_state, free_state, measure  # noqa: E402
+from train_step import RowConfig, build_state, free_state, measure  # noqa: E402
 
-_FEAT = dict(grad_ckpt=True, mixed_precision=True, pre_extracted=True)
+_CKPT_MP = ("--precision", "bf16", "--grad-checkpointing")
+_SEL_MP = ("--precision", "bf16", "--grad-checkpointing", "selective")
+_MP = ("--precision", "bf16")
+_ZERO2 = ("--deepspeed_config", str(Path("configs") / "deepspeed" / "zero2.json"))
 ROWS: tuple[RowConfig, ...] = (
-    RowConfig("baseline", "baseline: original code path (fast-DiT no/no/no)"),
-    RowConfig("ckpt", "fast-DiT: grad ckpt", grad_ckpt=True),
-    RowConfig("ckpt_mp", "fast-DiT: grad ckpt + mixed precision", grad_ckpt=True, mixed_precision=True),
-    RowConfig("ckpt_mp_feat", "fast-DiT: grad ckpt + mixed precision + pre-extracted features", **_FEAT),
-    RowConfig("fused_adaln", "+ Triton fused adaLN", fused_adaln=True, **_FEAT),
-    RowConfig("sdpa", "+ attention sdpa", attn_backend="sdpa", **_FEAT),
-    RowConfig("triton_attn", "+ attention triton", attn_backend="triton", **_FEAT),
-    RowConfig("compile", "+ torch.compile", compile=True, **_FEAT),
-    RowConfig("zero2", "+ DeepSpeed ZeRO-2 (1 process)", zero_stage=2, **_FEAT),
-    RowConfig("all", "all speed-ups", **_FEAT),              # filled in by combine_speedups
-    RowConfig("all_no_ckpt", "all speed-ups, no grad ckpt", **_FEAT),
+    RowConfig("original_math", "original code path: math attention (as timm < 0.9), fp32",
+              ("--precision", "fp32", "--attn-backend", "math"), pre_extracted=False),
+    RowConfig("original_sdpa", "original + SDPA attention (as timm >= 0.9), fp32",
+              ("--precision", "fp32", "--attn-backend", "sdpa"), pre_extracted=False),
+    RowConfig("ckpt", "fast-DiT: grad ckpt", ("--precision", "fp32", "--grad-checkpointing"), pre_extracted=False),
+    RowConfig("ckpt_mp", "fast-DiT: grad ckpt + mixed precision", _CKPT_MP, pre_extracted=False),
+    RowConfig("ckpt_mp_feat", "fast-DiT: grad ckpt + mixed precision + pre-extracted features", _CKPT_MP),
+    RowConfig("mp_feat", "mixed precision + features, no grad ckpt", _MP),
+    RowConfig("selective", "selective grad ckpt (fc2 kept) + mixed precision + features", _SEL_MP),
+    RowConfig("fused_adaln", "ckpt + bf16 + features + Triton fused adaLN", (*_CKPT_MP, "--fused-adaln")),
+    RowConfig("triton_attn", "ckpt + bf16 + features + Triton attention", (*_CKPT_MP, "--attn-backend", "triton")),
+    RowConfig("zero2", "ckpt + bf16 + features + DeepSpeed ZeRO-2 (1 process)", (*_CKPT_MP, *_ZERO2)),
+    RowConfig("nockpt_compile", "no ckpt + compile (inductor adaLN)", (*_MP, "--compile")),
+    RowConfig("nockpt_compile_fused", "no ckpt + compile + fused adaLN", (*_MP, "--compile", "--fused-adaln")),
+    RowConfig("compile", "ckpt + compile (inductor adaLN)", (*_CKPT_MP, "--compile")),
+    RowConfig("compile_fused", "ckpt + compile + fused adaLN", (*_CKPT_MP, "--compile", "--fused-adaln")),
+    RowConfig("selective_compile", "selective ckpt + compile (inductor adaLN)", (*_SEL_MP, "--compile")),
+    RowConfig("selective_compile_fused", "selective ckpt + compile + fused adaLN",
+              (*_SEL_MP, "--compile", "--fused-adaln")),
 )
 ROW_KEYS = tuple(r.key for r in ROWS)
-TINY = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2)  # the CPU default model
+BASELINES = ("original_math", "original_sdpa")
+TINY_FLAGS = ("--depth", "2", "--hidden-size", "64", "--num-heads", "4")  # the CPU model: DiT-S/2 shrunk
 SD_VAE_CONFIG = dict(  # Stable Diffusion's VAE (sd-vae-ft-ema/-mse): same architecture, random weights
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
@@ -73,18 +91,16 @@ TINY_VAE_CONFIG = dict(  # two levels: downsample 2, 4 latent channels
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--model", default=None, help="a DiT_models name or 'tiny' (default: DiT-XL/2 on CUDA, tiny on CPU)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: 128 on CUDA, 8 on CPU)")
     p.add_argument("--image-size", type=int, default=None, help="pixels (default: 256; 32 for tiny)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 5 on CUDA, 3 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2)")
-    p.add_argument("--rows", default="all", help=f"comma-separated subset of: {', '.join(ROW_KEYS)} (ratios need baseline or ckpt)")
+    p.add_argument("--rows", default="all", help=f"comma-separated, in this order: {', '.join(ROW_KEYS)}")
     p.add_argument("--mp-dtype", choices=("bf16", "fp16"), default="bf16",
-                   help="mixed precision: bf16 autocast, or fp16 autocast with a GradScaler")
-    p.add_argument("--compile-mode", choices=("block", "model"), default="block",
-                   help="torch.compile each DiT block (default) or the whole model")
+                   help="train.py --precision of the mixed-precision rows (fp16: CUDA only, dynamic loss scaling)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop starting new rows after this many seconds (they are marked skipped)")
     p.add_argument("--triton-interpret", action="store_true",
@@ -98,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def select_rows(spec: str) -> list[RowConfig]:
-    """Rows named in ``spec`` ("all" = every row), in table order; unknown names raise."""
+    """Rows named in ``spec``, in the order given ("all" = every row in table order); unknown names raise."""
     if spec.strip() == "all":
         return list(ROWS)
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
@@ -106,7 +122,8 @@ def select_rows(spec: str) -> list[RowConfig]:
     if unknown or not wanted:
         raise SystemExit(f"--rows: unknown row(s) {unknown or spec!r}; choose from: {', '.join(ROW_KEYS)} "
                          f"(or 'all')")
-    return [r for r in ROWS if r.key in wanted]
+    by_key = {r.key: r for r in ROWS}
+    return [by_key[w] for w in dict.fromkeys(wanted)]
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -117,6 +134,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if args.device.type == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"  # the engine runs where the table does
     gpu = args.device.type == "cuda"
     args.model = args.model or ("DiT-XL/2" if gpu else "tiny")
     args.batch = args.batch or (128 if gpu else 8)
@@ -131,56 +150,100 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def make_setup(args: argparse.Namespace) -> BenchSetup:
-    from dit_fast.models import DiT, DiT_models
-    from dit_fast.vae import downsample_of
+def vae_config(args) -> tuple[dict, str]:
+    from dit_fast.models import DiT_models
     if args.model == "tiny":
-        vae_config, kind = TINY_VAE_CONFIG, "tiny"
-    elif args.model in DiT_models:
-        vae_config, kind = SD_VAE_CONFIG, "SD"
-    else:
-        raise SystemExit(f"--model {args.model!r}: choose 'tiny' or one of {', '.join(DiT_models)}")
-    downsample = downsample_of(vae_config["block_out_channels"])
+        return TINY_VAE_CONFIG, "tiny"
+    if args.model in DiT_models:
+        return SD_VAE_CONFIG, "SD"
+    raise SystemExit(f"--model {args.model!r}: choose 'tiny' or one of {', '.join(DiT_models)}")
+
+
+def latent_size(args) -> int:
+    from dit_fast.vae import downsample_of
+    config, kind = vae_config(args)
+    downsample = downsample_of(config["block_out_channels"])
     if args.image_size % downsample:
         raise SystemExit(f"--image-size {args.image_size} is not divisible by the {kind} VAE's "
                          f"downsampling factor {downsample}")
-    latent = args.image_size // downsample
+    return args.image_size // downsample
 
-    def build_model(**kwargs):
-        kwargs.update(input_size=latent, num_classes=args.num_classes)
-        if args.model == "tiny":
-            return DiT(**TINY, **kwargs)
-        return DiT_models[args.model](**kwargs)
 
-    def build_vae():
-        from diffusers import AutoencoderKL
+def build_vae(args):
+    from diffusers import AutoencoderKL
 
-        from dit_fast.vae import VAE
-        return VAE(AutoencoderKL(**vae_config))
+    from dit_fast.vae import VAE
+    return VAE(AutoencoderKL(**vae_config(args)[0]))
 
-    setup = BenchSetup(build_model=build_model, batch=args.batch, image_size=args.image_size,
-                       latent_size=latent, build_vae=build_vae, device=args.device,
-                       mp_dtype=torch.bfloat16 if args.mp_dtype == "bf16" else torch.float16,
-                       compile_mode=args.compile_mode, num_classes=args.num_classes, seed=args.seed)
-    setup.vae_note = (f"VAE on the fly: randomly initialised diffusers AutoencoderKL with the {kind} VAE "
-                      f"config (block_out_channels {vae_config['block_out_channels']}; same compute as "
-                      f"the real weights, which do not matter for timing), fp32, latents sampled")
-    return setup
+
+def vae_note(args) -> str:
+    config, kind = vae_config(args)
+    return (f"VAE on the fly: randomly initialised diffusers AutoencoderKL with the {kind} VAE config "
+            f"(block_out_channels {config['block_out_channels']}; same compute as the real weights, which do "
+            "not matter for timing), fp32, latents sampled")
 
 
 # ------------------------------------------------------------------------------------------ rows
 
-def unavailable_reason(row: RowConfig, device: torch.device) -> str | None:
+def row_flags(row: RowConfig, args) -> list[str]:
+    """The row's train.py flags, the mixed-precision dtype of this run substituted."""
+    flags = list(row.flags)
+    if args.mp_dtype != "bf16":
+        flags = [args.mp_dtype if f == "bf16" and flags[i - 1] == "--precision" else f
+                 for i, f in enumerate(flags)]
+    return flags
+
+
+def train_argv(row: RowConfig, args) -> list[str]:
+    """The full train.py argument list of a row (the data paths are placeholders)."""
+    model = ["--model", "DiT-S/2", *TINY_FLAGS] if args.model == "tiny" else ["--model", args.model]
+    data = (["--features-path", "<latents>"] if row.pre_extracted else ["--data-path", "<images>", "--vae", "ema"])
+    return [*model, "--image-size", str(args.image_size), "--num-classes", str(args.num_classes),
+            "--global-batch-size", str(args.batch), "--global-seed", str(args.seed), *data, *row_flags(row, args)]
+
+
+def train_command(row: RowConfig, args) -> str:
+    """The command line a user runs for this row (one GPU)."""
+    return "deepspeed --num_gpus 1 train.py " + shlex.join(train_argv(row, args))
+
+
+def row_config(row: RowConfig, args):
+    """train.py's parser and config builder on the row's flags: the Config train(cfg) would get."""
+    import train as train_cli
+
+    from dit_fast.config import config_from_args
+    cfg = config_from_args(train_cli.build_parser().parse_args(train_argv(row, args)))
+    if cfg.train.deepspeed_config and not os.path.isabs(cfg.train.deepspeed_config):
+        cfg.train.deepspeed_config = str(ROOT / cfg.train.deepspeed_config)
+    cfg.model.in_channels = 4                       # latents (SD VAE or the tiny one: 4 channels)
+    cfg.model.input_size = latent_size(args)
+    return cfg
+
+
+def switches(cfg) -> dict:
+    """The row's switches as read back from its Config (the table's columns)."""
+    m, t = cfg.model, cfg.train
+    ckpt = m.grad_checkpointing
+    ckpt_name = ckpt if isinstance(ckpt, str) else {0.0: "no", 1.0: "full"}.get(float(ckpt), f"{ckpt:g}")
+    zero = Path(t.deepspeed_config).stem if t.deepspeed_config else "zero0"  # configs/deepspeed/zeroN*.json
+    return {"grad_ckpt": ckpt_name, "precision": t.precision, "pre_extracted": cfg.data.features_path is not None,
+            "attn_backend": m.attn_backend, "fused_adaln": bool(m.fused_adaln), "compile": t.compile,
+            "zero_stage": int(zero[4]) if zero[:4] == "zero" and zero[4:5].isdigit() else None}
+
+
+def unavailable_reason(row: RowConfig, cfg, device: torch.device) -> str | None:
     """Why a row cannot run here (checked before building anything), or None."""
     from dit_fast import dispatch
+    if importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed (train.py needs it: pip install deepspeed)"
     if not row.pre_extracted and importlib.util.find_spec("diffusers") is None:
         return "diffusers is not installed (the VAE-on-the-fly rows need it: pip install diffusers)"
-    if row.zero_stage and importlib.util.find_spec("deepspeed") is None:
-        return "deepspeed is not installed (pip install deepspeed)"
-    ok, why = dispatch.attn_backend_status(row.attn_backend, device)
+    if cfg.train.precision == "fp16" and device.type != "cuda":
+        return "--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16)"
+    ok, why = dispatch.attn_backend_status(cfg.model.attn_backend, device)
     if not ok:
-        return f"attention backend {row.attn_backend!r} unavailable: {why}"
-    if row.fused_adaln:
+        return f"attention backend {cfg.model.attn_backend!r} unavailable: {why}"
+    if cfg.model.fused_adaln:
         from dit_fast_kernels import triton_status
         ok, why = triton_status(device)
         if not ok:
@@ -188,47 +251,24 @@ def unavailable_reason(row: RowConfig, device: torch.device) -> str | None:
     return None
 
 
-def combine_speedups(row: RowConfig, results: list[dict], device: torch.device) -> RowConfig:
-    """The 'all' rows: every single-speed-up row that ran here, the faster attention of sdpa/triton.
-
-    A speed-up whose own row was not run this time is used if it is available on this device.
-    ZeRO is left out: on one GPU it partitions nothing and only adds its engine's overhead.
-    """
-    by_key = {r["key"]: r for r in results}
-
-    def works(key: str, fallback: bool) -> bool:
-        return by_key[key]["status"] == "ok" if key in by_key else fallback
-
-    from dit_fast import dispatch
-    fused_row = next(r for r in ROWS if r.key == "fused_adaln")
-    fused = works("fused_adaln", unavailable_reason(fused_row, device) is None)
-    attn = {b: by_key[k]["steps_per_s"] for b, k in (("sdpa", "sdpa"), ("triton", "triton_attn"))
-            if k in by_key and by_key[k]["status"] == "ok"}
-    backend = max(attn, key=attn.get) if attn else ("sdpa" if dispatch.attn_backend_status("sdpa", device)[0]
-                                                    else "math")
-    compiled = works("compile", True)
-    parts = [p for p, on in (("fused adaLN", fused), (f"attention {backend}", True), ("compile", compiled)) if on]
-    ckpt = row.key == "all"
-    label = f"{'all speed-ups' if ckpt else 'all speed-ups, no grad ckpt'}: {' + '.join(parts)}"
-    return dataclasses.replace(row, label=label, fused_adaln=fused, attn_backend=backend, compile=compiled,
-                               grad_ckpt=ckpt)
-
-
-def run_row(row: RowConfig, setup: BenchSetup, args) -> dict:
+def run_row(row: RowConfig, args) -> dict:
     """Measure one row in a fresh state; failures become a status, never an exception."""
-    result = {"key": row.key, "label": row.label, **{f.name: getattr(row, f.name)
-              for f in dataclasses.fields(row) if f.name not in ("key", "label")}, "status": "ok"}
-    reason = unavailable_reason(row, setup.device)
+    cfg = row_config(row, args)
+    result = {"key": row.key, "label": row.label, **switches(cfg), "command": train_command(row, args),
+              "status": "ok"}
+    reason = unavailable_reason(row, cfg, args.device)
     if reason:
         result["status"] = f"skipped: {reason}"
         return result
     state = None
     free_state(None)
-    if setup.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(setup.device)
+    if args.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(args.device)
+    shape = (4, cfg.model.input_size, cfg.model.input_size) if row.pre_extracted else \
+        (3, args.image_size, args.image_size)
     try:
-        state = build_state(row, setup)
-        result.update(measure(state, setup.device, args.steps, args.warmup))
+        state = build_state(cfg, lambda: build_vae(args), shape, args.num_classes, args.seed)
+        result.update(measure(state, args.device, args.steps, args.warmup))
     except torch.cuda.OutOfMemoryError:
         result["status"] = "OOM"
     except Exception as err:  # one row's failure must not lose the others
@@ -241,65 +281,66 @@ def run_row(row: RowConfig, setup: BenchSetup, args) -> dict:
     return result
 
 
-def add_rates(result: dict, setup: BenchSetup, flops_per_image: int, peaks) -> None:
+def add_rates(result: dict, batch: int, flops_per_image: int, peaks) -> None:
     """steps/s, images/s, MB and MFU (against the row's precision peak) for a measured row."""
     if result["status"] != "ok":
         return
     result["steps_per_s"] = 1.0 / result["mean_step_s"]
-    result["images_per_s"] = setup.batch * result["steps_per_s"]
+    result["images_per_s"] = batch * result["steps_per_s"]
     result["peak_mb"] = result["peak_bytes"] / 2 ** 20
     if "peak_reserved_bytes" in result:
         result["peak_reserved_mb"] = result["peak_reserved_bytes"] / 2 ** 20
-    peak = peaks.peak(result["mixed_precision"])
+    peak = peaks.peak(result["precision"] != "fp32")
     result["mfu"] = mfu(result["images_per_s"], flops_per_image, peak)
     result["mfu_peak"] = peak.source
 
 
-def add_ratios(results: list[dict]) -> str | None:
-    """Ratio of steps/s against the baseline (or, if it did not run, fast-DiT's yes/no/no row)."""
+def add_ratios(results: list[dict]) -> dict:
+    """steps/s ratios against each baseline that ran: {"ratio": vs math (or fast-DiT's ckpt row if the
+    math baseline did not run), "ratio_sdpa": vs original + SDPA}; returns which rows were used."""
     ok = {r["key"]: r for r in results if r["status"] == "ok"}
-    ref_key = next((k for k in ("baseline", "ckpt") if k in ok), None)
+    refs = {"ratio": next((k for k in ("original_math", "ckpt") if k in ok), None),
+            "ratio_sdpa": "original_sdpa" if "original_sdpa" in ok else None}
     for r in results:
-        r["ratio"] = r["steps_per_s"] / ok[ref_key]["steps_per_s"] if ref_key and r["status"] == "ok" else None
-    return ref_key
+        for field, ref in refs.items():
+            r[field] = r["steps_per_s"] / ok[ref]["steps_per_s"] if ref and r["status"] == "ok" else None
+    return refs
 
 
 def run_table(args: argparse.Namespace, progress: bool = True) -> tuple[list[dict], dict]:
     """Measure the selected rows; returns (rows, metadata). Results are written after every row."""
     rows = select_rows(args.rows)
-    setup = make_setup(args)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _run_rows(args, rows, setup, progress)
+        return _run_rows(args, rows, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_rows(args, rows: list[RowConfig], setup: BenchSetup, progress: bool) -> tuple[list[dict], dict]:
-    if setup.device.type == "cuda":  # fp32 rows run as the original train.py: TF32 matmuls and convs
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    flops_fwd = forward_flops_per_image(lambda: setup.build_model(attn_backend="math"), setup.latent_size)
-    peaks = PeakTable(setup.device)
-    meta = report.metadata(args, setup, flops_fwd, train_flops_per_image(flops_fwd), peaks.info())
+def _run_rows(args, rows: list[RowConfig], progress: bool) -> tuple[list[dict], dict]:
+    from dit_fast.train.engine import build_model
+    math_cfg = row_config(ROWS[0], args)
+    flops_fwd = forward_flops_per_image(lambda: build_model(math_cfg), math_cfg.model.input_size)
+    peaks = PeakTable(args.device)
+    meta = report.metadata(args, math_cfg.model.input_size, flops_fwd, train_flops_per_image(flops_fwd),
+                           peaks.info(), vae_note(args))
     results: list[dict] = []
     start = time.perf_counter()
     bar = _progress(rows, progress)
     for row in bar:
-        if row.key.startswith("all"):
-            row = combine_speedups(row, results, setup.device)
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(row.key)
         if args.max_seconds is not None and time.perf_counter() - start > args.max_seconds:
-            result = {"key": row.key, "label": row.label, "status": f"skipped: time budget "
-                      f"(--max-seconds {args.max_seconds:g}) used up", **dataclasses.asdict(row)}
+            cfg = row_config(row, args)
+            result = {"key": row.key, "label": row.label, **switches(cfg), "command": train_command(row, args),
+                      "status": f"skipped: time budget (--max-seconds {args.max_seconds:g}) used up"}
         else:
-            result = run_row(row, setup, args)
-        add_rates(result, setup, meta["train_flops_per_image"], peaks)
+            result = run_row(row, args)
+        add_rates(result, args.batch, meta["train_flops_per_image"], peaks)
         results.append(result)
-        meta["reference_row"] = add_ratios(results)
+        meta["reference_rows"] = add_ratios(results)
         meta["elapsed_s"] = round(time.perf_counter() - start, 1)
         report.write_all(results, meta, Path(args.out))
     return results, meta

@@ -1,5 +1,5 @@
 """Smoke tests of the training-table runner (CPU, tiny, no pytest-benchmark): row selection, the
-baseline/ratio logic, skipping rows that cannot run, the FLOP count, the CPU memory measure, and one real
+ratios against both baselines, each row's train.py command and Config, skipping rows that cannot run, the FLOP count, the CPU memory measure, and one real
 row end to end. No speed is asserted."""
 import math
 import sys
@@ -23,44 +23,64 @@ def _row(key, status="ok", steps=None, **switches):
     return r
 
 
-def test_rows_select_in_table_order_and_reject_unknown_names():
-    assert [r.key for r in table.select_rows("ckpt, baseline")] == ["baseline", "ckpt"]
+def test_rows_select_in_the_order_given_and_reject_unknown_names():
+    assert [r.key for r in table.select_rows("ckpt, original_math")] == ["ckpt", "original_math"]
     assert len(table.select_rows("all")) == len(table.ROWS)
     with pytest.raises(SystemExit, match="choose from"):
-        table.select_rows("baseline,warp_drive")
+        table.select_rows("original_math,warp_drive")
 
 
-def test_ratio_is_against_the_baseline_or_the_first_measured_fast_dit_row():
-    rows = [_row("baseline", steps=2.0), _row("ckpt", steps=1.0), _row("sdpa", status="skipped: x")]
-    assert table.add_ratios(rows) == "baseline"
-    assert rows[1]["ratio"] == pytest.approx(0.5) and rows[2]["ratio"] is None
-    rows = [_row("baseline", status="OOM"), _row("ckpt", steps=0.5), _row("sdpa", steps=2.0)]
-    assert table.add_ratios(rows) == "ckpt"
-    assert rows[2]["ratio"] == pytest.approx(4.0) and rows[0]["ratio"] is None
-    text = report.markdown(rows, _fake_meta("ckpt"))
-    assert "fast-DiT yes/no/no (the baseline did not run" in text and "| OOM |" in text
+def test_ratios_against_both_baselines_or_the_first_measured_fast_dit_row():
+    rows = [_row("original_math", steps=2.0), _row("original_sdpa", steps=4.0), _row("ckpt", steps=1.0),
+            _row("compile", status="skipped: x")]
+    assert table.add_ratios(rows) == {"ratio": "original_math", "ratio_sdpa": "original_sdpa"}
+    assert (rows[2]["ratio"], rows[2]["ratio_sdpa"]) == (pytest.approx(0.5), pytest.approx(0.25))
+    assert rows[3]["ratio"] is None
+    rows = [_row("original_math", status="OOM"), _row("ckpt", steps=0.5), _row("compile", steps=2.0)]
+    assert table.add_ratios(rows) == {"ratio": "ckpt", "ratio_sdpa": None}
+    assert rows[2]["ratio"] == pytest.approx(4.0) and rows[0]["ratio"] is None and rows[2]["ratio_sdpa"] is None
+    text = report.markdown(rows, _fake_meta({"ratio": "ckpt", "ratio_sdpa": None}))
+    assert "fast-DiT's grad-ckpt row (the math baseline did not run" in text and "| OOM |" in text
 
 
-def test_all_speedups_row_takes_what_worked_and_the_faster_attention():
-    results = [_row("fused_adaln", status="skipped: no triton"), _row("sdpa", steps=3.0),
-               _row("triton_attn", steps=4.0), _row("compile", status="error: boom")]
-    all_row = next(r for r in table.ROWS if r.key == "all")
-    combined = table.combine_speedups(all_row, results, torch.device("cpu"))
-    assert (combined.fused_adaln, combined.attn_backend, combined.compile, combined.grad_ckpt) == \
-        (False, "triton", False, True)
-    no_ckpt = table.combine_speedups(next(r for r in table.ROWS if r.key == "all_no_ckpt"), results,
-                                     torch.device("cpu"))
-    assert not no_ckpt.grad_ckpt and "no grad ckpt" in no_ckpt.label
+def _args(*extra):
+    return table.resolve_defaults(table.parse_args(["--device", "cpu", "--steps", "1", *extra]))
+
+
+def test_every_row_is_a_train_py_command_whose_config_says_what_the_row_says():
+    """Each row's flags go through train.py's own parser; the columns are read back from that Config."""
+    args = _args()
+    expect = {"original_math": ("no", "fp32", False, "math", False, False, 0),
+              "original_sdpa": ("no", "fp32", False, "sdpa", False, False, 0),
+              "ckpt_mp_feat": ("full", "bf16", True, "sdpa", False, False, 0),
+              "selective": ("selective", "bf16", True, "sdpa", False, False, 0),
+              "zero2": ("full", "bf16", True, "sdpa", False, False, 2),
+              "compile": ("full", "bf16", True, "sdpa", False, True, 0),
+              "nockpt_compile_fused": ("no", "bf16", True, "sdpa", True, True, 0),
+              "selective_compile_fused": ("selective", "bf16", True, "sdpa", True, True, 0)}
+    fields = ("grad_ckpt", "precision", "pre_extracted", "attn_backend", "fused_adaln", "compile", "zero_stage")
+    for row in table.ROWS:
+        cfg = table.row_config(row, args)
+        got = table.switches(cfg)
+        if row.key in expect:
+            assert tuple(got[f] for f in fields) == expect[row.key], row.key
+        command = table.train_command(row, args)
+        assert command.startswith("deepspeed --num_gpus 1 train.py --model DiT-S/2 ")
+        assert ("--features-path" in command) == row.pre_extracted
+    fp16 = table.row_config(next(r for r in table.ROWS if r.key == "ckpt_mp"), _args("--mp-dtype", "fp16"))
+    assert fp16.train.precision == "fp16"
 
 
 def test_rows_that_cannot_run_here_are_skipped_with_the_reason(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    reason = table.unavailable_reason(RowConfig("x", "x", fused_adaln=True, pre_extracted=True), torch.device("cpu"))
+    args = _args()
+    fused = next(r for r in table.ROWS if r.key == "fused_adaln")
+    reason = table.unavailable_reason(fused, table.row_config(fused, args), torch.device("cpu"))
     assert reason and "TRITON_INTERPRET" in reason
-    args = table.resolve_defaults(table.parse_args(["--device", "cpu", "--steps", "1"]))
-    setup = table.make_setup(args)
-    result = table.run_row(RowConfig("fa", "fa", attn_backend="flash_attn", pre_extracted=True), setup, args)
-    assert result["status"].startswith("skipped: attention backend 'flash_attn' unavailable")
+    fa = RowConfig("fa", "fa", ("--attn-backend", "flash_attn"))
+    assert table.run_row(fa, args)["status"].startswith("skipped: attention backend 'flash_attn' unavailable")
+    fp16 = table.run_row(next(r for r in table.ROWS if r.key == "ckpt_mp_feat"), _args("--mp-dtype", "fp16"))
+    assert fp16["status"].startswith("skipped: --precision fp16 needs a GPU")
 
 
 def test_dit_xl2_flops_match_the_paper():
@@ -98,14 +118,14 @@ def test_live_bytes_counts_new_storages_once_and_releases_them():
 
 def test_one_row_end_to_end(tmp_path):
     args = table.resolve_defaults(table.parse_args(
-        ["--device", "cpu", "--rows", "ckpt_mp_feat", "--batch", "2", "--steps", "1", "--warmup", "0",
+        ["--device", "cpu", "--rows", "selective", "--batch", "2", "--steps", "1", "--warmup", "0",
          "--out", str(tmp_path)]))
     rows, meta = table.run_table(args, progress=False)
     (row,) = rows
     assert row["status"] == "ok"
     for field in ("steps_per_s", "images_per_s", "peak_mb", "mfu"):
         assert math.isfinite(row[field]) and row[field] > 0
-    assert meta["reference_row"] is None and row["ratio"] is None  # no baseline row asked for: no ratio
+    assert meta["reference_rows"] == {"ratio": None, "ratio_sdpa": None} and row["ratio"] is None
     assert len(list(tmp_path.iterdir())) == 3
 
 
@@ -114,4 +134,4 @@ def _fake_meta(reference):
             "triton": "x", "deepspeed": "x", "diffusers": "x", "git_commit": "abc", "date": "2026-01-01",
             "time_utc": "00:00:00", "steps": 1, "warmup": 0, "mfu_note": "n", "train_flops_per_image": 1e9,
             "flops_note": "n", "memory_method": "m", "mixed_precision": "bf16", "fp32": "fp32", "vae_note": "v",
-            "device_type": "cpu", "reference_row": reference}
+            "device_type": "cpu", "reference_rows": reference, "step": "s"}

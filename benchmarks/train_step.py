@@ -1,21 +1,21 @@
-"""One DiT training step as DiT's train.py does it, with the table's switches, and its measurement.
+"""A table row through the trainer's own step: the train.py flags of the row -> Config -> the engine
+``dit_fast.train.engine.build_engine`` builds (DeepSpeed, fused AdamW, the fp32 EMA of the master
+weights) -> ``dit_fast.train.step.TrainStep.optimizer_step``, timed. No second copy of the step here.
 
-step = [VAE encode of the image batch, unless features are pre-extracted] -> diffusion.training_losses
-(random t, labels) -> backward -> AdamW(lr 1e-4, wd 0) -> zero_grad -> EMA update (fp32, decay 0.9999).
-Switches: gradient checkpointing, mixed precision (bf16 autocast on the model forward, as accelerate
-wraps fast-DiT's model; or fp16 with a GradScaler), feature pre-extraction, attention / adaLN backend,
-torch.compile, DeepSpeed ZeRO-2 (one process).
+Data are synthetic and resident on the device: latents (N, C, L, L) for the pre-extracted-features
+rows, images (N, 3, H, W) in [-1, 1] (encoded by the row's VAE inside the step) for the others; no
+data loading is timed.
 
-Memory: on CUDA torch.cuda.max_memory_allocated (and reserved) after reset_peak_memory_stats, taken
-before the row's model is built. On a CPU there is no allocator statistic, so ``LiveBytes`` counts it:
-every tensor of the row's state at the start of a step (weights, Adam state, EMA, VAE, data) plus
-every storage an aten op creates during one extra step, released when its storage dies; the peak of
-that sum is deterministic (bytes, not timing) and sees checkpointing's recomputation.
+Memory: on CUDA torch.cuda.max_memory_allocated and max_memory_reserved after reset_peak_memory_stats,
+taken before the row's model is built. On a CPU there is no allocator statistic, so ``LiveBytes`` counts
+it: every tensor of the row's state at the start of a step (weights, master weights, AdamW state, EMA,
+VAE, data) plus every storage an aten op creates during one extra step, released when its storage dies;
+the peak of that sum is deterministic (bytes, not timing) and sees checkpointing's recomputation.
 """
 from __future__ import annotations
 
-import copy
 import gc
+import itertools
 import time
 import types
 import weakref
@@ -25,37 +25,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-EMA_DECAY = 0.9999
-LR = 1e-4
 
-
-@dataclass
+@dataclass(frozen=True)
 class RowConfig:
-    """The switches of one table row."""
+    """One table row: the train.py flags it runs with (beyond the shared model/batch/data flags)."""
     key: str
     label: str
-    grad_ckpt: bool = False
-    mixed_precision: bool = False
-    pre_extracted: bool = False
-    attn_backend: str = "math"
-    fused_adaln: bool = False
-    compile: bool = False
-    zero_stage: int = 0
-
-
-@dataclass
-class BenchSetup:
-    """What every row shares: the model builder, batch, shapes, VAE builder and device."""
-    build_model: object            # (**kwargs) -> DiT
-    batch: int
-    image_size: int
-    latent_size: int
-    build_vae: object              # () -> dit_fast.vae.VAE (random weights)
-    device: torch.device
-    mp_dtype: torch.dtype = torch.bfloat16
-    compile_mode: str = "block"    # "block": each DiT block compiled; "model": torch.compile(model)
-    num_classes: int = 1000
-    seed: int = 0
+    flags: tuple = ()
+    pre_extracted: bool = True     # --features-path (latents) or --data-path (VAE on the fly)
 
 
 @dataclass
@@ -64,126 +41,36 @@ class TrainState:
     objects: list = field(default_factory=list)  # everything to free after the row
 
 
-# ------------------------------------------------------------------------------------- building
-
-def _autocast_forward(model, device_type: str, dtype: torch.dtype, enabled: bool):
-    """The model forward under autocast, output back in fp32 (what accelerate's prepare() does)."""
-    def forward(x, t, y):
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            out = model(x, t, y=y)
-        return out.float()
-    return forward
-
-
-@torch.no_grad()
-def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float = EMA_DECAY) -> None:
-    """ema = decay * ema + (1 - decay) * param for every parameter (DiT's update_ema, as one foreach)."""
-    if all(p.dtype == e.dtype for p, e in zip(params, ema_params)):
-        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
-        return
-    for ema_p, p in zip(ema_params, params):  # half weights (DeepSpeed): upcast one tensor at a time
-        ema_p.lerp_(p.detach().float(), 1.0 - decay)
-
-
-def _deepspeed_engine(model, optimizer, row: RowConfig, setup: BenchSetup):
-    """(engine, forward) for ZeRO stage ``row.zero_stage``; bf16/fp16 weights when mixed precision."""
-    import deepspeed
+def build_state(cfg, vae_builder, data_shape: tuple, num_classes: int, seed: int = 0) -> TrainState:
+    """The row's trainer (engine, EMA, step) from a resolved Config, with synthetic resident data."""
     from dit_fast.distributed import init_distributed
-    init_distributed(use_deepspeed=True)  # a world of one under plain python / pytest
-    n_params = sum(p.numel() for p in model.parameters())
-    config = {
-        "train_batch_size": setup.batch, "train_micro_batch_size_per_gpu": setup.batch,
-        "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
-        # DeepSpeed's default buckets hold 5e8 elements; a smaller model would measure mostly empty bucket.
-        "zero_optimization": {"stage": row.zero_stage, "reduce_bucket_size": min(n_params, int(5e8)),
-                              "allgather_bucket_size": min(n_params, int(5e8))},
-        "zero_allow_untested_optimizer": True,   # the client's torch AdamW (no JIT-built DeepSpeed ops)
-    }
-    dtype = torch.float32
-    if row.mixed_precision:
-        key = "bf16" if setup.mp_dtype == torch.bfloat16 else "fp16"
-        config[key] = {"enabled": True}
-        dtype = setup.mp_dtype
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-
-    def forward(x, t, y):  # DeepSpeed's half-precision weights need half-precision inputs
-        return engine(x.to(dtype), t, y=y).float()
-    return engine, forward
-
-
-def _apply_compile(model, setup: BenchSetup):
-    if setup.compile_mode == "model":
-        return torch.compile(model)
-    for block in model.blocks:  # per block: one small graph reused by every block, fast to compile
-        block.compile()
-    return model
-
-
-def build_state(row: RowConfig, setup: BenchSetup) -> TrainState:
-    """Fresh model, EMA, optimizer, diffusion and data for one row, and its step function."""
-    from dit_fast.diffusion import create_diffusion
-    device, n = setup.device, setup.batch
-    torch.manual_seed(setup.seed)
-    with device:
-        model = setup.build_model(attn_backend=row.attn_backend, fused_adaln=row.fused_adaln,
-                                  grad_checkpointing=1.0 if row.grad_ckpt else 0.0)
-    model.train()
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    ema_params = list(ema.parameters())
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0)
-    diffusion = create_diffusion(timestep_respacing="")
+    from dit_fast.train.engine import build_deepspeed_config, build_engine
+    from dit_fast.train.step import TrainStep
+    ctx = init_distributed(use_deepspeed=True)  # a world of one under plain python / pytest
+    device = ctx.device
+    ds_config = build_deepspeed_config(cfg, 1)
+    engine, ema = build_engine(cfg, ds_config, device, 0, 1)
     vae = None
-    if not row.pre_extracted:
+    if cfg.data.data_path is not None:
         with device:  # built in place: no copy, and diffusers' warning about .to() stays quiet
-            vae = setup.build_vae()
-    g = torch.Generator(device).manual_seed(setup.seed)
-    if row.pre_extracted:  # (N, C, L, L) latents as read from a pre-extracted shard
-        data = torch.randn(n, model.in_channels, setup.latent_size, setup.latent_size, device=device, generator=g)
-    else:                  # (N, 3, H, W) images in [-1, 1]
-        data = torch.rand(n, 3, setup.image_size, setup.image_size, device=device, generator=g) * 2 - 1
-    labels = torch.randint(0, setup.num_classes, (n,), device=device, generator=g)
-
-    engine = scaler = None
-    if row.compile:
-        model = _apply_compile(model, setup)
-    if row.zero_stage:
-        engine, forward = _deepspeed_engine(model, optimizer, row, setup)
-        params = list(engine.module.parameters())
-    else:
-        forward = _autocast_forward(model, device.type, setup.mp_dtype, row.mixed_precision)
-        if row.mixed_precision and setup.mp_dtype == torch.float16:
-            scaler = torch.amp.GradScaler(device.type)
-
-    def step() -> None:
-        if vae is None:
-            x = data
-        else:
-            x = vae.encode(data)                                   # (N, C, L, L), fp32, no grad
-        t = torch.randint(0, diffusion.num_timesteps, (n,), device=device)
-        loss = diffusion.training_losses(forward, x, t, dict(y=labels))["loss"].mean()
-        if engine is not None:
-            engine.backward(loss)
-            engine.step()
-        elif scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        update_ema(ema_params, params)
-
-    return TrainState(step, [model, ema, optimizer, vae, data, labels, diffusion, engine, scaler])
+            vae = vae_builder()
+    step = TrainStep.from_config(cfg, engine, ema, device, vae)
+    engine.train()
+    g = torch.Generator(device).manual_seed(seed)
+    n = cfg.train.global_batch_size
+    data = torch.randn(n, *data_shape, device=device, generator=g)
+    if vae is not None:
+        data = data.clamp_(-1, 1)  # images in [-1, 1]
+    labels = torch.randint(0, num_classes, (n,), device=device, generator=g)
+    batches = itertools.repeat((data, labels))
+    return TrainState(lambda: step.optimizer_step(batches), [engine, ema, vae, data, labels, step])
 
 
 def free_state(state: TrainState | None) -> None:
     """Drop every reference of a row and give the memory back (fresh state for the next row)."""
     if state is not None:
-        engine = next((o for o in state.objects if hasattr(o, "destroy") and hasattr(o, "module")), None)
-        if engine is not None:
+        engine = state.objects[0] if state.objects else None
+        if engine is not None and hasattr(engine, "destroy"):
             engine.destroy()
         state.objects.clear()
         state.step_fn = None

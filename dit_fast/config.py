@@ -59,8 +59,9 @@ class ModelConfig:
     """Attention backend (see dit_fast.dispatch): sdpa | math | triton | flash_attn | xformers | auto."""
     fused_adaln: bool = False
     """Use the fused (Triton) adaLN-modulated LayerNorm / gated residual kernels."""
-    grad_checkpointing: float = 0.0
-    """Fraction of blocks (0..1) whose activations are recomputed in backward; 1.0 = all."""
+    grad_checkpointing: float | str = 0.0
+    """Fraction of blocks (0..1) whose activations are recomputed in backward (1.0 = all), or
+    "selective": every block, keeping each fc2 output (the costliest recompute per byte)."""
 
     @property
     def patch_size(self) -> int:
@@ -175,6 +176,16 @@ _SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataCon
              "optim": OptimConfig, "train": TrainConfig}
 
 
+def checkpointing_arg(text: str) -> float | str:
+    """--grad-checkpointing's value: a fraction of blocks, or "selective"."""
+    if text.strip().lower() == "selective":
+        return "selective"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a fraction of blocks in [0, 1] or 'selective', got {text!r}") from None
+
+
 def _arg_map() -> dict[str, tuple[str, str]]:
     """CLI dest -> (section, field): a flag's dest is its field's name (``--global-batch-size`` ->
     train.global_batch_size); field names are unique across sections, so the map is derived."""
@@ -206,8 +217,9 @@ def validate_config(cfg: Config) -> None:
     m, t, d = cfg.model, cfg.train, cfg.data
     checks = [
         (t.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {t.precision!r}"),
-        (0.0 <= m.grad_checkpointing <= 1.0,
-         f"--grad-checkpointing is a fraction of blocks in [0, 1], got {m.grad_checkpointing}"),
+        (m.grad_checkpointing == "selective" or
+         (not isinstance(m.grad_checkpointing, str) and 0.0 <= m.grad_checkpointing <= 1.0),
+         f"--grad-checkpointing is a fraction of blocks in [0, 1] or 'selective', got {m.grad_checkpointing}"),
         (t.global_batch_size > 0, f"--global-batch-size must be positive, got {t.global_batch_size}"),
         (t.grad_accum > 0, f"--grad-accum must be positive, got {t.grad_accum}"),
         (t.log_every > 0, f"--log-every must be positive, got {t.log_every}"),

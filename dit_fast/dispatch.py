@@ -7,7 +7,11 @@ adaLN backends: ``torch`` (separate LayerNorm / modulate / residual ops, as the 
 (fused kernels from dit_fast_kernels).
 
 A backend asked for by name and unavailable raises, saying what to install or which hardware it needs.
-``auto`` picks the best available one for the device and logs the choice once. Resolution happens at
+``auto`` picks by our own measurements (``MEASURED``, benchmarks/results/2026-11-26-h200-run2/
+kernels.json) and logs the choice once: attention -> ``sdpa`` (PyTorch dispatches to cuDNN on sm90,
+faster than our Triton kernel forward and backward); adaLN -> ``torch`` under torch.compile (inductor's
+fusion beat the fused ops' backward through autograd) and ``triton`` in eager CUDA code (the fused
+forward beat eager and compile). Resolution happens at
 call time (the device is known only then) and is pure Python, so torch.compile folds it away.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ logger = logging.getLogger("dit_fast")
 ATTN_BACKENDS = ("auto", "sdpa", "math", "triton", "flash_attn", "xformers")
 ADALN_BACKENDS = ("torch", "triton")
 _logged: set[str] = set()
+MEASURED = "benchmarks/results/2026-11-26-h200-run2/kernels.json"  # what the auto choices rest on
 
 
 def _log_once(message: str) -> None:
@@ -97,8 +102,12 @@ def resolve_attn_backend(name: str, device) -> str:
 
 
 def resolve_adaln_backend(fused, device) -> str:
-    """'triton' or 'torch' for the adaLN ops; raises if the Triton kernels were asked for and can't run."""
-    key = ("adaln", check_adaln_flag(fused), torch.device(device).type, os.environ.get("TRITON_INTERPRET", "0"))
+    """'triton' or 'torch' for the adaLN ops; raises if the Triton kernels were asked for and can't run.
+
+    ``auto`` depends on whether the call is being traced by torch.compile (part of the cache key).
+    """
+    key = ("adaln", check_adaln_flag(fused), torch.device(device).type, os.environ.get("TRITON_INTERPRET", "0"),
+           torch.compiler.is_compiling())
     return _cached(key, _resolve_adaln)
 
 
@@ -117,9 +126,9 @@ def _cached(key: tuple, resolve) -> str:
 def _resolve_attn(name: str, device_type: str, interpret: str) -> str:
     device = torch.device(device_type)
     if name == "auto":
-        choice = "triton" if device_type == "cuda" and _triton_status(device)[0] else "sdpa"
-        _log_once(f"dit_fast: attention backend auto -> {choice} on {device_type}")
-        return choice
+        why = "cuDNN SDPA beat our Triton attention fwd and fwd+bwd" if device_type == "cuda" else "CPU"
+        _log_once(f"dit_fast: attention backend auto -> sdpa on {device_type} ({why}; {MEASURED})")
+        return "sdpa"
     ok, reason = attn_backend_status(name, device)
     if not ok:
         raise RuntimeError(f"attention backend {name!r} was asked for but is unavailable: {reason}. "
@@ -127,13 +136,17 @@ def _resolve_attn(name: str, device_type: str, interpret: str) -> str:
     return name
 
 
-def _resolve_adaln(fused, device_type: str, interpret: str) -> str:
+def _resolve_adaln(fused, device_type: str, interpret: str, compiling: bool = False) -> str:
     if fused is False:
         return "torch"
     ok, reason = _triton_status(torch.device(device_type))
     if fused == "auto":
-        choice = "triton" if ok and device_type == "cuda" else "torch"
-        _log_once(f"dit_fast: fused adaLN auto -> {choice} on {device_type}")
+        if compiling:
+            choice, why = "torch", "under torch.compile inductor's fusion beat the fused backward"
+        else:
+            choice = "triton" if ok and device_type == "cuda" else "torch"
+            why = "eager: the fused forward beat eager and compile" if choice == "triton" else reason
+        _log_once(f"dit_fast: fused adaLN auto -> {choice} on {device_type} ({why}; {MEASURED})")
         return choice
     if not ok:
         raise RuntimeError(f"fused_adaln=True (--fused-adaln) was asked for but the Triton kernels can't run: "
@@ -185,11 +198,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def modulated_layer_norm(x, shift, scale, eps: float, backend: str) -> torch.Tensor:
-    """modulate(LayerNorm(x, no affine, eps), shift, scale)."""
+def modulated_layer_norm(x, shift, scale, eps: float, backend: str, out_dtype=None) -> torch.Tensor:
+    """modulate(LayerNorm(x, no affine, eps), shift, scale).
+
+    ``out_dtype`` (Triton only): write the result in the dtype the next GEMM reads (autocast's), the
+    same bits as autocast's own cast, without the separate cast kernels; the torch ops leave the cast
+    to autocast.
+    """
     if backend == "triton":
         from dit_fast_kernels.modulated_layer_norm import modulated_layer_norm as fused
-        return fused(x, shift, scale, eps)
+        return fused(x, shift, scale, eps, out_dtype=out_dtype)
     return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
 
 
@@ -201,11 +219,12 @@ def gated_residual(x, gate, y, backend: str) -> torch.Tensor:
     return x + gate.unsqueeze(1) * y
 
 
-def gated_residual_norm(x, gate, y, shift, scale, eps: float, backend: str):
-    """(h, m): h = x + gate * y and m = modulated_layer_norm(h, shift, scale), in one pass on Triton."""
+def gated_residual_norm(x, gate, y, shift, scale, eps: float, backend: str, out_dtype=None):
+    """(h, m): h = x + gate * y and m = modulated_layer_norm(h, shift, scale), in one pass on Triton
+    (m in ``out_dtype`` there, as in modulated_layer_norm)."""
     if backend == "triton":
         from dit_fast_kernels.gated_residual import gated_residual_norm as fused
-        return fused(x, gate, y, shift, scale, eps)
+        return fused(x, gate, y, shift, scale, eps, out_dtype=out_dtype)
     h = x + gate.unsqueeze(1) * y
     return h, modulate(F.layer_norm(h, h.shape[-1:], eps=eps), shift, scale)
 

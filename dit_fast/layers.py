@@ -99,17 +99,52 @@ class ModulatedLayerNorm(nn.Module):
         return dispatch.resolve_adaln_backend(self.fused, device)
 
     def forward(self, x, shift, scale):                          # (N, T, D), (N, D), (N, D) -> (N, T, D)
-        return dispatch.modulated_layer_norm(x, shift, scale, self.eps, self._backend(x.device))
+        return dispatch.modulated_layer_norm(x, shift, scale, self.eps, self._backend(x.device),
+                                             gemm_input_dtype(x))
 
     def residual_norm(self, x, gate, y, shift, scale):
         """h = x + gate * y and this norm applied to h, returned as (h, norm(h)); one pass when fused."""
-        return dispatch.gated_residual_norm(x, gate, y, shift, scale, self.eps, self._backend(x.device))
+        return dispatch.gated_residual_norm(x, gate, y, shift, scale, self.eps, self._backend(x.device),
+                                            gemm_input_dtype(x))
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, fused={self.fused}"
+
+
+def gemm_input_dtype(x: torch.Tensor):
+    """The dtype autocast will cast the norm's output to for the next Linear (None: no autocast here).
+
+    The fused adaLN ops then write that dtype directly (bit-identical to autocast's round-to-nearest
+    cast of the fp32 result), saving a cast kernel each way per norm.
+    """
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def gated_residual(x, gate, y, fused) -> torch.Tensor:
     """adaLN-Zero's residual x + gate * y; (N, T, D), (N, D), (N, T, D). Triton when ``fused`` says so."""
     backend = dispatch.resolve_adaln_backend(fused, x.device)
     return dispatch.gated_residual(x, gate, y, backend)
+
+
+def keep_outputs_of_matmuls_over(k: int):
+    """A selective-checkpointing context: keep the output of every matmul that contracts over ``k``
+    (a DiT block's fc2: K = mlp hidden width), recompute everything else in the backward.
+
+    fc2's output is cheap to keep (one (N, T, D) tensor) and its GEMM is the costliest single
+    recompute per byte (gpu/perf-review.md section 3); it is needed only by the gated residual's
+    backward. Recomputing the rest re-runs exactly the same ops, so gradients are bit-identical.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    aten = torch.ops.aten
+
+    def policy(ctx, func, *args, **kwargs):
+        if func in (aten.addmm.default, aten.mm.default):
+            a = args[1] if func is aten.addmm.default else args[0]  # (M, K) @ (K, N)
+            if a.shape[-1] == k:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)

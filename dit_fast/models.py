@@ -11,6 +11,7 @@ the numbers up to floating-point tolerance: ``attn_backend`` (see dit_fast.dispa
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from torch import nn
 from torch.nn import Module
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from dit_fast.layers import Attention, Mlp, ModulatedLayerNorm, PatchEmbed, as_hw, gated_residual
+from dit_fast.layers import (Attention, Mlp, ModulatedLayerNorm, PatchEmbed, as_hw, gated_residual,
+                             keep_outputs_of_matmuls_over)
 
 
 # -- conditioning: the noise level t and the class label y ----------------------------------------
@@ -94,8 +96,17 @@ class DiTBlock(Module):
         self.mlp = Mlp(in_features=D, hidden_features=int(D * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.grad_checkpointing = False
+        self.checkpoint_policy = "full"    # or "selective": keep fc2's output, recompute the rest
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:   # (N, T, D), (N, D)
+        if self.grad_checkpointing and self.checkpoint_policy == "selective" and self.training \
+                and torch.is_grad_enabled():
+            # Inside forward, so that a compiled block traces the policy (inductor's partitioner obeys it).
+            context = partial(keep_outputs_of_matmuls_over, self.mlp.fc2.in_features)
+            return activation_checkpoint(self.sublayers, x, c, use_reentrant=False, context_fn=context)
+        return self.sublayers(x, c)
+
+    def sublayers(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         mod = self.adaLN_modulation(c).chunk(6, dim=1)                     # six (N, D)
         attn_shift, attn_scale, attn_gate, mlp_shift, mlp_scale, mlp_gate = mod
         attn_out = self.attn(self.norm1(x, attn_shift, attn_scale))        # (N, T, D)
@@ -127,7 +138,7 @@ class DiT(Module):
     the noise, then the variance interpolation values. Labels run over ``num_classes``; the null label
     of guidance is ``num_classes`` itself (an unconditional model: ``num_classes=1``, labels 0).
     Speed only, the numbers unchanged: ``attn_backend`` ("sdpa", "math", "triton", "flash_attn",
-    "xformers", "auto"), ``fused_adaln`` (True/False/"auto"), ``grad_checkpointing`` (True/False, or the
+    "xformers", "auto"), ``fused_adaln`` (True/False/"auto"), ``grad_checkpointing`` (True/False, "selective", or the
     fraction of blocks, counted from the first, to checkpoint).
     """
 
@@ -179,13 +190,14 @@ class DiT(Module):
     # -- speed switches (the numbers do not change) --
 
     def set_grad_checkpointing(self, enable=True) -> None:
-        """Checkpoint every block (True), none (False / 0) or the first ``round(fraction * depth)``."""
-        fraction = float(enable)
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"grad_checkpointing must be a bool or a fraction in [0, 1], got {enable!r}")
+        """Checkpoint every block (True), none (False / 0) or the first ``round(fraction * depth)``;
+        "selective": every block, keeping each fc2 output and recomputing the rest."""
+        policy = "selective" if enable == "selective" else "full"
+        fraction = 1.0 if policy == "selective" else _fraction(enable)
         n_checkpointed = round(fraction * len(self.blocks))
         for index, block in enumerate(self.blocks):
             block.grad_checkpointing = index < n_checkpointed
+            block.checkpoint_policy = policy
 
     def set_backends(self, attn_backend: str | None = None, fused_adaln=None) -> None:
         """Switch the attention backend and/or the fused adaLN kernels of a built model."""
@@ -207,7 +219,8 @@ class DiT(Module):
         return image.reshape(x.shape[0], self.out_channels, rows * p, cols * p)
 
     def _run_block(self, block: DiTBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if block.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if block.grad_checkpointing and block.checkpoint_policy == "full" and self.training \
+                and torch.is_grad_enabled():
             return activation_checkpoint(block, x, c, use_reentrant=False)
         return block(x, c)
 
@@ -235,6 +248,16 @@ class DiT(Module):
         eps_y, eps_null = out[:, :n_guided].chunk(2)
         guided = eps_null + cfg_scale * (eps_y - eps_null)
         return torch.cat([torch.cat([guided, guided]), out[:, n_guided:]], dim=1)
+
+
+def _fraction(enable) -> float:
+    try:
+        fraction = float(enable)
+    except (TypeError, ValueError):
+        fraction = -1.0
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"grad_checkpointing must be a bool, a fraction in [0, 1] or 'selective', got {enable!r}")
+    return fraction
 
 
 # -- fixed 2-D sin-cos positional embedding -----------------------------------------------------------

@@ -28,3 +28,34 @@ def test_zero_turns_the_triton_path_off(monkeypatch):
     assert dispatch.resolve_adaln_backend("0", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="fused_adaln must be"):
         dispatch.resolve_adaln_backend(2, "cpu")
+
+
+def test_auto_attention_is_sdpa_everywhere_citing_the_measurement(monkeypatch, caplog):
+    """cuDNN SDPA beat our Triton attention on the H200 (fwd 242 vs 211 TFLOP/s): auto -> sdpa even
+    where Triton could run, logged once with the results file."""
+    monkeypatch.setattr(dispatch, "_resolved", {})
+    monkeypatch.setattr(dispatch, "_logged", set())
+    monkeypatch.setattr(dispatch, "_triton_status", lambda device: (True, "ok"))
+    with caplog.at_level("INFO", logger="dit_fast"):
+        assert dispatch._resolve_attn("auto", "cuda", "0") == "sdpa"
+        assert dispatch._resolve_attn("auto", "cuda", "0") == "sdpa"
+    assert dispatch.resolve_attn_backend("auto", "cpu") == "sdpa"
+    logged = [r.getMessage() for r in caplog.records if "attention backend auto" in r.getMessage()]
+    assert len(logged) == 1 and dispatch.MEASURED in logged[0]
+
+
+def test_auto_adaln_is_torch_under_compile_and_triton_in_eager_cuda(monkeypatch):
+    monkeypatch.setattr(dispatch, "_resolved", {})
+    monkeypatch.setattr(dispatch, "_triton_status", lambda device: (True, "ok"))
+    assert dispatch._resolve_adaln("auto", "cuda", "0", compiling=False) == "triton"
+    assert dispatch._resolve_adaln("auto", "cuda", "0", compiling=True) == "torch"
+    assert dispatch._resolve_adaln("auto", "cpu", "0", compiling=False) == "torch"
+    assert dispatch._resolve_adaln(True, "cuda", "0", compiling=True) == "triton"  # asked for: kept
+
+    def norm(x):
+        return x * 2 if dispatch.resolve_adaln_backend("auto", "cuda") == "triton" else x * 3
+    x = torch.ones(2)
+    assert torch.equal(norm(x), x * 2)                                    # eager: the fused ops
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(norm, backend="eager", fullgraph=True)(x), x * 3)  # traced: inductor's
+    torch._dynamo.reset()

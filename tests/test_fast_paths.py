@@ -72,3 +72,76 @@ def test_every_fast_path_matches_reference_gpu(dtype):
         bound = 2 * max_rel(grads_lo[name], g32) + floor
         rel = max_rel(grads_fast[name], g32)
         assert rel <= bound, f"grad of {name}: fast path rel. err {rel:.3e} > {bound:.3e}"
+
+
+def test_fused_adaln_emits_the_autocast_dtype_bit_identical_to_the_cast(monkeypatch):
+    """Under autocast the fused norms write the GEMM's input dtype themselves (out_dtype): the forward
+    and every gradient equal, bit for bit, the same model whose norms return fp32 for autocast to cast;
+    and both stay within half-precision error of the unfused torch ops. fp16 on the CPU: Triton's
+    interpreter rounds fp32 -> bf16 by truncation (the GPU rounds to nearest even, as autocast does;
+    tests/kernels/test_*::test_gpu_out_dtype_equals_autocasts_own_cast check bf16 there)."""
+    dtype = torch.float16
+    import dit_fast.layers as layers
+    seen = []
+    real = layers.gemm_input_dtype
+    monkeypatch.setattr(layers, "gemm_input_dtype", lambda x: seen.append(real(x)) or seen[-1])
+
+    def under_autocast(model):
+        with torch.autocast("cpu", dtype=dtype):
+            return run(model, *inputs("cpu", torch.float32))
+    out_direct, grads_direct = under_autocast(build(attn_backend="math", fused_adaln=True))
+    assert seen and all(d == dtype for d in seen), seen
+    monkeypatch.setattr(layers, "gemm_input_dtype", lambda x: None)  # fp32 m, autocast casts it
+    out_cast, grads_cast = under_autocast(build(attn_backend="math", fused_adaln=True))
+    assert torch.equal(out_direct, out_cast)
+    for name, g in grads_cast.items():
+        assert torch.equal(grads_direct[name], g), name
+    out_ref, grads_ref = under_autocast(build(attn_backend="math", fused_adaln=False))
+    assert max_rel(out_direct, out_ref) <= 2e-2
+    for name, g in grads_ref.items():
+        assert max_rel(grads_direct[name], g) <= 5e-2, name
+
+
+def count_matmuls_over(k, fn):
+    """How many addmm/mm ops with inner dimension k run inside fn."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten, seen = torch.ops.aten, []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.addmm.default, aten.mm.default):
+                a = args[1] if func is aten.addmm.default else args[0]
+                seen.append(a.shape[-1] == k and a.shape[0] > 3)  # not the (N, K) adaLN / grad GEMMs
+            return func(*args, **(kwargs or {}))
+    with Count():
+        fn()
+    return sum(seen)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_selective_checkpointing_equals_no_checkpointing_and_skips_fc2_recompute(fused):
+    """--grad-checkpointing selective: forward and every gradient bit-identical to no checkpointing;
+    the backward recomputes qkv/proj/fc1 (like full checkpointing) but not fc2."""
+    x, t, y = inputs("cpu", torch.float32)
+    out_ref, grads_ref = run(build(attn_backend="math", fused_adaln=fused), x, t, y)
+    model = build(attn_backend="math", fused_adaln=fused, grad_checkpointing="selective")
+    assert all(b.grad_checkpointing and b.checkpoint_policy == "selective" for b in model.blocks)
+    out, grads = run(model, x, t, y)
+    assert torch.equal(out, out_ref)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads_ref.items():
+        assert torch.equal(grads[name], g), name
+    k = model.blocks[0].mlp.fc2.in_features
+
+    def fwd_bwd(m):
+        def go():
+            torch.manual_seed(7)
+            m(x, t, y).square().mean().backward()
+        return go
+    depth = len(model.blocks)
+    forward_only = count_matmuls_over(k, lambda: model(x, t, y))
+    assert forward_only == depth                                          # one fc2 per block
+    full = build(attn_backend="math", fused_adaln=fused, grad_checkpointing=True)
+    # K = mlp width: fc2's forward GEMM and fc1's dgrad (fc2's dgrad contracts over D, wgrads over tokens)
+    assert count_matmuls_over(k, fwd_bwd(full)) == 3 * depth             # forward, recompute, fc1 dgrad
+    assert count_matmuls_over(k, fwd_bwd(model)) == 2 * depth            # no recompute: fc2's output kept

@@ -254,7 +254,7 @@ def test_ema_matches_dit_update_ema():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    ema.update(model, zero3=False)
+    ema.update(model)
     for name, p in model.named_parameters():  # DiT: ema.mul_(decay).add_(param, alpha=1 - decay)
         want = reference[name].mul(0.9).add(p, alpha=0.1)
         assert torch.equal(ema.model.state_dict()[name], want)

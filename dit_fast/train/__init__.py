@@ -4,7 +4,7 @@
     engine.py    the DeepSpeed config (ZeRO knobs from JSON + injected batch/precision/clipping),
                  model -> checkpointing -> compile -> optimizer -> engine
     step.py      the one training step (micro-step, optimizer step, EMA update): train.py and the table
-    ema.py       the fp32 EMA of the weights (ZeRO-3 aware)
+    ema.py       the fp32 EMA of the fp32 master weights (every precision and ZeRO stage)
     data.py      the training data: checks before any step, resumable per-rank order, flips
     run_dir.py   run directories and their checkpoints (atomic, keep-last-K, resume lookup, RNG)
     metrics.py   the logger, loss statistics, metrics.jsonl / TensorBoard

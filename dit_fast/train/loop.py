@@ -114,20 +114,15 @@ class TrainLoop:
     """The optimizer-step loop; holds the engine, EMA, data and logging state."""
 
     def __init__(self, cfg, engine, ema, info, device, run_dir, logger, ds_config):
-        from ..diffusion import create_diffusion
         self.cfg, self.engine, self.ema, self.info = cfg, engine, ema, info
         self.device, self.run_dir, self.logger = device, run_dir, logger
         self.rank, self.world, _ = env_world()
         self.zero3 = zero_stage(ds_config) == 3
-        self.diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
-                                          noise_schedule=cfg.diffusion.noise_schedule,
-                                          learn_sigma=cfg.model.learn_sigma,
-                                          diffusion_steps=cfg.diffusion.diffusion_steps)
         self.loader, self.sampler = build_loader(info, cfg, self.rank, self.world, device)
         self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.train.grad_accum
         self.vae = info.vae.to(device) if info.vae is not None else None
-        self.train_step = TrainStep(engine, ema, self.diffusion, device, cfg.train.precision,
-                                    cfg.train.grad_accum, self.zero3, self.vae)
+        self.train_step = TrainStep.from_config(cfg, engine, ema, device, self.vae)
+        self.diffusion = self.train_step.diffusion
         self.pos = Position()
         self.resumed = False
         self.metrics = MetricsWriter(run_dir, self.rank)

@@ -1,11 +1,11 @@
 """One DiT training step, as train.py runs it and benchmarks/table.py times it (one copy of the step).
 
-    step = TrainStep(engine, ema, diffusion, device, precision, grad_accum, zero3, vae)
+    step = TrainStep.from_config(cfg, engine, ema, device, vae)   # what TrainLoop and the table do
     loss_sum = step.optimizer_step(batches)   # grad_accum micro-steps, then the EMA update
 
 A micro-step is DiT's: t ~ randint(0, T) per sample, loss = training_losses(...)["loss"].mean(),
 engine.backward, engine.step (DeepSpeed steps the optimizer at the accumulation boundary); the EMA
-follows after every optimizer step.
+follows the fp32 master weights after every optimizer step (collective under ZeRO-3: every rank calls it).
 """
 from __future__ import annotations
 
@@ -18,10 +18,20 @@ class TrainStep:
     """The micro-step and the optimizer step over a DeepSpeed engine and its EMA."""
 
     def __init__(self, engine, ema, diffusion, device: torch.device, precision: str, grad_accum: int,
-                 zero3: bool, vae=None):
+                 vae=None):
         self.engine, self.ema, self.diffusion, self.vae = engine, ema, diffusion, vae
-        self.device, self.grad_accum, self.zero3 = device, grad_accum, zero3
+        self.device, self.grad_accum = device, grad_accum
         self.dtype = engine_dtype(precision)
+
+    @classmethod
+    def from_config(cls, cfg, engine, ema, device: torch.device, vae=None) -> "TrainStep":
+        """The step of a resolved Config: DiT's diffusion (cfg.diffusion), precision and accumulation."""
+        from ..diffusion import create_diffusion
+        diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
+                                     noise_schedule=cfg.diffusion.noise_schedule,
+                                     learn_sigma=cfg.model.learn_sigma,
+                                     diffusion_steps=cfg.diffusion.diffusion_steps)
+        return cls(engine, ema, diffusion, device, cfg.train.precision, cfg.train.grad_accum, vae)
 
     def model_fn(self, x, t, y):
         """The engine in its precision; t stays an integer timestep (never rounded to bf16)."""
@@ -45,5 +55,5 @@ class TrainStep:
         for _ in range(self.grad_accum):
             x, y = next(batches)
             total += self.micro_step(x, y)
-        self.ema.update(self.engine.module, self.zero3)
+        self.ema.update(self.engine)  # the fp32 master weights, every ZeRO stage (ema.py)
         return total
