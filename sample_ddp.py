@@ -15,6 +15,7 @@ seeds each rank once (global_seed * world_size + rank) and draws all batches fro
 images are statistically equivalent but not the original's pixels (sample.py does match them).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -62,6 +63,17 @@ def folder_name(cfg) -> str:
     return f"{model}-{ckpt}-size-{cfg.image_size}-vae-{vae}-cfg-{cfg.cfg_scale}-seed-{cfg.global_seed}"
 
 
+def resolve_checkpoint_path(spec: str) -> Path:
+    """The file (or folder) --ckpt names; official names resolve to the cached download."""
+    from dit_fast.checkpoint import OFFICIAL_CHECKPOINTS, download_official
+    path = Path(spec).expanduser()
+    if spec in OFFICIAL_CHECKPOINTS and not path.exists():
+        return download_official(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--ckpt {spec!r} does not exist")
+    return path
+
+
 def batch_seed(global_seed: int, rank: int, batch: int) -> int:
     """A 64-bit seed for one batch of one rank, independent of every other batch (resume = same images)."""
     return int(np.random.SeedSequence([global_seed, rank, batch]).generate_state(1, np.uint64)[0])
@@ -72,16 +84,55 @@ def batch_indices(batch: int, n: int, rank: int, world_size: int) -> list:
     return [i * world_size + rank + batch * n * world_size for i in range(n)]
 
 
+_HEAD_BYTES = 1 << 20  # hash the first MiB: tells two checkpoints apart without reading 2.7 GB
+
+
+def file_identity(path: Path) -> dict:
+    """Path, size, mtime and the sha256 of the first MiB of a file (each file of a folder)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    out = {"path": str(path.resolve()), "files": []}
+    for f in files:
+        with open(f, "rb") as handle:
+            head = hashlib.sha256(handle.read(_HEAD_BYTES)).hexdigest()
+        st = f.stat()
+        out["files"].append({"name": str(f.relative_to(path)) if path.is_dir() else f.name,
+                             "size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_sha256": head})
+    return out
+
+
+# Every flag that changes the pixels of a batch (the checkpoint enters by its identity).
+_IMAGE_FLAGS = ("model", "image_size", "num_classes", "cfg_scale", "num_sampling_steps", "sampler",
+                "vae", "in_channels", "depth", "hidden_size", "num_heads", "guide_all_channels",
+                "precision", "attn_backend", "fused_adaln", "tf32", "compile", "compile_mode",
+                "global_seed", "per_proc_batch_size")
+
+
+def sample_settings(cfg, ckpt_path: Path, world_size: int, device) -> dict:
+    """What a folder's PNGs depend on: recorded in sample_ddp.json, compared on every rerun."""
+    settings = {k: getattr(cfg, k) for k in _IMAGE_FLAGS}
+    vae = Path(str(cfg.vae)).expanduser()
+    settings.update(world_size=world_size, device=torch.device(device).type, seeding="per-batch-v2",
+                    checkpoint=file_identity(ckpt_path),
+                    vae=file_identity(vae) if vae.is_dir() else cfg.vae)
+    return settings
+
+
 def check_resume_settings(folder: Path, settings: dict, rank: int, world_size: int) -> None:
-    """Refuse to continue a folder sampled with a different layout (it would mix two seed schemes)."""
+    """Refuse to continue a folder sampled with other settings or another checkpoint (a rerun
+    skips every batch whose PNGs exist, so it would mix two sets of images)."""
     meta = folder / "sample_ddp.json"
     previous = json.loads(meta.read_text()) if meta.is_file() else None
+    if previous is None and folder.is_dir() and any(folder.glob("*.png")):
+        previous = {"settings": "unknown: PNGs without a sample_ddp.json"}
     barrier(world_size)  # everyone has read it before rank 0 (re)writes it
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back from the file
     if previous is not None and previous != settings:
-        diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-        raise ValueError(f"{folder} holds samples made with other settings {diff} (before, now); "
-                         f"use the same flags and number of processes to resume, or another --sample-dir")
+        diff = "; ".join(f"{k}: before {previous.get(k)!r}, now {settings.get(k)!r}"
+                         for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k))
+        raise ValueError(f"{folder} holds samples made with other settings ({diff}); use the same "
+                         "flags, checkpoint and number of processes to resume, or another --sample-dir")
     if rank == 0 and previous is None:
+        folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(meta, json.dumps(settings, indent=1))
 
 
@@ -112,9 +163,9 @@ def _sample_all(cfg, input_size: int, rank: int, world_size: int, device) -> dic
         print(format_sample_config(cfg))
     print(f"Starting rank={rank}, world_size={world_size}, device={device}.")
     in_channels = cfg.in_channels if is_pixel_space(cfg.vae) else 4
+    ckpt_path = resolve_checkpoint_path(cfg.ckpt or f"DiT-XL-2-{cfg.image_size}x{cfg.image_size}.pt")
     model = build_sampling_model(cfg.model, input_size, cfg.num_classes, in_channels,
-                                 cfg.ckpt or f"DiT-XL-2-{cfg.image_size}x{cfg.image_size}.pt",
-                                 device, cfg.attn_backend, cfg.fused_adaln, depth=cfg.depth,
+                                 str(ckpt_path), device, cfg.attn_backend, cfg.fused_adaln, depth=cfg.depth,
                                  hidden_size=cfg.hidden_size, num_heads=cfg.num_heads)
     vae = load_vae(cfg.vae, device=device)
     using_cfg = cfg.cfg_scale > 1.0
@@ -123,14 +174,12 @@ def _sample_all(cfg, input_size: int, rank: int, world_size: int, device) -> dic
                       precision=cfg.precision, guide_all_channels=cfg.guide_all_channels)
 
     folder = Path(cfg.sample_dir) / folder_name(cfg)
+    n = cfg.per_proc_batch_size
+    check_resume_settings(folder, sample_settings(cfg, ckpt_path, world_size, device), rank,
+                          world_size)
     if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
         print(f"Saving .png samples at {folder}")
     barrier(world_size)
-    n = cfg.per_proc_batch_size
-    settings = dict(world_size=world_size, per_proc_batch_size=n, num_sampling_steps=cfg.num_sampling_steps,
-                    sampler=cfg.sampler, precision=cfg.precision, seeding="per-batch-v1")
-    check_resume_settings(folder, settings, rank, world_size)
 
     global_batch = n * world_size
     total = int(math.ceil(cfg.num_fid_samples / global_batch) * global_batch)

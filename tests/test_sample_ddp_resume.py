@@ -1,0 +1,39 @@
+"""sample_ddp.py never mixes two sets of images in one folder: the folder's sample_ddp.json records
+the checkpoint's identity (path, size, mtime, sha256 of its first MiB) and every flag that changes
+the pixels; a rerun that differs in any of them refuses, listing the differences."""
+import pytest
+
+import sample_ddp
+from tests.sampling_helpers import save_tiny_checkpoint
+from tests.test_sample_cli import CLASSES, SIZE, _ddp_args
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_rerun_with_another_checkpoint_or_flag_refuses(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    ckpt = save_tiny_checkpoint(tmp_path / "a" / "tiny.pt", input_size=SIZE, in_channels=3,
+                                num_classes=CLASSES, seed=0)
+    out = tmp_path / "samples"
+    first = sample_ddp.main(_ddp_args(ckpt, out, "--num-fid-samples", "4"))
+    pngs = sorted(p.name for p in first["folder"].glob("*.png"))
+
+    # Same basename (so the same folder name), other weights: the identity differs.
+    other = save_tiny_checkpoint(tmp_path / "b" / "tiny.pt", input_size=SIZE, in_channels=3,
+                                 num_classes=CLASSES, seed=1)
+    with pytest.raises(ValueError, match="other settings.*checkpoint: before"):
+        sample_ddp.main(_ddp_args(other, out, "--num-fid-samples", "4"))
+    for flag in (["--guide-all-channels"], ["--precision", "bf16"], ["--no-tf32"],
+                 ["--attn-backend", "math"]):
+        with pytest.raises(ValueError, match="other settings"):
+            sample_ddp.main(_ddp_args(ckpt, out, "--num-fid-samples", "4", *flag))
+    assert sorted(p.name for p in first["folder"].glob("*.png")) == pngs  # nothing resampled
+    again = sample_ddp.main(_ddp_args(ckpt, out, "--num-fid-samples", "4"))  # same: resumes
+    assert again["folder"] == first["folder"]
