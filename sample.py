@@ -12,18 +12,20 @@ from pathlib import Path
 
 import torch
 
+from dit_fast.cli import OneLineParser
 from dit_fast.config import DEFAULT_CLASS_LABELS, SampleConfig
 from dit_fast.diffusion import create_diffusion
 from dit_fast.sample_cli import (add_common_flags, build_sampling_model, check_class_labels,
-                                 check_official_defaults, format_sample_config, model_input_size,
-                                 resolve_device, run_cli)
+                                 check_official_defaults, check_sampling_inputs, format_sample_config,
+                                 model_input_size, resolve_device, run_cli)
 from dit_fast.sample_files import save_image
 from dit_fast.sampling import Sampler, decode, timed
 from dit_fast.vae import is_pixel_space, load_vae
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="sample.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(parser, cfg_default=4.0)
     parser.add_argument("--vae", type=str, default="mse", help="ema | mse | a local diffusers dir | none")
     parser.add_argument("--seed", type=int, default=0)
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     """Run sample.py with `argv`; returns {"path", "images", "compile_seconds", "sample_seconds"}."""
     cfg = SampleConfig.from_args(build_parser().parse_args(argv))
+    check_sampling_inputs(cfg)
+    if Path(cfg.out).is_dir():
+        raise IsADirectoryError(f"--out {cfg.out!r} is a directory; give the path of the PNG to write")
     print(format_sample_config(cfg))
     device = resolve_device(cfg.device, cfg.tf32)
     input_size = model_input_size(cfg.model, cfg.image_size, cfg.vae)

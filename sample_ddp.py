@@ -26,18 +26,21 @@ import torch
 import torch.distributed as dist
 
 from dit_fast.atomic import atomic_write_text
+from dit_fast.cli import OneLineParser
 from dit_fast.config import SampleConfig
 from dit_fast.diffusion import create_diffusion
 from dit_fast.distributed import init_distributed
 from dit_fast.sample_cli import (add_common_flags, build_sampling_model, check_official_defaults,
-                                 format_sample_config, model_input_size, resolve_device, run_cli)
+                                 check_sampling_inputs, format_sample_config, model_input_size,
+                                 resolve_device, run_cli)
 from dit_fast.sample_files import save_png, to_uint8_hwc, write_npz_from_pngs
 from dit_fast.sampling import Sampler, decode
 from dit_fast.vae import is_pixel_space, load_vae
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="sample_ddp.py", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(parser, cfg_default=1.5)
     parser.add_argument("--vae", type=str, default="ema", help="ema | mse | a local diffusers dir | none")
     parser.add_argument("--sample-dir", type=str, default="samples")
@@ -148,6 +151,11 @@ def main(argv=None) -> dict:
     input_size = model_input_size(cfg.model, cfg.image_size, cfg.vae)
     if cfg.ckpt is None:
         check_official_defaults(cfg.model, cfg.image_size, cfg.num_classes, cfg.vae)
+    check_sampling_inputs(cfg)
+    if Path(cfg.sample_dir).exists() and not Path(cfg.sample_dir).is_dir():
+        raise NotADirectoryError(f"--sample-dir {cfg.sample_dir!r} is a file; give a directory")
+    if cfg.fid_ref and not Path(cfg.fid_ref).is_file():
+        raise FileNotFoundError(f"--fid-ref {cfg.fid_ref!r} does not exist (a .npz with mu and sigma)")
     ctx = init_distributed(cfg.device)  # a process group only under torchrun (NCCL / Gloo)
     device = resolve_device(str(ctx.device), cfg.tf32)
     try:

@@ -39,12 +39,12 @@ def one_line(err: BaseException) -> str:
     return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
-def run_entry(main: Callable, prog: str, argv=None) -> int:
-    """``main(argv)``; bad input becomes one line on stderr and exit code 2. Returns the exit code
-    (0, or main's own int result)."""
+def run_entry(main: Callable, prog: str, argv=None, extra: tuple = ()) -> int:
+    """``main(argv)``; bad input (``user_errors()`` and ``extra``) becomes one line on stderr and
+    exit code 2. Returns the exit code (0, or main's own int result)."""
     try:
         result = main(argv)
-    except user_errors() as err:
+    except user_errors() + tuple(extra) as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return USAGE_ERROR
     return result if isinstance(result, int) else 0

@@ -33,8 +33,9 @@ STEP_LINE = re.compile(r"\(step=(\d+)\)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .cli import OneLineParser
+    p = OneLineParser(prog="dit_fast.demo", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--out", default="results/demo", help="output directory (its train/ subfolder is replaced)")
     a("--image-size", type=int, default=8, help="digit side: 8 (the originals) or upsampled, e.g. 16")
@@ -58,7 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    """Fail before any work, naming the flag to change."""
+    """Fail before any work (before the output folder is touched), naming the flag to change."""
+    for flag in ("patch_size", "hidden_size", "depth", "num_heads"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out!r} is a file; give a directory")
+    if not 0.0 <= args.ema_decay < 1.0 or args.lr <= 0 or args.threads < 0 or args.cfg_scale < 1.0:
+        raise ValueError("need 0 <= --ema-decay < 1, --lr > 0, --threads >= 0 and --cfg-scale >= 1 "
+                         f"(got {args.ema_decay}, {args.lr}, {args.threads}, {args.cfg_scale})")
     if args.image_size < 8 or args.image_size % args.patch_size:
         raise ValueError(f"--image-size {args.image_size} must be >= 8 and divisible by --patch-size "
                          f"{args.patch_size}")
@@ -294,11 +303,15 @@ def _last_loss(lines: list[str]) -> float | None:
 
 
 def cli(argv=None) -> None:
-    """Entry point: a failed step (bad flag, train.py error) ends with one clear line."""
+    """Entry point: bad input ends with one clear line and exit code 2 (dit_fast.cli); a failed
+    training run (train.py's own error) with one line and exit code 1."""
+    from .cli import one_line, run_entry
     try:
-        main(argv)
-    except (RuntimeError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"dit_fast.demo: error: {err}")
+        code = run_entry(main, "dit_fast.demo", argv)
+    except RuntimeError as err:
+        sys.exit(f"dit_fast.demo: error: {one_line(err)}")
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -70,12 +71,17 @@ def build_sampling_model(model_name: str, input_size: int, num_classes: int, in_
     from dit_fast.checkpoint import load_into_model, load_state_dict
     from dit_fast.models import build_model
 
+    state = load_state_dict(ckpt)  # reading it first draws no random numbers
+    # A model trained with class_dropout_prob=0 has no null-label row: build it so (it loads, and
+    # sampling without guidance works; the Sampler refuses guidance with a clear message).
+    labels = state.get("y_embedder.embedding_table.weight")
+    no_null = {"class_dropout_prob": 0.0} if labels is not None and labels.shape[0] == num_classes else {}
     model = build_model(model_name, input_size=input_size, num_classes=num_classes, in_channels=in_channels,
-                        attn_backend=attn_backend, fused_adaln=fused_adaln, **size_overrides)
+                        attn_backend=attn_backend, fused_adaln=fused_adaln, **no_null, **size_overrides)
     model = model.to(device)
     hint = (f"the checkpoint does not fit --model {model_name} --image-size/--num-classes/--in-channels "
             f"(input_size={input_size}, num_classes={num_classes}, in_channels={in_channels})")
-    load_into_model(model, load_state_dict(ckpt), hint=hint)
+    load_into_model(model, state, hint=hint)
     return model.eval()  # important: class dropout is a training-only behaviour
 
 
@@ -127,11 +133,27 @@ def resolve_device(name: Optional[str], tf32: bool = True) -> torch.device:
 
 
 def run_cli(main: Callable, prog: str, argv=None) -> None:
-    """Run a sampling CLI's ``main``; library errors (bad flags, missing checkpoint or VAE) exit with one
-    clear line instead of a traceback."""
-    from dit_fast.checkpoint import CheckpointError
-    from dit_fast.vae import VAEError
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError, CheckpointError, VAEError) as e:
-        sys.exit(f"{prog}: error: {e}")
+    """Run a sampling CLI's ``main``; library errors (bad flags, missing checkpoint or VAE, an optional
+    package missing) exit with one clear line and exit code 2 instead of a traceback (dit_fast.cli)."""
+    from dit_fast.cli import run_entry
+    code = run_entry(main, prog, argv, extra=(ImportError,))
+    if code:
+        sys.exit(code)
+
+
+def check_sampling_inputs(cfg) -> None:
+    """What sample.py and sample_ddp.py can check before loading anything (or joining a group)."""
+    from dit_fast.vae import check_vae_spec
+    for name in ("num_classes", "num_sampling_steps", "in_channels"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("depth", "hidden_size", "num_heads"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.ckpt is not None:
+        from dit_fast.checkpoint import OFFICIAL_CHECKPOINTS
+        if cfg.ckpt not in OFFICIAL_CHECKPOINTS and not Path(cfg.ckpt).expanduser().exists():
+            raise FileNotFoundError(f"No checkpoint at {cfg.ckpt} (--ckpt); pass a checkpoint file "
+                                    f"or one of {', '.join(OFFICIAL_CHECKPOINTS)}")
+    check_vae_spec(cfg.vae)
+

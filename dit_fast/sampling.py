@@ -156,6 +156,7 @@ class Sampler:
     def __init__(self, model, diffusion, *, cfg_scale: float = 4.0, num_classes: int = 1000,
                  use_cfg: bool = True, sampler: str = "ddpm", precision: str = "fp32",
                  clip_denoised: bool = False, eta: float = 0.0, guide_all_channels: bool = False):
+        check_null_label(model, num_classes, use_cfg)  # before any step, for every caller
         self.model = model
         self.diffusion = diffusion
         self.num_classes = num_classes
@@ -255,3 +256,13 @@ def timed(fn: Callable, device) -> tuple:
     result = fn()
     _synchronize(device)
     return result, time.perf_counter() - start
+
+
+def check_null_label(model, num_classes: int, use_cfg: bool) -> None:
+    """Guidance needs the null label (row num_classes of the label table): a model trained with
+    class_dropout_prob=0 has none, and its CFG forward would fail with an IndexError deep inside."""
+    table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
+    if use_cfg and table is not None and table.num_embeddings == num_classes:
+        raise ValueError(f"this model has no null label ({num_classes} label rows for {num_classes} "
+                         "classes: trained with class_dropout_prob=0), so classifier-free "
+                         "guidance is impossible; sample without guidance (sample_ddp.py --cfg-scale 1)")

@@ -36,11 +36,18 @@ def files(tmp_path_factory):
     (base / "images" / "cat").mkdir(parents=True)
     (base / "junk.pt").write_bytes(b"junk bytes, not a torch file" * 4)
     torch.save({"pos_embed": torch.zeros(3)}, base / "wrong_shape.pt")
+    from tests.sampling_helpers import build_tiny, save_tiny_checkpoint
+    save_tiny_checkpoint(base / "tiny.pt", input_size=8, in_channels=3, num_classes=10)
+    torch.save(build_tiny(input_size=8, in_channels=3, num_classes=10, class_dropout_prob=0.0)
+               .state_dict(), base / "no_null.pt")
+    (base / "outdir").mkdir()
     ckpt = base / "run" / "checkpoints" / "step-0000004.tmp"
     ckpt.mkdir(parents=True)
     return {"feat": str(feat), "empty": str(base / "empty"), "txt": str(base / "notes.txt"),
             "base": base, "ckpt_tmp": str(ckpt), "images": str(base / "images"),
-            "junk": str(base / "junk.pt"), "wrong": str(base / "wrong_shape.pt")}
+            "junk": str(base / "junk.pt"), "wrong": str(base / "wrong_shape.pt"),
+            "tiny": str(base / "tiny.pt"), "no_null": str(base / "no_null.pt"),
+            "outdir": str(base / "outdir")}
 
 
 def train_main(argv):
@@ -51,6 +58,37 @@ def train_main(argv):
 def extract_main(argv):
     import extract_features
     return extract_features.main(argv)
+
+
+def sample_main(argv):
+    import sample
+    return sample.cli(argv)
+
+
+def sample_ddp_main(argv):
+    import sample_ddp
+    return sample_ddp.cli(argv)
+
+
+def demo_main(argv):
+    from dit_fast import demo
+    return demo.cli(argv)
+
+
+SAMPLE_TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
+               "--vae", "none", "--image-size", "8", "--num-classes", "10",
+               "--num-sampling-steps", "2", "--device", "cpu"]
+
+
+def S(*extra, ckpt="{tiny}", labels=()):
+    """A sample.py / sample_ddp.py command line on the tiny checkpoint, writing into the cwd."""
+    return lambda f: [*SAMPLE_TINY, *labels, *(["--ckpt", ckpt.format(**f)] if ckpt else []),
+                      *[a.format(**f) for a in extra]]
+
+
+def SP(*extra, ckpt="{tiny}"):
+    """sample.py: two labels inside the tiny model's 10 classes."""
+    return S(*extra, ckpt=ckpt, labels=("--class-labels", "1", "2"))
 
 
 def T(*extra, feat=True):
@@ -123,8 +161,49 @@ EXTRACT_CASES = [
      "--batch-size must be positive"),
 ]
 
+SAMPLE_CASES = [
+    ("checkpoint missing", SP(ckpt="{base}/nope.pt"), "No checkpoint"),
+    ("checkpoint unreadable", SP(ckpt="{junk}"), "not a torch checkpoint"),
+    ("checkpoint of another shape", SP(ckpt="{wrong}"), "does not fit"),
+    ("checkpoint is a folder", SP(ckpt="{empty}"), ""),
+    ("label out of range", SP("--class-labels", "10"), "outside [0, 9]"),
+    ("zero classes", SP("--num-classes", "0"), "--num-classes must be positive"),
+    ("size not divisible by the patch", SP("--image-size", "7"), "divisible"),
+    ("negative size", SP("--image-size", "-8"), "--image-size must be positive"),
+    ("unknown model", SP("--model", "DiT-Z/2"), "invalid choice"),
+    ("unknown vae", SP("--vae", "/no/such/vae"), "--vae"),
+    ("out is a folder", SP("--out", "{outdir}"), "is a directory"),
+    ("zero sampling steps", SP("--num-sampling-steps", "0"), "--num-sampling-steps must be positive"),
+    ("unknown precision", SP("--precision", "fp8"), "invalid choice"),
+    ("unknown attention backend", SP("--attn-backend", "flashy"), "unknown attention backend"),
+    ("official checkpoint, other model", SP(ckpt=None), "without --ckpt"),
+    ("guidance without a null label", SP(ckpt="{no_null}"), "no null label"),
+]
+SAMPLE_DDP_CASES = [
+    ("guidance scale below 1", S("--cfg-scale", "0.5"), "--cfg-scale must be >= 1.0"),
+    ("zero batch", S("--per-proc-batch-size", "0"), "must be >= 1"),
+    ("zero samples", S("--num-fid-samples", "0"), "must be >= 1"),
+    ("sample dir is a file", S("--sample-dir", "{txt}"), "is a file"),
+    ("fid reference missing", S("--fid-ref", "{base}/nope.npz"), "--fid-ref"),
+    ("checkpoint missing", S(ckpt="{base}/nope.pt"), "No checkpoint"),
+    ("grey images for the npz", S("--in-channels", "1"), "RGB"),
+    ("batch not an int", S("--per-proc-batch-size", "x"), "invalid int value"),
+]
+DEMO_CASES = [
+    ("size not divisible", E("--image-size", "9"), "divisible"),
+    ("zero patch", E("--patch-size", "0"), "--patch-size must be positive"),
+    ("zero heads", E("--num-heads", "0"), "--num-heads must be positive"),
+    ("out is a file", E("--out", "{txt}"), "is a file"),
+    ("EMA decay 1", E("--ema-decay", "1"), "--ema-decay"),
+    ("zero steps", E("--max-steps", "0"), "--max-steps must be positive"),
+    ("lr not a number", E("--lr", "fast"), "invalid float value"),
+]
+
 CASES = ([("train.py", train_main, *c) for c in TRAIN_CASES]
-         + [("extract_features.py", extract_main, *c) for c in EXTRACT_CASES])
+         + [("extract_features.py", extract_main, *c) for c in EXTRACT_CASES]
+         + [("sample.py", sample_main, *c) for c in SAMPLE_CASES]
+         + [("sample_ddp.py", sample_ddp_main, *c) for c in SAMPLE_DDP_CASES]
+         + [("dit_fast.demo", demo_main, *c) for c in DEMO_CASES])
 
 
 def listing(root: Path) -> list[str]:
@@ -161,15 +240,20 @@ def test_bad_input_one_line_exit_2_nothing_created(prog, main, name, argv, expec
     ("train.py", ["--features-path", "{feat}", "--attn-backend", "flashy"]),
     ("train.py", ["--features-path", "{feat}", "--global-batch-size", "0"]),
     ("extract_features.py", ["--data-path", "{txt}", "--features-path", "out"]),
+    ("sample.py", [*SAMPLE_TINY, "--ckpt", "{junk}"]),
+    ("sample_ddp.py", [*SAMPLE_TINY, "--ckpt", "{tiny}", "--cfg-scale", "0.5"]),
+    ("-m dit_fast.demo", ["--patch-size", "0"]),
 ])
 def test_bad_input_through_a_real_process(script, args, files, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "kernels"), env.get("PYTHONPATH", "")])
     extra = TINY if script == "train.py" else []
-    proc = subprocess.run([sys.executable, str(ROOT / script), *extra,
+    command = script.split() if script.startswith("-m") else [str(ROOT / script)]
+    proc = subprocess.run([sys.executable, *command, *extra,
                            *[a.format(**files) for a in args]], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), proc.stderr
+    prog = script.split()[-1]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), proc.stderr
     assert listing(tmp_path) == []

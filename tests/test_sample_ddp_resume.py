@@ -37,3 +37,21 @@ def test_rerun_with_another_checkpoint_or_flag_refuses(tmp_path):
     assert sorted(p.name for p in first["folder"].glob("*.png")) == pngs  # nothing resampled
     again = sample_ddp.main(_ddp_args(ckpt, out, "--num-fid-samples", "4"))  # same: resumes
     assert again["folder"] == first["folder"]
+
+
+def test_model_without_null_label_refuses_guidance_but_samples_without(tmp_path):
+    import torch
+
+    from dit_fast.diffusion import create_diffusion
+    from dit_fast.sampling import Sampler
+    from tests.sampling_helpers import build_tiny
+    model = build_tiny(input_size=SIZE, num_classes=CLASSES, in_channels=3, class_dropout_prob=0.0).eval()
+    with pytest.raises(ValueError, match="no null label"):
+        Sampler(model, create_diffusion("2"), cfg_scale=4.0, num_classes=CLASSES, use_cfg=True)
+    # Through the CLI: the checkpoint's label table has no null row; --cfg-scale 1 still works.
+    ckpt = tmp_path / "no_null.pt"
+    torch.save(model.state_dict(), ckpt)
+    with pytest.raises(ValueError, match="no null label"):
+        sample_ddp.main(_ddp_args(ckpt, tmp_path / "s", "--cfg-scale", "4", "--num-fid-samples", "2"))
+    out = sample_ddp.main(_ddp_args(ckpt, tmp_path / "s", "--cfg-scale", "1", "--num-fid-samples", "2"))
+    assert out["npz"] is not None
