@@ -6,7 +6,8 @@
     step.py      the one training step (micro-step, optimizer step, EMA update): train.py and the table
     ema.py       the fp32 EMA of the fp32 master weights (every precision and ZeRO stage)
     data.py      the training data: checks before any step, resumable per-rank order, flips
-    run_dir.py   run directories and their checkpoints (atomic, keep-last-K, resume lookup, RNG)
+    run_dir.py   run directories and their checkpoints (atomic, crash-safe publish, keep-last-K, RNG)
+    resume.py    which checkpoint --resume auto / PATH continues (only the same experiment)
     metrics.py   the logger, loss statistics, metrics.jsonl / TensorBoard
 
 The process group comes from dit_fast.distributed (shared with sampling and extraction).
