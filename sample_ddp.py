@@ -144,6 +144,8 @@ def main(argv=None) -> dict:
     cfg = SampleConfig.from_args(build_parser().parse_args(argv))
     if cfg.cfg_scale < 1.0:
         raise ValueError(f"--cfg-scale must be >= 1.0 (1.0 disables guidance), got {cfg.cfg_scale}")
+    if cfg.global_seed < 0:
+        raise ValueError(f"--global-seed must be >= 0, got {cfg.global_seed}")
     if cfg.per_proc_batch_size < 1 or cfg.num_fid_samples < 1:
         raise ValueError("--per-proc-batch-size and --num-fid-samples must be >= 1")
     if is_pixel_space(cfg.vae) and cfg.in_channels != 3:

@@ -227,6 +227,7 @@ def validate_config(cfg: Config) -> None:
         (t.keep_last >= 0, f"--keep-last must be >= 0, got {t.keep_last}"),
         (t.max_steps is None or t.max_steps > 0, f"--max-steps must be positive, got {t.max_steps}"),
         (0.0 <= t.ema_decay < 1.0, f"--ema-decay must be in [0, 1), got {t.ema_decay}"),
+        (t.global_seed >= 0, f"--global-seed must be >= 0 (numpy seeds the flips), got {t.global_seed}"),
         (t.collective_timeout > 0,
          f"--collective-timeout is in seconds and must be positive, got {t.collective_timeout}"),
         (d.num_workers >= 0, f"--num-workers must be >= 0, got {d.num_workers}"),

@@ -33,6 +33,9 @@ def files(tmp_path_factory):
     (base / "contra.json").write_text(json.dumps({"train_batch_size": 7}))
     (base / "optim.json").write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     (base / "fp16on.json").write_text(json.dumps({"fp16": {"enabled": True}}))
+    (base / "list.json").write_text("[1, 2]")
+    (base / "stage4.json").write_text(json.dumps({"zero_optimization": {"stage": 4}}))
+    write_digits_features(base / "feat12", 12)
     (base / "images" / "cat").mkdir(parents=True)
     (base / "junk.pt").write_bytes(b"junk bytes, not a torch file" * 4)
     torch.save({"pos_embed": torch.zeros(3)}, base / "wrong_shape.pt")
@@ -141,6 +144,11 @@ TRAIN_CASES = [
     ("zero max steps", T("--max-steps", "0"), "--max-steps must be positive"),
     ("negative workers", T("--num-workers", "-1"), "--num-workers"),
     ("unknown flag", T("--learning-rate", "1"), "unrecognized arguments"),
+    ("negative seed", T("--global-seed", "-1"), "--global-seed must be >= 0"),
+    ("deepspeed json is a list", T("--deepspeed_config", "{base}/list.json"), "not an object"),
+    ("deepspeed json zero stage 4", T("--deepspeed_config", "{base}/stage4.json"), "stage must be"),
+    ("latent size not divisible by the patch", T("--model", "DiT-S/8", "--features-path",
+                                                 "{base}/feat12", "--image-size", "12"), "patch size 8"),
 ]
 
 EXTRACT_CASES = [
@@ -159,6 +167,8 @@ EXTRACT_CASES = [
     ("missing flag", E("--data-path", "{images}"), "required"),
     ("negative batch", E("--data-path", "{images}", "--features-path", "out", "--batch-size", "-1"),
      "--batch-size must be positive"),
+    ("negative seed", E("--data-path", "{images}", "--features-path", "out", "--global-seed", "-3"),
+     "--global-seed must be >= 0"),
 ]
 
 SAMPLE_CASES = [
@@ -188,6 +198,7 @@ SAMPLE_DDP_CASES = [
     ("checkpoint missing", S(ckpt="{base}/nope.pt"), "No checkpoint"),
     ("grey images for the npz", S("--in-channels", "1"), "RGB"),
     ("batch not an int", S("--per-proc-batch-size", "x"), "invalid int value"),
+    ("negative seed", S("--global-seed", "-1"), "--global-seed must be >= 0"),
 ]
 DEMO_CASES = [
     ("size not divisible", E("--image-size", "9"), "divisible"),

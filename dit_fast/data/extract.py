@@ -62,6 +62,8 @@ class ExtractConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, "
                                  f"got {getattr(self, name)}")
+        if self.global_seed < 0:
+            raise ValueError(f"--global-seed must be >= 0, got {self.global_seed}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
 

@@ -50,9 +50,18 @@ def load_deepspeed_json(path: str | None) -> dict:
     if not p.is_file():
         raise FileNotFoundError(f"--deepspeed_config {path!r} does not exist (see configs/deepspeed/)")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as err:
+        user = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DeepSpeedConfigError(f"--deepspeed_config {path!r} is not valid JSON: {err}") from err
+    if not isinstance(user, dict):
+        raise DeepSpeedConfigError(f"--deepspeed_config {path!r} holds a JSON {type(user).__name__}, "
+                                   "not an object of DeepSpeed keys")
+    stage = user.get("zero_optimization", {}).get("stage", 0) if isinstance(
+        user.get("zero_optimization", {}), dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise DeepSpeedConfigError(f"--deepspeed_config {path!r}: zero_optimization.stage must be "
+                                   f"0, 1, 2 or 3, got {stage!r}")
+    return user
 
 
 def build_deepspeed_config(cfg: Config, world_size: int) -> dict:

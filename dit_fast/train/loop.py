@@ -61,6 +61,10 @@ def prepare(cfg: Config):
     ds_config = build_deepspeed_config(cfg, world_size)
     info = open_training_data(cfg)
     cfg.model.in_channels, cfg.model.input_size = info.in_channels, info.input_size
+    if info.input_size % cfg.model.patch_size:
+        raise ValueError(f"the model input is {info.input_size}x{info.input_size}, not divisible by "
+                         f"{cfg.model.model}'s patch size {cfg.model.patch_size}; pick another "
+                         "--model patch size or --image-size")
     per_rank, per_step = -(-len(info.dataset) // world_size), cfg.train.micro_batch_size * cfg.train.grad_accum
     if per_rank < per_step:
         raise ValueError(f"{len(info.dataset)} items give each of the {world_size} rank(s) {per_rank}, "
