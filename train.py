@@ -82,7 +82,9 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    from dit_fast.distributed import CollectiveTimeout
+    import torch.distributed as dist
+
+    from dit_fast.distributed import CollectiveTimeout, env_world
     from dit_fast.train import NonFiniteLossError, train
     cfg = config_from_args(args)
     try:
@@ -90,6 +92,11 @@ def _main(argv) -> int:
         _shutdown()
     except (NonFiniteLossError, CollectiveTimeout) as err:
         print(f"train.py: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    except dist.DistError as err:  # any other collective (a save's barrier) timed out or lost a peer
+        print(f"train.py: error: rank {env_world()[0]}: a collective failed (a peer stuck past "
+              f"--collective-timeout {cfg.train.collective_timeout:g} s, or dead): {one_line(err)}",
+              file=sys.stderr)
         return 1
     return 0
 
