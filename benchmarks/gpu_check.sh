@@ -5,16 +5,16 @@
 #   sampling.json  adaln.jsonl (+ adaln.json)  log.txt
 # Ordered by what matters if the device time runs out:
 #   1. every GPU test (trainer: fp16 loss scaling, bf16 + ZeRO-2 + compile + ckpt, the EMA of the fp16/bf16
-#      master; model parity; sampling; kernels), pass/fail list                       timeout 200 s
+#      master; model parity; sampling; kernels), pass/fail list                       timeout 190 s
 #   2. the training table through train.py's step: DiT-XL/2, 256 px, batch 128, bf16; no ckpt / full /
 #      selective, each eager and compiled with inductor's or the fused adaLN; then both baselines
 #      (rows not started by 150 s are marked skipped; the files are rewritten after every row)  170 s
 #   3. sampling through sample.py's Sampler (DiT-XL/2, CFG, bf16 eager and compiled)  80 s
 #   4. adaLN kernel device times (CUDA-graph replay, fwd and bwd launcher)                 70 s
-# Every step runs even if an earlier one failed (no `set -e`). pytest steps get SIGINT at their timeout,
-# so they still print their summary and write their XML/JSON.
-# The machine has no network: the wheels for DeepSpeed / diffusers come from .whl/ (see the GPU notes),
-# installed into .site/ first.
+# The timeouts add up to 510 s. Every step runs even if an earlier one failed (no `set -e`); pytest steps
+# get SIGINT at their timeout, so they still print their summary and write their XML/JSON.
+# The machine has no network: the wheels for DeepSpeed / diffusers come from .whl/ (filled beforehand,
+# e.g. by the project's wheels script), installed into .site/ first.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -61,7 +61,7 @@ EOF
 tail -3 "$OUT/env.txt" | tee -a "$LOG"
 
 step "1. GPU tests (trainer first, then model parity, sampling, kernels) -> gpu_tests.txt, gpu_tests.xml"
-run 200 python3 -m pytest -v -rA -p no:cacheprovider -k "gpu or cuda" --junitxml "$OUT/gpu_tests.xml" \
+run 190 python3 -m pytest -v -rA -p no:cacheprovider -k "gpu or cuda" --junitxml "$OUT/gpu_tests.xml" \
   tests/test_train_gpu.py tests/test_train_ema.py tests/test_fast_paths.py tests/test_sampling.py tests/test_sample_cli.py \
   tests/diffusion tests/kernels >"$OUT/gpu_tests.txt" 2>&1
 grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -4 | tee -a "$LOG"
