@@ -6,6 +6,7 @@ import datetime as dt
 import importlib.metadata
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -17,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 CSV_FIELDS = ("key", "label", "grad_ckpt", "precision", "pre_extracted", "attn_backend", "fused_adaln", "compile",
               "zero_stage", "status", "steps_per_s", "images_per_s", "peak_mb", "peak_reserved_mb", "mfu", "ratio",
-              "ratio_sdpa", "mean_step_s", "warmup_s", "mfu_peak", "command")
+              "ratio_sdpa", "mean_step_s", "warmup_s", "last_loss", "mfu_peak", "command")
 
 
 def _version(dist: str) -> str:
@@ -150,10 +151,18 @@ def markdown(results: list[dict], meta: dict) -> str:
             f"| {r.get('zero_stage') or '-'} | {_fmt(r.get('steps_per_s'), '.3f')} "
             f"| {_fmt(r.get('images_per_s'), '.1f')} | {mem} "
             f"| {_fmt(None if r.get('mfu') is None else 100 * r['mfu'], '.2f', '%')} "
-            f"| {_fmt(r.get('ratio'), '.2f', 'x')} | {_fmt(r.get('ratio_sdpa'), '.2f', 'x')} | {r['status']} |")
+            f"| {_fmt(r.get('ratio'), '.2f', 'x')} | {_fmt(r.get('ratio_sdpa'), '.2f', 'x')} | {_status(r)} |")
     lines += ["", "train.py command of each row (data paths are placeholders):", ""]
     lines += [f"- {r['key']}: `{r['command']}`" for r in results if r.get("command")]
     return "\n".join(lines)
+
+
+def _status(r: dict) -> str:
+    """The row's status; a measured row whose last loss is NaN/inf says so (it was timed anyway)."""
+    loss = r.get("last_loss")
+    if r["status"] == "ok" and loss is not None and not math.isfinite(loss):
+        return f"ok, but the last loss is {loss}"
+    return r["status"]
 
 
 def _fmt_mb(value) -> str:

@@ -3,7 +3,7 @@
 Each op is timed for our Triton kernels (each ``layout``; m written directly in the GEMM dtype or cast
 afterwards), eager PyTorch (DiT's own code path) and torch.compile of that code, in the same run, in
 two precisions:
-    bf16          x, y, adaLN vectors and m all bf16 (TARGETS.md's kernel table)
+    bf16          x, y, adaLN vectors and m all bf16 (the kernel targets' case)
     fp32-stream   the model under autocast: fp32 residual stream x (and h), bf16 y and adaLN vectors,
                   m needed in bf16 by the next GEMM. "triton-<layout>" writes bf16 m itself
                   (out_dtype=bf16) and takes a bf16 dm; "triton-tiles-cast" is today's model path
@@ -52,7 +52,8 @@ OPS = ("mln", "gr", "grn")
 def kernel_modules():
     # the package re-exports the functions under the modules' names: fetch the modules themselves
     return (importlib.import_module("dit_fast_kernels.modulated_layer_norm"),
-            importlib.import_module("dit_fast_kernels.gated_residual"))
+            importlib.import_module("dit_fast_kernels.gated_residual"),
+            importlib.import_module("dit_fast_kernels.gated_residual_norm"))
 
 
 # DiT's unfused code path (dit_fast.dispatch's "torch" backend), written out so this file stands alone
@@ -101,14 +102,14 @@ def op_function(op, precision, impl):
     """fn(x, gate, y, shift, scale) -> the op's outputs, m in the precision's m dtype."""
     m_dtype = PRECISIONS[precision][2]
     if impl.startswith("triton"):
-        mln, gr = kernel_modules()
+        mln, gr, grn = kernel_modules()
         layout = impl.split("-")[1] if op != "gr" else None
         out_dtype = None if impl.endswith("-cast") else m_dtype
         ours = {"mln": lambda x, gate, y, shift, scale: mln.modulated_layer_norm(x, shift, scale, EPS, out_dtype,
                                                                                   layout),
                 "gr": lambda x, gate, y, shift, scale: gr.gated_residual(x, gate, y),
-                "grn": lambda x, gate, y, shift, scale: gr.gated_residual_norm(x, gate, y, shift, scale, EPS,
-                                                                                out_dtype, layout)}[op]
+                "grn": lambda x, gate, y, shift, scale: grn.gated_residual_norm(x, gate, y, shift, scale, EPS,
+                                                                                 out_dtype, layout)}[op]
         return lambda *a: cast_m(op, ours(*a), m_dtype)
 
     eager = eager_function(op, m_dtype)
@@ -225,7 +226,7 @@ def test_forward_backward(benchmark, op, precision, impl):
 
 def launcher_call(op, direction, precision, layout=None, out_dtype="final", **tiles):
     """A no-autograd call of one Triton launcher (``out_dtype="final"``: m in the precision's m dtype)."""
-    mln, gr = kernel_modules()
+    mln, gr, grn = kernel_modules()
     _, (x, gate, y, shift, scale) = make_inputs(precision, requires_grad=False)
     m_dtype = PRECISIONS[precision][2] if out_dtype == "final" else out_dtype
     dh, dm = torch.randn_like(x), torch.randn(x.shape, device=DEVICE, dtype=m_dtype or x.dtype)
@@ -239,9 +240,9 @@ def launcher_call(op, direction, precision, layout=None, out_dtype="final", **ti
             return lambda: gr.gated_residual_fwd(x, gate, y, **tiles)
         return lambda: gr.gated_residual_bwd(dh, gate, y, **tiles)
     if direction == "fwd":
-        return lambda: gr.gated_residual_norm_fwd(x, gate, y, shift, scale, EPS, m_dtype, layout, **tiles)
-    h, _, mean, rstd = gr.gated_residual_norm_fwd(x, gate, y, shift, scale, EPS)
-    return lambda: gr.gated_residual_norm_bwd(dh, dm, h, gate, y, scale, mean, rstd, layout, **tiles)
+        return lambda: grn.gated_residual_norm_fwd(x, gate, y, shift, scale, EPS, m_dtype, layout, **tiles)
+    h, _, mean, rstd = grn.gated_residual_norm_fwd(x, gate, y, shift, scale, EPS)
+    return lambda: grn.gated_residual_norm_bwd(dh, dm, h, gate, y, scale, mean, rstd, layout, **tiles)
 
 
 def backward_cases():

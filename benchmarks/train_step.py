@@ -187,11 +187,12 @@ def measure(state: TrainState, device: torch.device, steps: int, warmup: int) ->
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state.step_fn()
+        loss = state.step_fn()
         _sync(device)
         times.append(time.perf_counter() - start)
     result = {"step_times_s": times, "mean_step_s": sum(times) / len(times),
-              "median_step_s": sorted(times)[len(times) // 2], "warmup_s": warmup_s}
+              "median_step_s": sorted(times)[len(times) // 2], "warmup_s": warmup_s,
+              "last_loss": float(loss)}  # a row that trains to NaN/inf shows here
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)

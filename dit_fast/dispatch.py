@@ -223,7 +223,7 @@ def gated_residual_norm(x, gate, y, shift, scale, eps: float, backend: str, out_
     """(h, m): h = x + gate * y and m = modulated_layer_norm(h, shift, scale), in one pass on Triton
     (m in ``out_dtype`` there, as in modulated_layer_norm)."""
     if backend == "triton":
-        from dit_fast_kernels.gated_residual import gated_residual_norm as fused
+        from dit_fast_kernels.gated_residual_norm import gated_residual_norm as fused
         return fused(x, gate, y, shift, scale, eps, out_dtype=out_dtype)
     h = x + gate.unsqueeze(1) * y
     return h, modulate(F.layer_norm(h, h.shape[-1:], eps=eps), shift, scale)

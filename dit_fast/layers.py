@@ -134,7 +134,7 @@ def keep_outputs_of_matmuls_over(k: int):
     (a DiT block's fc2: K = mlp hidden width), recompute everything else in the backward.
 
     fc2's output is cheap to keep (one (N, T, D) tensor) and its GEMM is the costliest single
-    recompute per byte (gpu/perf-review.md section 3); it is needed only by the gated residual's
+    recompute per byte; it is needed only by the gated residual's
     backward. Recomputing the rest re-runs exactly the same ops, so gradients are bit-identical.
     """
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts

@@ -5,10 +5,11 @@ a world of one, through the trainer's own step. Two CPU ranks through the real l
 ZeRO-3, from the checkpoints train.py writes (the EMA export against DeepSpeed's own consolidation of
 the fp32 master from the ZeRO shards, an independent code path).
 """
-import torch
 import pytest
+import torch
 
 from dit_fast.config import Config
+from tests.conftest import requires_cuda
 
 DECAY = 0.5  # large steps: a bf16-rounded source would show at once
 
@@ -53,10 +54,10 @@ def independent_masters(engine) -> dict:
             for n, p in engine.module.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_ema_is_the_fp32_formula_on_the_master_weights(stage):
-    engine, ema, step = build(tiny_cfg(), stage)
-    assert next(engine.module.parameters()).dtype == torch.bfloat16
+def check_ema_follows_master(stage: int, precision: str) -> None:
+    from dit_fast.config import PRECISION_DTYPES
+    engine, ema, step = build(tiny_cfg(precision), stage)
+    assert next(engine.module.parameters()).dtype == PRECISION_DTYPES[precision]
     want = {k: v.clone() for k, v in ema.model.state_dict().items()}
     data = batches()
     rounded_off = 0.0
@@ -75,6 +76,18 @@ def test_ema_is_the_fp32_formula_on_the_master_weights(stage):
     # the frozen positional embedding (not optimized) keeps its exact fp32 initial value
     assert torch.equal(ema.model.pos_embed, want["pos_embed"])
     engine.destroy()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_ema_is_the_fp32_formula_on_the_master_weights(stage):
+    check_ema_follows_master(stage, "bf16")
+
+
+@requires_cuda
+@pytest.mark.parametrize("stage,precision", [(0, "fp16"), (2, "fp16"), (0, "bf16")])
+def test_gpu_ema_is_the_fp32_formula_on_the_master_weights(stage, precision):
+    """fp16 (DeepSpeed's loss-scaled wrappers) exists only on CUDA."""
+    check_ema_follows_master(stage, precision)
 
 
 def test_plain_module_and_fp32_engine_use_the_weights_themselves():

@@ -147,7 +147,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, ds_config: dict, device
         return DeepSpeedCPUAdam(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                 weight_decay=o.weight_decay, adamw_mode=True)
     # One kernel over all parameters where torch has it (CUDA, CPU): 7 passes over P instead of the
-    # foreach default's 18 (gpu/perf-review.md lever 1); same update up to fp32 rounding.
+    # foreach default's 18; same update up to fp32 rounding.
     kind = {"fused": True} if fused_adamw_supported(device) else {"foreach": True}
     return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                              weight_decay=o.weight_decay, **kind)

@@ -8,7 +8,8 @@ Importing this package never touches CUDA and works without Triton installed; ``
 whether the Triton kernels can run on a given device. This package never imports ``dit_fast``.
 """
 from dit_fast_kernels.flash_attention import flash_attention
-from dit_fast_kernels.gated_residual import gated_residual, gated_residual_norm
+from dit_fast_kernels.gated_residual import gated_residual
+from dit_fast_kernels.gated_residual_norm import gated_residual_norm
 from dit_fast_kernels.modulated_layer_norm import modulated_layer_norm
 from dit_fast_kernels.runtime import triton_status
 

@@ -1,6 +1,6 @@
-"""Shared by the adaLN kernels (modulated_layer_norm.py, gated_residual.py): the Triton tile helpers,
-the launch configurations of both layouts (every tuned number in one place, with its evidence), and the
-input checks.
+"""Shared by the adaLN kernels (modulated_layer_norm.py, gated_residual.py, gated_residual_norm.py): the
+Triton tile helpers, the launch configurations of both layouts (every tuned number in one place, with
+its evidence), and the input checks.
 
 A row of D values is held in registers as two power-of-two column blocks (see ``column_blocks``); a
 program owns consecutive tokens of one sample. ``layout`` picks the tiling: "tiles" (several rows x
@@ -184,7 +184,7 @@ BACKWARD_RESIDUAL_TILES = dict(target_programs=1024, tile_elems=4096, elems_per_
 # measurements.
 ROWS_FORWARD = dict(tile_elems=1024, num_warps=1, programs_per_sm=16)
 ROWS_BACKWARD = dict(tile_elems=2048, num_warps=2, programs_per_sm=4)
-# rows layout of the fused residual + norm (gated_residual.py): x and y (and their prefetch)
+# rows layout of the fused residual + norm (gated_residual_norm.py): x and y (and their prefetch)
 # spill one warp in the bf16 forward, so 2 warps (96-113 registers, ~8 resident); the backward (h, dm,
 # their prefetch, y, dh, three (D,) accumulators) needs 2 warps too (204-217 registers, ~4 resident)
 ROWS_RESIDUAL_FORWARD = dict(tile_elems=2048, num_warps=2, programs_per_sm=8)

@@ -21,7 +21,7 @@ Two tilings (``layout``), same numbers up to fp32 summation order:
   (``programs_per_sm`` x SM count programs, each looping over its span of rows); the next tile's
   loads are issued before the current tile's reductions (register double-buffering); shift/scale
   re-read per tile from L1 instead of pinned in registers; backward accumulators are 1-D (D,) vectors
-  summed per tile. Built for memory-level parallelism (gpu/perf-review.md section 5); not yet timed.
+  summed per tile. Built for memory-level parallelism (more bytes in flight per SM); not yet timed.
 
 ``out_dtype`` (default: x's dtype) is the dtype m is written in: under autocast the kernels emit the
 GEMM input (bf16/fp16) directly, rounded to nearest even from the fp32 result -- the same bits as

@@ -51,7 +51,7 @@ def _compile(fn, ptr_types, consts, num_warps):
 def kernel_table(x_dtype="fp32", extra_warps=()):
     """[(name, layout, num_warps, BLOCK_T, usage)] for the four norm kernels x both layouts."""
     mln = importlib.import_module("dit_fast_kernels.modulated_layer_norm")
-    gr = importlib.import_module("dit_fast_kernels.gated_residual")
+    grn = importlib.import_module("dit_fast_kernels.gated_residual_norm")
     cfgs = importlib.import_module("dit_fast_kernels.adaln_tiles")
     bf, f32 = "bf16", "fp32"
     stats = dict(MEAN=f32, RSTD=f32)
@@ -61,10 +61,10 @@ def kernel_table(x_dtype="fp32", extra_warps=()):
         "mln_bwd": ({"tiles": mln._mln_bwd_kernel, "rows": mln._mln_bwd_rows_kernel},
                     dict(DOUT=bf, X=x_dtype, SCALE=bf, DX=x_dtype, DSHIFT_PART=f32, DSCALE_PART=f32, **stats),
                     cfgs.BACKWARD_NORM_TILES, cfgs.ROWS_BACKWARD, {}),
-        "grn_fwd": ({"tiles": gr._residual_norm_fwd_kernel, "rows": gr._residual_norm_fwd_rows_kernel},
+        "grn_fwd": ({"tiles": grn._residual_norm_fwd_kernel, "rows": grn._residual_norm_fwd_rows_kernel},
                     dict(X=x_dtype, GATE=bf, Y=bf, SHIFT=bf, SCALE=bf, H=x_dtype, M=bf, **stats), {},
                     cfgs.ROWS_RESIDUAL_FORWARD, {}),
-        "grn_bwd": ({"tiles": gr._residual_norm_bwd_kernel, "rows": gr._residual_norm_bwd_rows_kernel},
+        "grn_bwd": ({"tiles": grn._residual_norm_bwd_kernel, "rows": grn._residual_norm_bwd_rows_kernel},
                     dict(DH=x_dtype, DM=bf, H=x_dtype, GATE=bf, Y=bf, SCALE=bf, DX=x_dtype, DY=bf, DGATE_PART=f32,
                          DSHIFT_PART=f32, DSCALE_PART=f32, **stats),
                     cfgs.BACKWARD_RESIDUAL_TILES, cfgs.ROWS_RESIDUAL_BACKWARD, dict(HAS_DH=True)),

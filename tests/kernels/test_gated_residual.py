@@ -1,4 +1,5 @@
-"""Gated residual x + gate * y, and its fusion with the next modulated LayerNorm, vs the reference.
+"""Gated residual x + gate * y (gated_residual.py), and its fusion with the next modulated LayerNorm
+(gated_residual_norm.py), vs the reference. One file for both ops: they share inputs, checks and tests.
 
 CPU: Triton's interpreter (fp32, fp16), tiny adversarial shapes. GPU: bf16/fp16/fp32 at DiT-XL's
 (128, 256, 1152) and an odd shape. Error rule (flash-attention's): err(kernel in dtype vs float64
@@ -20,13 +21,16 @@ pytest.importorskip("triton")  # only with DIT_FAST_ALLOW_NO_TRITON=1: conftest 
 from tests.kernels.rule import DEVICE, FLOOR, TINY_TILES, assert_rule  # noqa: E402,F401
 
 from dit_fast_kernels.gated_residual import (  # noqa: E402
-    gated_residual, gated_residual_bwd, gated_residual_fwd, gated_residual_norm, gated_residual_norm_bwd,
-    gated_residual_norm_fwd, gated_residual_norm_ref, gated_residual_ref,
+    gated_residual, gated_residual_bwd, gated_residual_fwd, gated_residual_ref,
+)
+from dit_fast_kernels.gated_residual_norm import (  # noqa: E402
+    gated_residual_norm, gated_residual_norm_bwd, gated_residual_norm_fwd, gated_residual_norm_ref,
 )
 from dit_fast_kernels.modulated_layer_norm import LAYOUTS, modulated_layer_norm  # noqa: E402
 
-# the package re-exports the function under the module's name: fetch the module itself
+# the package re-exports the functions under the modules' names: fetch the modules themselves
 gr_module = importlib.import_module("dit_fast_kernels.gated_residual")
+grn_module = importlib.import_module("dit_fast_kernels.gated_residual_norm")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 NAMES = ("h", "m", "dx", "dgate", "dy", "dshift", "dscale")
 
@@ -189,9 +193,10 @@ def test_eager_calls_run_the_kernels(monkeypatch):
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference ran instead of the kernels")
 
-    for name in ("gated_residual_ref", "_residual_backward_ref", "_residual_norm_forward_ref",
-                 "_residual_norm_backward_ref"):
+    for name in ("gated_residual_ref", "_residual_backward_ref"):
         monkeypatch.setattr(gr_module, name, no_reference)
+    for name in ("_residual_norm_forward_ref", "_residual_norm_backward_ref"):
+        monkeypatch.setattr(grn_module, name, no_reference)
     inp = make_inputs(2, 5, 40, torch.float32)
     grads_of(gated_residual_norm, inp)
     grads_of(gated_residual, inp, ("x", "gate", "y"))
@@ -279,6 +284,7 @@ def test_opcheck_registrations(out_dtype, layout):
 
 
 def test_reference_fallback_when_triton_cannot_run(monkeypatch):
+    # both ops decide through gated_residual.kernels_run_on, which reads gated_residual's use_triton
     monkeypatch.setattr(gr_module, "use_triton", lambda device: False)
     inp = make_inputs(2, 5, 40, torch.float32)
     check_fused(inp)
