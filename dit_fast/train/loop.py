@@ -61,16 +61,22 @@ def prepare(cfg: Config):
     ds_config = build_deepspeed_config(cfg, world_size)
     info = open_training_data(cfg)
     cfg.model.in_channels, cfg.model.input_size = info.in_channels, info.input_size
-    if info.input_size % cfg.model.patch_size:
-        raise ValueError(f"the model input is {info.input_size}x{info.input_size}, not divisible by "
+    _check_data_fits(cfg, len(info.dataset), info.input_size, world_size)
+    return ds_config, info
+
+
+def _check_data_fits(cfg: Config, items: int, input_size: int, world_size: int) -> None:
+    """The model's patches tile the input, and every rank gets at least one optimizer step."""
+    if input_size % cfg.model.patch_size:
+        raise ValueError(f"the model input is {input_size}x{input_size}, not divisible by "
                          f"{cfg.model.model}'s patch size {cfg.model.patch_size}; pick another "
                          "--model patch size or --image-size")
-    per_rank, per_step = -(-len(info.dataset) // world_size), cfg.train.micro_batch_size * cfg.train.grad_accum
+    per_rank = -(-items // world_size)
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     if per_rank < per_step:
-        raise ValueError(f"{len(info.dataset)} items give each of the {world_size} rank(s) {per_rank}, "
-                         f"fewer than one optimizer step ({per_step}: micro batch x --grad-accum); "
-                         "lower --global-batch-size or use more data")
-    return ds_config, info
+        raise ValueError(f"{items} items give each of the {world_size} rank(s) {per_rank}, fewer "
+                         f"than one optimizer step ({per_step}: micro batch x --grad-accum); lower "
+                         "--global-batch-size or use more data")
 
 
 def _check_backends(cfg: Config, device_type: str) -> None:
