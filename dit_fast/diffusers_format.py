@@ -242,25 +242,60 @@ def read_transformer_dir(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
-def load_diffusers_into(model, path) -> torch.nn.Module:
-    """Load a diffusers DiT transformer (a folder, a pipeline folder with transformer/, or a bare
-    .safetensors in that layout) into our ``model`` strictly; returns ``model``.
+class DiffusersStateDict(dict):
+    """Weights read from a diffusers DiT, already in our layout but without ``pos_embed``.
 
-    A folder's config.json is checked against the model first (the error names the field); the
-    positional embedding is the model's own fixed sin-cos table, which is what diffusers computes.
+    ``config`` is the transformer's config.json (None for a bare .safetensors file); ``source``
+    names where it came from. ``fit_to_model`` checks the config and completes the dict.
     """
-    from dit_fast.checkpoint import load_into_model
 
+    def __init__(self, state: Mapping, config: dict | None, source: str):
+        super().__init__(state)
+        self.config = config
+        self.source = source
+
+
+def is_diffusers_checkpoint(path) -> bool:
+    """A diffusers transformer (or pipeline) folder, or a .safetensors file in diffusers' DiT layout."""
+    path = Path(str(path)).expanduser()
+    if path.is_dir():
+        return find_transformer_dir(path) is not None
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.startswith("transformer_blocks.") for k in f.keys())
+    except Exception:  # not a readable safetensors file: the ordinary loader reports it
+        return False
+
+
+def read_diffusers_weights(path) -> DiffusersStateDict:
+    """The weights at ``path`` (see is_diffusers_checkpoint) converted to our layout."""
     folder = find_transformer_dir(path)
     if folder is not None:
         config, state = read_transformer_dir(folder)
-        check_config_fits(config, model, source=f"{folder / CONFIG_NAME}")
+        source = str(folder / CONFIG_NAME)
     else:
         from safetensors.torch import load_file
-        state = load_file(str(path), device="cpu")
-    ours = from_diffusers_state_dict(state)
-    ours["pos_embed"] = model.pos_embed.detach().clone()
-    return load_into_model(model, ours)
+        config, state, source = None, load_file(str(path), device="cpu"), str(path)
+    return DiffusersStateDict(from_diffusers_state_dict(state), config, source)
+
+
+def fit_to_model(state: DiffusersStateDict, model) -> dict[str, torch.Tensor]:
+    """Check the diffusers config against ``model`` (the error names the field) and add the
+    model's own fixed sin-cos ``pos_embed``, which is the table diffusers computes."""
+    if state.config is not None:
+        check_config_fits(state.config, model, source=state.source)
+    return {**state, "pos_embed": model.pos_embed.detach().clone()}
+
+
+def load_diffusers_into(model, path) -> torch.nn.Module:
+    """Load a diffusers DiT transformer (a folder, a pipeline folder with transformer/, or a bare
+    .safetensors in that layout) into our ``model`` strictly; returns ``model``."""
+    from dit_fast.checkpoint import load_into_model
+
+    return load_into_model(model, fit_to_model(read_diffusers_weights(path), model))
 
 
 def use_original_timestep_frequencies(transformer) -> None:

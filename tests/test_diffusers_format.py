@@ -115,8 +115,13 @@ def test_export_folder_loads_in_diffusers_and_imports_back(tmp_path, capsys):
     with torch.no_grad():
         assert _rel(theirs(x, timestep=t, class_labels=y).sample, model(x, t, y)) <= 1e-5
         assert torch.equal(fresh(x, t, y), model(x, t, y))   # strict load: the same numbers
+    from safetensors.torch import save_file
+    save_file(model.state_dict(), str(tmp_path / "ours.safetensors"))
+    weights = out / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert all(map(fmt.is_diffusers_checkpoint, (out, out / "transformer", weights)))
+    assert not any(map(fmt.is_diffusers_checkpoint, (tmp_path / "ema.pt", tmp_path / "ours.safetensors")))
     bare = DiT(**SMALL).eval()                                 # a bare .safetensors in the hub layout
-    fmt.load_diffusers_into(bare, out / "transformer" / "diffusion_pytorch_model.safetensors")
+    fmt.load_diffusers_into(bare, weights)
     assert all(torch.equal(a, b) for a, b in zip(bare.state_dict().values(), model.state_dict().values()))
 
 
