@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_model(args):
-    """Our DiT from the flags (as sample.py builds it) with the checkpoint's weights, fp32, eval."""
+    """(our DiT from the flags, as sample.py builds it, with the checkpoint's weights, fp32, eval;
+    the sin-cos positional table the model computed at init, before the checkpoint overwrote it)."""
     from dit_fast.checkpoint import load_into_model, load_state_dict
     from dit_fast.models import build_model as build_named, patch_size_of
     from dit_fast.sampling import sample_size, vae_downsample
@@ -72,18 +73,16 @@ def build_model(args):
     model = build_named(args.model, input_size=input_size, num_classes=args.num_classes,
                         in_channels=in_channels, learn_sigma=args.learn_sigma, depth=args.depth,
                         hidden_size=args.hidden_size, num_heads=args.num_heads)
+    table = model.pos_embed.detach().clone()
     load_into_model(model, load_state_dict(args.ckpt), hint="the checkpoint does not fit the model flags "
                     "(--model, --image-size, --num-classes, --vae/--in-channels, --depth/--hidden-size/"
                     "--num-heads, --learn-sigma)")
-    return model.float().eval()
+    return model.float().eval(), table
 
 
-def check_pos_embed(model) -> None:
+def check_pos_embed(model, table) -> None:
     """diffusers recomputes the sin-cos positional table instead of storing ours: they must agree."""
-    from dit_fast.models import get_2d_sincos_pos_embed
-
-    table = torch.from_numpy(get_2d_sincos_pos_embed(model.pos_embed.shape[-1], model.x_embedder.grid_size))
-    err = (model.pos_embed[0].double() - table).abs().max().item()
+    err = (model.pos_embed - table).abs().max().item()
     if err > 1e-6:
         raise diffusers_format.DiffusersFormatError(
             f"the checkpoint's pos_embed is not DiT's fixed sin-cos table (max difference {err:.3g}); "
@@ -145,11 +144,11 @@ def write_vae(spec: str, folder: Path) -> bool:
     return True
 
 
-def write_folder(model, args, folder: Path) -> None:
+def write_folder(model, table, args, folder: Path) -> None:
     """Everything of the pipeline folder into ``folder`` (a fresh temporary directory)."""
     from safetensors.torch import save_file
 
-    check_pos_embed(model)
+    check_pos_embed(model, table)
     config = diffusers_format.transformer_config(model)
     state = diffusers_format.to_diffusers_state_dict(model.state_dict())
     version = _diffusers_version()
@@ -217,11 +216,11 @@ def main(argv=None) -> dict:
     out = Path(args.out).expanduser().resolve()
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
-    model = build_model(args)
+    model, table = build_model(args)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
-        write_folder(model, args, tmp)
+        write_folder(model, table, args, tmp)
         check = None if args.no_check else check_export(model, tmp)
         publish(tmp, out, args.overwrite)
     finally:

@@ -178,6 +178,8 @@ class Sampler:
         if sampler in SOLVERS:
             if precision not in PRECISIONS:
                 raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+            if eta or clip_denoised:
+                raise ValueError(f"eta and clip_denoised are options of ddpm/ddim, not of {sampler}")
             self._solver = SolverSampler(model, diffusion, sampler=sampler, cfg_scale=cfg_scale,
                                          num_classes=num_classes, use_cfg=use_cfg,
                                          amp_dtype=PRECISIONS[precision],

@@ -142,6 +142,8 @@ def test_clear_errors(monkeypatch):
     tiny = _build_tiny(input_size=S, in_channels=C, num_classes=10)
     with pytest.raises(ValueError, match="dpm-solver\\+\\+.*unipc.*euler.*heun"):
         Sampler(tiny, create_diffusion("2"), sampler="dpm-solver")
+    with pytest.raises(ValueError, match="eta and clip_denoised .* not of euler"):
+        Sampler(tiny, create_diffusion("2"), sampler="euler", eta=0.5)
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
     with pytest.raises(ImportError, match="pip install diffusers"):
         Sampler(tiny, create_diffusion("2"), sampler="unipc")
