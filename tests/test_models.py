@@ -157,15 +157,21 @@ def test_compile_fullgraph_matches_eager():
 
 
 def test_bf16_keeps_the_timestep_embedding_exact():
-    model = randomize(small()).eval()
-    t = torch.tensor([999, 998])
-    freq = model.t_embedder.timestep_embedding(t, 256)
-    model_bf16 = randomize(small()).to(torch.bfloat16).eval()
-    out = model_bf16(torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), t, torch.tensor([0, 1]))
+    """998 and 999 are one number in bf16 (both round to 1000): a bf16 model must still see two different
+    timesteps, i.e. the sinusoidal features are computed from the exact t and only then rounded."""
+    model = randomize(small()).to(torch.bfloat16).eval()
+    seen = []
+    first_linear = model.t_embedder.mlp[0]
+    handle = first_linear.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            out = model(torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([998, 999]), torch.tensor([0, 1]))
+    finally:
+        handle.remove()
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
-    # 999 and 998 are distinct in fp32 but equal once rounded to bf16: the embedding must still differ
-    assert not torch.equal(freq[0], freq[1])
-    assert torch.bfloat16 != model_bf16.t_embedder.timestep_embedding(t, 256).dtype
+    (features,) = seen
+    assert features.shape == (2, 256) and features.dtype == torch.bfloat16
+    assert not torch.equal(features[0], features[1]), "t = 998 and t = 999 gave the same timestep embedding"
 
 
 @pytest.mark.parametrize("kwargs, match", [

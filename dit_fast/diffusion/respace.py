@@ -1,150 +1,119 @@
-"""Timestep respacing: run a diffusion on a subset of the original process's timesteps.
+"""Respacing (Nichol & Dhariwal 2021, section 4): sample with a subset S of the T trained timesteps.
 
-The kept timesteps define new betas, 1 - abar_k / abar_{previous kept}, computed in float64 from
-the original alphas_cumprod (as DiT does; float32 would move them by ~1e-4 relative). The model
-still sees original timestep values: the respaced index is mapped through timestep_map by an
-on-device lookup table built once per device.
+Keeping steps s_0 < s_1 < ... of the process defines a shorter process with the same marginals:
+beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}}, computed in float64 from the original abar (float32 would move
+them by ~1e-4 relative). The model is still called with the original timestep values s_k.
 """
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
 import numpy as np
-import torch
 
 from .gaussian_diffusion import GaussianDiffusion
 
+_SPEC_HELP = 'use a step count like "250", comma-separated counts per equal section like "10,20,30", ' \
+             'or "ddimN" like "ddim50"'
 
-def _ddim_stride_steps(num_timesteps, desired_count):
-    # DDIM paper striding: range(0, T, stride) for the first integer stride with the wanted length.
+
+def _ddim_strided(num_timesteps: int, count: int) -> set:
+    """{0, k, 2k, ...} for the smallest integer stride k giving exactly ``count`` steps (the DDIM paper's)."""
     for stride in range(1, num_timesteps):
-        if len(range(0, num_timesteps, stride)) == desired_count:
-            return set(range(0, num_timesteps, stride))
-    counts = sorted({len(range(0, num_timesteps, s)) for s in range(1, num_timesteps)})
-    below = [c for c in counts if c < desired_count][-3:]
-    above = [c for c in counts if c > desired_count][:3]
-    raise ValueError(
-        f"'ddim{desired_count}' is impossible with {num_timesteps} diffusion steps: no integer stride "
-        f"gives exactly {desired_count} steps. Nearby counts that work: "
-        f"{', '.join(str(c) for c in below + above) or 'none'}; or use the plain string "
-        f"'{desired_count}' (evenly spaced, any count up to {num_timesteps})"
-    )
+        kept = range(0, num_timesteps, stride)
+        if len(kept) == count:
+            return set(kept)
+    possible = sorted({len(range(0, num_timesteps, k)) for k in range(1, num_timesteps)})
+    nearby = [n for n in possible if n < count][-3:] + [n for n in possible if n > count][:3]
+    raise ValueError(f"'ddim{count}' is impossible with {num_timesteps} diffusion steps: no integer stride "
+                     f"gives exactly {count} steps. Nearby counts that work: "
+                     f"{', '.join(map(str, nearby)) or 'none'}; or use the plain string "
+                     f"'{count}' (evenly spaced, any count up to {num_timesteps})")
 
 
-def _parse_section_counts(num_timesteps, section_counts):
-    """A respacing spec ("250", "10,20,30", "ddim50", an int or a list of ints) -> list of ints,
-    or a set of steps for the ddim form."""
-    if isinstance(section_counts, int):
-        return [section_counts]
-    if not isinstance(section_counts, str):
-        counts = list(section_counts)
-        if not all(isinstance(c, (int, np.integer)) for c in counts):
-            raise ValueError(f"section counts must be ints, got {section_counts!r}")
-        return [int(c) for c in counts]
-    spec = section_counts.strip()
-    help_text = ('use a step count like "250", comma-separated counts per equal section like '
-                 '"10,20,30", or "ddimN" like "ddim50"')
-    if spec.startswith("ddim"):
-        try:
-            desired = int(spec[len("ddim"):])
-        except ValueError:
-            raise ValueError(f"bad timestep respacing {section_counts!r}: {help_text}") from None
-        if desired < 1:
-            raise ValueError(f"bad timestep respacing {section_counts!r}: ddim needs at least 1 step")
-        return _ddim_stride_steps(num_timesteps, desired)
+def _spec_int(text: str, spec) -> int:
     try:
-        return [int(x) for x in spec.split(",")]
-    except ValueError:
-        raise ValueError(f"bad timestep respacing {section_counts!r}: {help_text}") from None
+        return int(text)
+    except ValueError as not_a_number:
+        raise ValueError(f"bad timestep respacing {spec!r}: {_SPEC_HELP}") from not_a_number
 
 
-def space_timesteps(num_timesteps, section_counts):
+def _parse_spec(num_timesteps: int, spec):
+    """A respacing spec -> a list of per-section counts, or directly the set of steps for "ddimN"."""
+    if isinstance(spec, int):
+        return [spec]
+    if not isinstance(spec, str):
+        counts = list(spec)
+        if not all(isinstance(n, (int, np.integer)) for n in counts):
+            raise ValueError(f"section counts must be ints, got {spec!r}")
+        return [int(n) for n in counts]
+    text = spec.strip()
+    if not text.startswith("ddim"):
+        return [_spec_int(part, spec) for part in text.split(",")]
+    count = _spec_int(text[len("ddim"):], spec)
+    if count < 1:
+        raise ValueError(f"bad timestep respacing {spec!r}: ddim needs at least 1 step")
+    return _ddim_strided(num_timesteps, count)
+
+
+def _section_steps(start: int, length: int, count: int) -> list:
+    """``count`` steps spread evenly over [start, start + length), both ends included when count > 1.
+
+    Positions accumulate a float stride and round half to even (Python's round), as the published code
+    does; start + round(i * stride) picks a different step in rare cases.
+    """
+    stride = (length - 1) / (count - 1) if count > 1 else 1
+    positions = itertools.accumulate(itertools.repeat(stride, max(count - 1, 0)), initial=0.0)
+    return [start + round(pos) for pos in itertools.islice(positions, count)]
+
+
+def space_timesteps(num_timesteps: int, section_counts) -> set:
     """The set of original timesteps to keep.
 
-    The process is split into len(section_counts) equal sections (the first T % len ones one step
-    longer), and section i keeps section_counts[i] evenly spaced steps including both its ends.
-    section_counts is a list of ints or a string "10,20,30"; "ddimN" instead uses the DDIM paper's
-    integer stride (one section). E.g. space_timesteps(1000, "250") keeps 0, 4, 8, ..., 999.
+    The T steps are cut into len(section_counts) equal sections (the first T % len of them one step
+    longer) and section i keeps section_counts[i] evenly spread steps. ``section_counts``: a list of ints,
+    an int, a string "10,20,30", or "ddimN" for the DDIM paper's integer stride instead.
+    Example: space_timesteps(1000, "250") keeps 0, 4, 8, ..., 999.
     """
-    parsed = _parse_section_counts(num_timesteps, section_counts)
-    if isinstance(parsed, set):
-        return parsed
-    if not parsed:
+    counts = _parse_spec(num_timesteps, section_counts)
+    if isinstance(counts, set):
+        return counts
+    if not counts:
         raise ValueError("timestep respacing needs at least one section count")
-    size_per, extra = divmod(num_timesteps, len(parsed))
-    start_idx = 0
-    all_steps = []
-    for i, section_count in enumerate(parsed):
-        size = size_per + (1 if i < extra else 0)
-        if section_count < 0:
-            raise ValueError(f"section counts must be >= 0, got {section_count} in {section_counts!r}")
-        if size < section_count:
-            raise ValueError(
-                f"cannot divide section {i} of {size} steps into {section_count} steps "
-                f"(respacing {section_counts!r} over {num_timesteps} diffusion steps in "
-                f"{len(parsed)} section(s)); use at most {size} steps per section"
-            )
-        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
-        # Accumulate the float stride step by step and round half to even (Python's round), exactly
-        # as the original does: i * frac_stride would pick different steps in rare cases.
-        cur_idx = 0.0
-        for _ in range(section_count):
-            all_steps.append(start_idx + round(cur_idx))
-            cur_idx += frac_stride
-        start_idx += size
-    if not all_steps:
+    base_length, n_longer = divmod(num_timesteps, len(counts))
+    kept, start = [], 0
+    for index, count in enumerate(counts):
+        length = base_length + (index < n_longer)
+        if count < 0:
+            raise ValueError(f"section counts must be >= 0, got {count} in {section_counts!r}")
+        if count > length:
+            raise ValueError(f"cannot divide section {index} of {length} steps into {count} steps "
+                             f"(respacing {section_counts!r} over {num_timesteps} diffusion steps in "
+                             f"{len(counts)} section(s)); use at most {length} steps per section")
+        kept += _section_steps(start, length, count)
+        start += length
+    if not kept:
         raise ValueError(f"timestep respacing {section_counts!r} keeps no timesteps")
-    return set(all_steps)
+    return set(kept)
 
 
 class SpacedDiffusion(GaussianDiffusion):
-    """A GaussianDiffusion over a subset `use_timesteps` of a base process given by `betas`.
+    """The diffusion over the kept timesteps ``use_timesteps`` of a process given by ``betas``.
 
-    timestep_map[k] is the original timestep of respaced index k; models passed to the methods
-    are wrapped so they receive original timesteps.
+    ``timestep_map[k]`` is the original timestep of step k, and the model is always called with it.
     """
 
-    def __init__(self, use_timesteps, **kwargs):
-        self.use_timesteps = set(int(s) for s in use_timesteps)
-        base_betas = np.array(kwargs["betas"], dtype=np.float64)
+    def __init__(self, use_timesteps: Iterable[int], **kwargs):
+        base_betas = np.array(kwargs.pop("betas"), dtype=np.float64)
         self.original_num_steps = len(base_betas)
-        bad = [s for s in self.use_timesteps if not 0 <= s < self.original_num_steps]
-        if bad or not self.use_timesteps:
-            raise ValueError(
-                f"use_timesteps must be a non-empty set within [0, {self.original_num_steps}), "
-                f"got out-of-range {sorted(bad)[:5]}" if bad else "use_timesteps is empty"
-            )
-        alphas_cumprod = np.cumprod(1.0 - base_betas, axis=0)
+        self.use_timesteps = {int(s) for s in use_timesteps}
+        outside = sorted(s for s in self.use_timesteps if not 0 <= s < self.original_num_steps)
+        if outside:
+            raise ValueError(f"use_timesteps must be a non-empty set within [0, {self.original_num_steps}), "
+                             f"got out-of-range {outside[:5]}")
+        if not self.use_timesteps:
+            raise ValueError("use_timesteps is empty")
         self.timestep_map = sorted(self.use_timesteps)
-        kept = alphas_cumprod[self.timestep_map]
-        # Elementwise the same float64 operations as the original's running loop.
-        kwargs["betas"] = 1 - kept / np.append(1.0, kept[:-1])
-        super().__init__(**kwargs)
-        self._map_tables = {}  # (device, dtype) -> (T',) tensor of original timesteps
-
-    def _timestep_map_on(self, device, dtype):
-        key = (device, dtype)
-        table = self._map_tables.get(key)
-        if table is None:
-            table = torch.tensor(self.timestep_map, device=device, dtype=dtype)
-            self._map_tables[key] = table
-        return table
-
-    def _wrap_model(self, model):
-        if isinstance(model, _WrappedModel):
-            return model
-        return _WrappedModel(model, self)
-
-    def _scale_timesteps(self, t):
-        # Kept for API compatibility: the wrapped model does the mapping; no rescaling.
-        return t
-
-
-class _WrappedModel:
-    """Calls `model` with original timesteps: model(x, timestep_map[ts], **kwargs)."""
-
-    def __init__(self, model, diffusion):
-        self.model = model
-        self.timestep_map = diffusion.timestep_map
-        self.original_num_steps = diffusion.original_num_steps
-        self._diffusion = diffusion
-
-    def __call__(self, x, ts, **kwargs):
-        new_ts = self._diffusion._timestep_map_on(ts.device, ts.dtype)[ts]
-        return self.model(x, new_ts, **kwargs)
+        abar_kept = np.cumprod(1.0 - base_betas)[self.timestep_map]
+        abar_before = np.concatenate([[1.0], abar_kept[:-1]])
+        super().__init__(betas=1 - abar_kept / abar_before, model_timesteps=self.timestep_map, **kwargs)

@@ -47,7 +47,9 @@ def test_timestep_map_reaches_model():
     d.p_mean_variance(model, x, torch.tensor([0, 9]))
     d.training_losses(model, x, torch.tensor([9, 1]))
     assert seen[0].tolist() == [0, 999] and seen[1].tolist() == [999, d.timestep_map[1]]
-    assert len(d._map_tables) == 1  # the map tensor is built once, not per call
+    cpu = torch.device("cpu")
+    assert d.schedule_on(cpu) is d.schedule_on(cpu)  # the map lives in the per-device schedule, built once
+    assert d.schedule_on(cpu).model_timesteps.tolist() == d.timestep_map
 
 
 @pytest.mark.parametrize("spec,match", [

@@ -1,4 +1,6 @@
 """DDPM / DDIM sampling loops: determinism, noise order, device handling, no per-step copies."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -117,7 +119,8 @@ def test_cuda_loop_has_no_sync():
     shape = (4, 2, 8, 8)
     d.ddim_sample_loop(m, shape, device="cuda")
     d.p_sample_loop(m, shape, device="cuda")  # warm-up: tables and timestep map on the GPU
-    assert all(v.device.type == "cuda" for v in d._tables_on(torch.device("cuda", 0)).values())
+    schedule = d.schedule_on(torch.device("cuda", 0))
+    assert all(getattr(schedule, f.name).device.type == "cuda" for f in dataclasses.fields(schedule))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

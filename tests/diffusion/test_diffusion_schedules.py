@@ -1,4 +1,5 @@
 """Schedules and float64 tables against values computed by hand."""
+import dataclasses
 import math
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from dit_fast.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, create_diffusion
-from dit_fast.diffusion.schedules import get_named_beta_schedule
+from dit_fast.diffusion.schedules import at, get_named_beta_schedule
 
 
 def _plain(betas, var=ModelVarType.FIXED_SMALL):
@@ -57,16 +58,18 @@ def test_respaced_betas_are_float64_exact():
     assert np.max(np.abs(betas32 - expected) / expected) > 1e-5
 
 
-def test_device_tables_float64_and_extract_semantics():
+def test_device_schedule_float64_and_lookup_semantics():
     d = create_diffusion("")
-    tables = d._tables_on(torch.device("cpu"))
-    assert all(v.dtype == torch.float64 for v in tables.values())
-    assert d._tables_on(torch.device("cpu")) is tables  # built once per device
+    schedule = d.schedule_on(torch.device("cpu"))
+    tables = {f.name: getattr(schedule, f.name) for f in dataclasses.fields(schedule)}
+    assert all(v.dtype == torch.float64 for k, v in tables.items() if k != "model_timesteps")
+    assert d.schedule_on(torch.device("cpu")) is schedule  # built once per device
     t = torch.tensor([0, 500, 999])
-    out = d._extract("sqrt_recipm1_alphas_cumprod", t, (3, 2, 4, 4))
-    assert out.shape == (3, 2, 4, 4) and out.dtype == torch.float32
+    x = torch.zeros(3, 2, 4, 4)
+    out = at(schedule.sqrt_recipm1_alphas_cumprod, t, x)   # float64 lookup, one rounding to float32
+    assert out.shape == (3, 1, 1, 1) and out.dtype == torch.float32
     expected = torch.from_numpy(d.sqrt_recipm1_alphas_cumprod[[0, 500, 999]]).float()
-    assert torch.equal(out[:, 1, 2, 3], expected)
+    assert torch.equal(out.flatten(), expected)
 
 
 def test_unknown_schedule_and_bad_steps_raise():
