@@ -2,7 +2,8 @@
 
     python sample.py --image-size 256 --seed 0                       # official DiT-XL/2, 250 DDPM steps
     python sample.py --compile --precision bf16 --class-labels 207 360 387 --out grid.png
-    python sample.py --model DiT-S/2 --ckpt results/000/checkpoints/0100000.pt --vae none --image-size 32
+    python sample.py --model DiT-S/2 --vae none --image-size 32 \\
+        --ckpt results/000-DiT-S-2/checkpoints/step-0100000/ema-0100000.pt   # train.py's EMA export
 
 With the same seed and weights, fp32 eager DDPM gives the same grid as the original sample.py.
 """
@@ -11,13 +12,14 @@ from pathlib import Path
 
 import torch
 
+from dit_fast.config import DEFAULT_CLASS_LABELS, SampleConfig
 from dit_fast.diffusion import create_diffusion
-from dit_fast.images import save_image
-from dit_fast.sampling import (run_cli, DEFAULT_CLASS_LABELS, SampleConfig, Sampler, add_common_flags,
-                               build_sampling_model, check_class_labels, check_official_defaults, decode,
-                               format_sample_config, patch_size_of, resolve_device, sample_size, timed,
-                               vae_downsample)
-from dit_fast.vae import load_vae
+from dit_fast.sample_cli import (add_common_flags, build_sampling_model, check_class_labels,
+                                 check_official_defaults, format_sample_config, model_input_size,
+                                 resolve_device, run_cli)
+from dit_fast.sample_files import save_image
+from dit_fast.sampling import Sampler, decode, timed
+from dit_fast.vae import is_pixel_space, load_vae
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +38,11 @@ def main(argv=None) -> dict:
     cfg = SampleConfig.from_args(build_parser().parse_args(argv))
     print(format_sample_config(cfg))
     device = resolve_device(cfg.device, cfg.tf32)
-    input_size = sample_size(cfg.image_size, vae_downsample(cfg.vae), patch_size_of(cfg.model))
+    input_size = model_input_size(cfg.model, cfg.image_size, cfg.vae)
     check_class_labels(cfg.class_labels, cfg.num_classes)
     if cfg.ckpt is None:
         check_official_defaults(cfg.model, cfg.image_size, cfg.num_classes, cfg.vae)
-    pixel_space = cfg.vae.lower() == "none"
-    in_channels = cfg.in_channels if pixel_space else 4
+    in_channels = cfg.in_channels if is_pixel_space(cfg.vae) else 4
 
     # The original's order of RNG use: seed, model init, (weights), VAE load, x_T, per-step noise.
     torch.manual_seed(cfg.seed)

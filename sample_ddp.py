@@ -24,12 +24,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dit_fast.atomic import atomic_write_text
+from dit_fast.config import SampleConfig
 from dit_fast.diffusion import create_diffusion
-from dit_fast.images import save_png, to_uint8_hwc, write_npz_from_pngs
-from dit_fast.sampling import (run_cli, SampleConfig, Sampler, add_common_flags, build_sampling_model,
-                               check_official_defaults, decode, format_sample_config, patch_size_of,
-                               resolve_device, sample_size, vae_downsample)
-from dit_fast.vae import load_vae
+from dit_fast.distributed import init_distributed
+from dit_fast.sample_cli import (add_common_flags, build_sampling_model, check_official_defaults,
+                                 format_sample_config, model_input_size, resolve_device, run_cli)
+from dit_fast.sample_files import save_png, to_uint8_hwc, write_npz_from_pngs
+from dit_fast.sampling import Sampler, decode
+from dit_fast.vae import is_pixel_space, load_vae
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,19 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reference statistics .npz (mu, sigma): report FID when pytorch-fid and its "
                              "Inception weights are available locally")
     return parser
-
-
-def setup_distributed(device_name):
-    """(rank, world_size, device); initialises the process group only under torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, resolve_device(device_name)
-    use_cuda = torch.cuda.is_available() and (device_name is None or device_name.startswith("cuda"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device_name = f"cuda:{local_rank % torch.cuda.device_count()}"
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), resolve_device(device_name or "cpu")
 
 
 def barrier(world_size: int) -> None:
@@ -92,9 +82,7 @@ def check_resume_settings(folder: Path, settings: dict, rank: int, world_size: i
         raise ValueError(f"{folder} holds samples made with other settings {diff} (before, now); "
                          f"use the same flags and number of processes to resume, or another --sample-dir")
     if rank == 0 and previous is None:
-        tmp = meta.with_name(meta.name + ".tmp")
-        tmp.write_text(json.dumps(settings, indent=1))
-        os.replace(tmp, meta)
+        atomic_write_text(meta, json.dumps(settings, indent=1))
 
 
 def main(argv=None) -> dict:
@@ -104,20 +92,18 @@ def main(argv=None) -> dict:
         raise ValueError(f"--cfg-scale must be >= 1.0 (1.0 disables guidance), got {cfg.cfg_scale}")
     if cfg.per_proc_batch_size < 1 or cfg.num_fid_samples < 1:
         raise ValueError("--per-proc-batch-size and --num-fid-samples must be >= 1")
-    if cfg.vae.lower() == "none" and cfg.in_channels != 3:
+    if is_pixel_space(cfg.vae) and cfg.in_channels != 3:
         raise ValueError(f"the .npz for the ADM evaluation suite needs RGB images; --in-channels is {cfg.in_channels}")
-    input_size = sample_size(cfg.image_size, vae_downsample(cfg.vae), patch_size_of(cfg.model))
+    input_size = model_input_size(cfg.model, cfg.image_size, cfg.vae)
     if cfg.ckpt is None:
         check_official_defaults(cfg.model, cfg.image_size, cfg.num_classes, cfg.vae)
-    rank, world_size, device = setup_distributed(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    ctx = init_distributed(cfg.device)  # a process group only under torchrun (NCCL / Gloo)
+    device = resolve_device(str(ctx.device), cfg.tf32)
     try:
         with torch.no_grad():
-            return _sample_all(cfg, input_size, rank, world_size, device)
+            return _sample_all(cfg, input_size, ctx.rank, ctx.world_size, device)
     finally:
-        if world_size > 1:
-            dist.destroy_process_group()
+        ctx.close()
 
 
 def _sample_all(cfg, input_size: int, rank: int, world_size: int, device) -> dict:
@@ -125,7 +111,7 @@ def _sample_all(cfg, input_size: int, rank: int, world_size: int, device) -> dic
     if rank == 0:
         print(format_sample_config(cfg))
     print(f"Starting rank={rank}, world_size={world_size}, device={device}.")
-    in_channels = cfg.in_channels if cfg.vae.lower() == "none" else 4
+    in_channels = cfg.in_channels if is_pixel_space(cfg.vae) else 4
     model = build_sampling_model(cfg.model, input_size, cfg.num_classes, in_channels,
                                  cfg.ckpt or f"DiT-XL-2-{cfg.image_size}x{cfg.image_size}.pt",
                                  device, cfg.attn_backend, cfg.fused_adaln, depth=cfg.depth,

@@ -15,7 +15,7 @@ every rank writes its shard of each checkpoint into the same directory):
         --features-path /shared/in1k-latents --results-dir /shared/results --global-batch-size 256
 
 Flags keep DiT / fast-DiT names; batch size, accumulation, precision and clipping are injected into
-the DeepSpeed JSON (which holds ZeRO knobs only). See dit_fast/trainer.py for the semantics.
+the DeepSpeed JSON (which holds ZeRO knobs only). See dit_fast/train/ for the semantics.
 """
 import argparse
 import sys
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dit_fast.trainer import NonFiniteLossError, train
+    from dit_fast.train import NonFiniteLossError, train
     try:
         cfg = config_from_args(args)
         train(cfg)

@@ -126,7 +126,7 @@ class PeakTable:
         if self.device.type == "cuda":
             out["spec_bf16_tflops"] = (spec_peak(self.name, True) or 0) / 1e12 or None
             out["spec_tf32_tflops"] = (spec_peak(self.name, False) or 0) / 1e12 or None
-            # Measured for reference only (TARGETS.md quotes ~795 TFLOP/s bf16 on an H100); MFU uses the spec.
+            # Measured for reference only (an H100 reaches ~795 TFLOP/s bf16 in practice); MFU uses the spec.
             out["measured_bf16_matmul_tflops"] = round(self.measured(torch.bfloat16) / 1e12, 1)
         else:
             out["measured_fp32_matmul_gflops"] = round(self.measured(torch.float32) / 1e9, 1)

@@ -6,7 +6,7 @@
 # Every step runs even if an earlier one failed (no `set -e`); the timeouts add up to < 9 minutes.
 # Ordered by what matters most if the device time runs out: table, sampling, correctness, kernel timings.
 # The machine needs only the repository: wheels for DeepSpeed / diffusers are taken from .whl/ when
-# present (../shared/gpu/wheels.sh fills it), installed into .site/ without network.
+# present (put the wheels there beforehand: the GPU machine has no network), installed into .site/.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}

@@ -5,7 +5,6 @@ Drawn with PIL (matplotlib is not a dependency of dit_fast); matplotlib is used 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 COLORS = {"ddpm": (31, 119, 180), "ddim": (255, 127, 14), "dpm-solver++": (44, 160, 44),
@@ -29,17 +28,17 @@ def _series(rows):
 
 def save_plot(rows: list[dict], meta: dict, path: Path, speed_metric=None) -> Path:
     """Write the PNG at ``path`` (atomically); returns it."""
-    tmp = path.with_name(path.name + ".tmp.png")
+    from dit_fast.atomic import atomic_write
+
     try:
         import matplotlib  # noqa: F401
-        _matplotlib(rows, meta, tmp, _panels(speed_metric))
+        draw = _matplotlib
     except ImportError:
-        _pil(rows, meta, tmp, _panels(speed_metric))
-    os.replace(tmp, path)
-    return path
+        draw = _pil
+    return atomic_write(path, lambda f: draw(rows, meta, f, _panels(speed_metric)))
 
 
-def _matplotlib(rows, meta, path, panels) -> None:
+def _matplotlib(rows, meta, f, panels) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -56,10 +55,10 @@ def _matplotlib(rows, meta, path, panels) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{meta['model']} - {meta['device']} - {meta['date'][:10]}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
+    fig.savefig(f, dpi=120, format="png")
 
 
-def _pil(rows, meta, path, panels) -> None:
+def _pil(rows, meta, f, panels) -> None:
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (PANEL_W * len(panels), PANEL_H + 30), "white")
@@ -82,7 +81,7 @@ def _pil(rows, meta, path, panels) -> None:
                 draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
             if i == 0:
                 draw.text((box[2] - 90, box[1] + 4 + 12 * j), f"- {name}", fill=color)
-    image.save(path, format="PNG")
+    image.save(f, format="PNG")
 
 
 def _xy(box, xlim, ylim, x, y):

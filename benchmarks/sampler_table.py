@@ -105,7 +105,7 @@ def demo_model(args, device: torch.device):
 def quality_row(model, name: str, steps: int, z, labels, scorer, args) -> dict:
     """One sampler on the demo model: accuracy, Fréchet distance, NFE, seconds."""
     from dit_fast.diffusion import create_diffusion
-    from dit_fast.images import to_uint8_hwc
+    from dit_fast.sample_files import to_uint8_hwc
     from dit_fast.sampling import Sampler, timed
 
     # One grey channel + learned variance: guide the noise channel only, as the demo does.
@@ -212,13 +212,15 @@ def markdown(rows: list[dict], meta: dict, xl: bool) -> str:
 
 
 def write_outputs(rows: list[dict], meta: dict, args, device) -> list[Path]:
+    from dit_fast.atomic import atomic_write_text
+
     kind = "xl" if args.xl_timing else "digits"
     stem = f"samplers-{kind}-{report.device_slug(device)}-{meta['date'][:10]}"
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.png"]
-    report._atomic_write(paths[0], markdown(rows, meta, args.xl_timing))
-    report._atomic_write(paths[1], json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    atomic_write_text(paths[0], markdown(rows, meta, args.xl_timing))
+    atomic_write_text(paths[1], json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     metric = ("images_per_s", "images/s") if args.xl_timing else None
     sampler_plot.save_plot(rows, meta, paths[2], speed_metric=metric)
     return paths

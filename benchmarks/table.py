@@ -133,13 +133,14 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def make_setup(args: argparse.Namespace) -> BenchSetup:
     from dit_fast.models import DiT, DiT_models
+    from dit_fast.vae import downsample_of
     if args.model == "tiny":
         vae_config, kind = TINY_VAE_CONFIG, "tiny"
     elif args.model in DiT_models:
         vae_config, kind = SD_VAE_CONFIG, "SD"
     else:
         raise SystemExit(f"--model {args.model!r}: choose 'tiny' or one of {', '.join(DiT_models)}")
-    downsample = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    downsample = downsample_of(vae_config["block_out_channels"])
     if args.image_size % downsample:
         raise SystemExit(f"--image-size {args.image_size} is not divisible by the {kind} VAE's "
                          f"downsampling factor {downsample}")

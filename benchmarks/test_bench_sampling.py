@@ -4,7 +4,7 @@ CPU: a small DiT (depth 4, width 128) on 8x8 latents, 8 images (16 with CFG), 10
 GPU: DiT-XL/2 at 256 px (32x32 latents), 32 images (64 with CFG), random weights (speed does not
 depend on them). To stay within ~2 minutes, each GPU row times MEASURED_STEPS steps and extrapolates
 to the full 250-step loop (per-step cost is the same for every step); extra_info says so. The target
-(TARGETS.md) is >= 4 images/s on an H100 and >= 1.3x eager from compile alone; nothing is asserted.
+is >= 4 images/s on an H100 and >= 1.3x eager from compile alone; nothing is asserted.
 
 extra_info: images_per_s (per full 250-step loop on GPU), step_ms, compile_s (excluded from the
 timing), speedup_vs_eager (filled for compiled rows when the eager row of the same precision ran

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import os
 import time
 import types
 import weakref
@@ -86,27 +85,11 @@ def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay
         ema_p.lerp_(p.detach().float(), 1.0 - decay)
 
 
-def _init_single_process_dist() -> None:
-    """A world of one for DeepSpeed (plain python, no launcher)."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
-
-
 def _deepspeed_engine(model, optimizer, row: RowConfig, setup: BenchSetup):
     """(engine, forward) for ZeRO stage ``row.zero_stage``; bf16/fp16 weights when mixed precision."""
     import deepspeed
-    _init_single_process_dist()
+    from dit_fast.distributed import init_distributed
+    init_distributed(use_deepspeed=True)  # a world of one under plain python / pytest
     n_params = sum(p.numel() for p in model.parameters())
     config = {
         "train_batch_size": setup.batch, "train_micro_batch_size_per_gpu": setup.batch,

@@ -2,8 +2,9 @@
 
 Loading never unpickles arbitrary Python objects: ``.pt`` files go through
 ``torch.load(weights_only=True)`` with a short, explicit allow-list (``SAFE_GLOBALS``), and
-``.safetensors`` files hold tensors only. Saving writes a temporary file next to the target and
-renames it into place, so a crash mid-write never destroys the previous checkpoint.
+``.safetensors`` files hold tensors only. Saving goes through dit_fast.atomic (temp file,
+fsync, rename, fsync of the directory), so a crash mid-write never destroys the previous checkpoint.
+Training run directories (their step-NNNNNNN checkpoints, resume) are dit_fast.train.run_dir.
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import os
 import pickle
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from .atomic import atomic_write
 
 # Official DiT weights: name -> path under the base URL (as facebookresearch/DiT's download.py).
 OFFICIAL_CHECKPOINTS = {
@@ -123,10 +125,9 @@ def download_official(name: str, cache_dir=None, base_url=None) -> Path:
 
 
 def _download(url: str, target: Path) -> None:
-    """Stream ``url`` into a temp file beside ``target``; rename only when the size checks out."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+    """Stream ``url`` into ``target`` atomically; a short read raises and leaves no file."""
+    def write(f) -> None:
+        with urllib.request.urlopen(url, timeout=60) as response:
             length = response.headers.get("Content-Length")
             expected = int(length) if length is not None else None
             received = 0
@@ -140,11 +141,8 @@ def _download(url: str, target: Path) -> None:
                 raise CheckpointError(
                     f"the download was cut off after {received} of {expected} bytes"
                 )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(target, write)
 
 
 # --------------------------------------------------------------------------- loading
@@ -297,55 +295,22 @@ def _mismatch_message(model, missing, unexpected, wrong, hint) -> str:
 # --------------------------------------------------------------------------- saving
 
 def atomic_save(obj, path) -> Path:
-    """Save ``obj`` to ``path`` so that the file is either the old one or the complete new one.
-
-    Writes a temporary file in the same directory, flushes and fsyncs it, renames it over
-    ``path`` and fsyncs the directory. On any error the temporary file is removed and an existing
-    ``path`` is untouched. A ``.safetensors`` path stores ``obj`` (a flat dict of tensors) with
+    """Save ``obj`` to ``path`` so that the file is either the old one or the complete new one
+    (dit_fast.atomic). A ``.safetensors`` path stores ``obj`` (a flat dict of tensors) with
     safetensors; any other path uses ``torch.save``.
     """
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        if path.suffix == ".safetensors":
-            _save_safetensors(obj, tmp)
-            with open(tmp, "r+b") as f:
-                os.fsync(f.fileno())
-        else:
-            # O_EXCL: never write into someone else's file; 0o666 lets the umask decide, as open().
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
+    if Path(path).suffix == ".safetensors":
+        data = _safetensors_bytes(obj)
+        return atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def _save_safetensors(obj, tmp: Path) -> None:
-    from safetensors.torch import save_file
+def _safetensors_bytes(obj) -> bytes:
+    from safetensors.torch import save
 
     if not isinstance(obj, Mapping) or not _is_state_dict(obj):
         raise TypeError(
             "A .safetensors file holds a flat {name: tensor} dict only; save training "
             "checkpoints (optimizer, step, config) with a .pt path instead."
         )
-    save_file({k: v.contiguous() for k, v in obj.items()}, str(tmp))
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; some platforms cannot open a directory, which is harmless.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return save({k: v.contiguous() for k, v in obj.items()})

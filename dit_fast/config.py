@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+import torch
+
+from .atomic import atomic_write_text
+
+# The one precision table: flag value -> torch dtype (of DeepSpeed's working weights in training,
+# of autocast in sampling, where fp32 means no autocast).
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(PRECISION_DTYPES)
+DEFAULT_CLASS_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)  # the original sample.py's eight
 
 
 @dataclass
@@ -57,7 +65,8 @@ class ModelConfig:
     @property
     def patch_size(self) -> int:
         """The patch size encoded in the model name (``DiT-XL/2`` -> 2)."""
-        return int(self.model.rsplit("/", 1)[-1])
+        from .models import patch_size_of
+        return patch_size_of(self.model)
 
 
 @dataclass
@@ -162,28 +171,20 @@ class Config:
 _SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
              "optim": OptimConfig, "train": TrainConfig}
 
-# CLI dest -> (section, field) where the names differ or live in another section.
-_ARG_MAP = {
-    "model": ("model", "model"), "image_size": ("model", "image_size"),
-    "num_classes": ("model", "num_classes"), "attn_backend": ("model", "attn_backend"),
-    "fused_adaln": ("model", "fused_adaln"), "grad_checkpointing": ("model", "grad_checkpointing"),
-    "depth": ("model", "depth"), "hidden_size": ("model", "hidden_size"),
-    "num_heads": ("model", "num_heads"), "learn_sigma": ("model", "learn_sigma"),
-    "class_dropout_prob": ("model", "class_dropout_prob"),
-    "diffusion_steps": ("diffusion", "diffusion_steps"),
-    "noise_schedule": ("diffusion", "noise_schedule"),
-    "features_path": ("data", "features_path"), "data_path": ("data", "data_path"),
-    "vae": ("data", "vae"), "num_workers": ("data", "num_workers"),
-    "lr": ("optim", "lr"), "weight_decay": ("optim", "weight_decay"),
-    "grad_clip": ("optim", "grad_clip"),
-    "global_batch_size": ("train", "global_batch_size"), "grad_accum": ("train", "grad_accum"),
-    "precision": ("train", "precision"), "epochs": ("train", "epochs"),
-    "max_steps": ("train", "max_steps"), "global_seed": ("train", "global_seed"),
-    "log_every": ("train", "log_every"), "ckpt_every": ("train", "ckpt_every"),
-    "keep_last": ("train", "keep_last"), "results_dir": ("train", "results_dir"),
-    "resume": ("train", "resume"), "compile": ("train", "compile"),
-    "deepspeed_config": ("train", "deepspeed_config"), "ema_decay": ("train", "ema_decay"),
-}
+
+def _arg_map() -> dict[str, tuple[str, str]]:
+    """CLI dest -> (section, field): a flag's dest is its field's name (``--global-batch-size`` ->
+    train.global_batch_size); field names are unique across sections, so the map is derived."""
+    out: dict[str, tuple[str, str]] = {}
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in out:
+                raise AssertionError(f"config field {f.name!r} is in sections {out[f.name][0]!r} and {section!r}")
+            out[f.name] = (section, f.name)
+    return out
+
+
+_ARG_MAP = _arg_map()
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -214,12 +215,12 @@ def validate_config(cfg: Config) -> None:
         (cfg.optim.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {cfg.optim.grad_clip}"),
         (bool(d.features_path) != bool(d.data_path),
          "give exactly one of --features-path (pre-extracted latents) or --data-path (images)"),
-        ("/" in m.model and m.model.rsplit("/", 1)[-1].isdigit(),
-         f"--model must look like DiT-XL/2, got {m.model!r}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    from .models import patch_size_of
+    patch_size_of(m.model)  # an unknown --model raises, naming the choices
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -253,12 +254,8 @@ def format_config(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
-    """Write the resolved config as JSON (atomically: temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write the resolved config as JSON (atomically, dit_fast.atomic)."""
+    return atomic_write_text(path, json.dumps(config_to_dict(cfg), indent=2) + "\n")
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -312,7 +309,7 @@ class SampleConfig:
     """Sampling device; None: cuda if available, else cpu."""
     seed: int = 0
     """sample.py: torch.manual_seed before building anything, as the original."""
-    class_labels: list = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
+    class_labels: list = field(default_factory=lambda: list(DEFAULT_CLASS_LABELS))
     """sample.py: one image per label (default: the original's eight)."""
     out: str = "sample.png"
     """sample.py: path of the PNG grid."""

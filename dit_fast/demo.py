@@ -149,7 +149,7 @@ def run_training(cmd: list[str], max_steps: int, threads: int) -> list[str]:
 
 def find_run(results_dir: Path) -> tuple[Path, Path]:
     """(run dir, EMA weights of its last checkpoint) of the single run under results_dir."""
-    from .train_checkpoint import list_checkpoints
+    from .train.run_dir import ema_file_name, list_checkpoints
 
     runs = sorted(p for p in results_dir.iterdir() if (p / "checkpoints").is_dir())
     if not runs:
@@ -158,7 +158,7 @@ def find_run(results_dir: Path) -> tuple[Path, Path]:
     if not checkpoints:
         raise FileNotFoundError(f"no complete checkpoint under {runs[-1] / 'checkpoints'}")
     step, ckpt = checkpoints[-1]
-    ema = ckpt / f"ema-{step:07d}.pt"
+    ema = ckpt / ema_file_name(step)
     if not ema.is_file():
         raise FileNotFoundError(f"{ema} is missing: the checkpoint has no exported EMA weights")
     return runs[-1], ema
@@ -169,12 +169,12 @@ def load_ema_model(run_dir: Path, ema_path: Path, device: torch.device) -> torch
     """The DiT described by the run's config.json, holding the EMA weights, in eval mode."""
     from .checkpoint import load_into_model, load_state_dict
     from .config import load_config
-    from .models import DiT
+    from .models import build_model
 
     m = load_config(run_dir / "config.json").model
-    model = DiT(input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels,
-                hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
-                num_classes=m.num_classes, learn_sigma=m.learn_sigma)
+    model = build_model(m.model, depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads,
+                        input_size=m.input_size, in_channels=m.in_channels,
+                        num_classes=m.num_classes, learn_sigma=m.learn_sigma)
     load_into_model(model, load_state_dict(ema_path, prefer_ema=True))
     return model.to(device).eval()
 
@@ -199,15 +199,13 @@ def save_grid(samples: torch.Tensor, per_class: int, path: Path, scale: int) -> 
     """One row per class, upscaled (nearest) so a person can see the digits."""
     from PIL import Image
 
-    from .images import grid_to_uint8, make_grid
+    from .sample_files import grid_to_uint8, make_grid, save_png
 
     grid = grid_to_uint8(make_grid(samples, nrow=per_class, padding=1, normalize=True,
                                    value_range=(-1, 1), pad_value=0.5))
     image = Image.fromarray(grid)
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_png(np.asarray(image), path)
     return path
 
 
@@ -228,7 +226,8 @@ def environment(device: torch.device, threads: int, load_at_start: float) -> dic
 def main(argv=None) -> dict:
     """Run the demo; returns the metrics written to metrics.json."""
     from .data.digits import write_digits_features
-    from .images import to_uint8_hwc
+    from .atomic import atomic_write, atomic_write_text
+    from .sample_files import to_uint8_hwc
     from .scoring import DigitScorer
 
     args = build_parser().parse_args(argv)
@@ -249,14 +248,15 @@ def main(argv=None) -> dict:
     lines = run_training(train_command(args, features, train_dir / "runs"), args.max_steps, threads)
     train_seconds = time.perf_counter() - t0
     run_dir, ema_path = find_run(train_dir / "runs")
-    shutil.copyfile(run_dir / "log.txt", out / "train_log.txt")
+    log = (run_dir / "log.txt").read_bytes()
+    atomic_write(out / "train_log.txt", lambda f: f.write(log))
 
     t0 = time.perf_counter()
     with torch.no_grad():
         samples, labels = sample_digits(load_ema_model(run_dir, ema_path, device), args, device)
     sample_seconds = time.perf_counter() - t0
     images = to_uint8_hwc(samples)  # (N, S, S, 1)
-    np.savez(out / "samples.npz", arr_0=images, labels=labels)
+    atomic_write(out / "samples.npz", lambda f: np.savez(f, arr_0=images, labels=labels))
     grid = save_grid(samples, args.samples_per_class, out / "digits_grid.png",
                      scale=max(1, 64 // args.image_size))
 
@@ -266,7 +266,7 @@ def main(argv=None) -> dict:
                    sample_seconds=round(sample_seconds, 1),
                    wall_seconds=round(time.perf_counter() - start, 1),
                    ema_weights=str(ema_path), grid=str(grid), **environment(device, threads, load))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(f"\n[demo] grid of generated digits (one row per class 0-9): {grid.resolve()}")
     print(f"[demo] class accuracy {metrics['accuracy']:.1%} under an independent MLP classifier "
           f"(its own held-out accuracy {metrics['classifier_heldout_accuracy']:.1%}); "

@@ -67,11 +67,27 @@ def check_attn_backend_name(name: str) -> str:
     return name
 
 
+_TRUE_WORDS, _FALSE_WORDS = ("true", "1"), ("false", "0")
+
+
 def check_adaln_flag(fused) -> bool | str:
-    """``fused_adaln`` is True (Triton kernels), False (torch ops, as the original) or "auto"."""
-    if fused in (True, False, "auto"):
+    """``fused_adaln`` normalised to True (Triton kernels), False (torch ops, as the original) or "auto".
+
+    Bool-like values (1 / 0, "true" / "false", "1" / "0") become bools, so that 0 means False
+    everywhere (``0 in (True, False)`` holds, but ``0 is False`` does not); anything else
+    raises ValueError.
+    """
+    if isinstance(fused, bool):
         return fused
-    raise ValueError(f"fused_adaln must be True, False or 'auto', got {fused!r}")
+    if isinstance(fused, int) and fused in (0, 1):
+        return bool(fused)
+    if isinstance(fused, str):
+        word = fused.strip().lower()
+        if word == "auto":
+            return "auto"
+        if word in _TRUE_WORDS or word in _FALSE_WORDS:
+            return word in _TRUE_WORDS
+    raise ValueError(f"fused_adaln must be True, False or 'auto' (or 1 / 0, 'true' / 'false'), got {fused!r}")
 
 
 def resolve_attn_backend(name: str, device) -> str:
@@ -82,7 +98,7 @@ def resolve_attn_backend(name: str, device) -> str:
 
 def resolve_adaln_backend(fused, device) -> str:
     """'triton' or 'torch' for the adaLN ops; raises if the Triton kernels were asked for and can't run."""
-    key = ("adaln", fused, torch.device(device).type, os.environ.get("TRITON_INTERPRET", "0"))
+    key = ("adaln", check_adaln_flag(fused), torch.device(device).type, os.environ.get("TRITON_INTERPRET", "0"))
     return _cached(key, _resolve_adaln)
 
 

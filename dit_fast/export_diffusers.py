@@ -65,11 +65,12 @@ def build_model(args):
     """(our DiT from the flags, as sample.py builds it, with the checkpoint's weights, fp32, eval;
     the sin-cos positional table the model computed at init, before the checkpoint overwrote it)."""
     from dit_fast.checkpoint import load_into_model, load_state_dict
-    from dit_fast.models import build_model as build_named, patch_size_of
-    from dit_fast.sampling import sample_size, vae_downsample
+    from dit_fast.models import build_model as build_named
+    from dit_fast.sample_cli import model_input_size
+    from dit_fast.vae import is_pixel_space
 
-    input_size = sample_size(args.image_size, vae_downsample(args.vae), patch_size_of(args.model))
-    in_channels = args.in_channels if str(args.vae).lower() == "none" else 4
+    input_size = model_input_size(args.model, args.image_size, args.vae)
+    in_channels = args.in_channels if is_pixel_space(args.vae) else 4
     model = build_named(args.model, input_size=input_size, num_classes=args.num_classes,
                         in_channels=in_channels, learn_sigma=args.learn_sigma, depth=args.depth,
                         hidden_size=args.hidden_size, num_heads=args.num_heads)
@@ -199,13 +200,17 @@ def check_export(model, folder: Path) -> dict:
     return {"exact": exact, "stock": stock}
 
 
-def publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is swapped out, then removed."""
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out`` (an existing ``out`` is moved aside first and
+    removed after), then fsync the parent so the rename survives a crash."""
+    from dit_fast.atomic import fsync_dir
+
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(out, old)
     os.replace(tmp, out)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old)
 
@@ -222,7 +227,7 @@ def main(argv=None) -> dict:
         tmp.mkdir(parents=True)
         write_folder(model, table, args, tmp)
         check = None if args.no_check else check_export(model, tmp)
-        publish(tmp, out, args.overwrite)
+        swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"Wrote the diffusers DiTPipeline folder {out} (transformer/, scheduler/ {args.scheduler}"
@@ -244,8 +249,7 @@ def cli(argv=None) -> None:
     from dit_fast.vae import VAEError
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, VAEError, RuntimeError,
-            ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, VAEError, RuntimeError) as e:
         sys.exit(f"dit_fast.export_diffusers: error: {e}")
 
 

@@ -46,17 +46,31 @@ def _statistics(images: np.ndarray, model, device, batch: int = 100):
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), the FID formula (offset on a singular product)."""
-    from scipy import linalg
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a covariance (negative round-off eigenvalues read as 0)."""
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance of N(mu1, S1) and N(mu2, S2): ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2).
+
+    The trace of (S1 S2)^1/2 equals that of (R S2 R)^1/2 with R = S1^1/2 (the two products are
+    similar), and R S2 R is symmetric positive semi-definite: its eigenvalues are real and >= 0, so
+    the trace is the sum of their square roots -- no complex round-off to discard and no diagonal
+    offset needed when a covariance is singular (dead ReLU units, fewer samples than features).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / "
+                         f"{sigma2.shape}")
+    root = _psd_sqrt(sigma1)
+    middle = root @ sigma2 @ root
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
 def fid_from_npz(sample_npz, ref_npz, device="cpu") -> float | None:

@@ -6,7 +6,8 @@ per-step update -- the CFG forward plus the DDPM / DDIM update -- is one functio
 the per-step coefficients are precomputed once as float32 tables (the original looks them up in
 float64 and rounds to float32: the same values), so the Python loop only indexes views, draws the
 step's noise and calls the step. That function can be compiled once with static shapes
-(``fullgraph=True``; CUDA graphs on GPU).
+(``fullgraph=True``; CUDA graphs on GPU). The flags and checks of sample.py / sample_ddp.py are
+dit_fast.sample_cli.
 
 Eager fp32 sampling performs the original's operations in the original's order and draws random
 numbers in the original's order (x_T, then one ``randn`` of the full 2N batch per step, the last step
@@ -14,26 +15,20 @@ included), so it gives bit-identical samples to ``p_sample_loop`` for the same s
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import json
-import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from dit_fast.config import SampleConfig  # noqa: F401  (the sampling section of the config tree)
+from dit_fast.config import PRECISION_DTYPES, PRECISIONS
 from dit_fast.solvers import SOLVERS, SolverSampler
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TABLE_SAMPLERS = ("ddpm", "ddim")  # ours, bit-identical to the original; SOLVERS come from diffusers
 SAMPLERS = TABLE_SAMPLERS + tuple(SOLVERS)
-DEFAULT_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # the original sample.py's labels
 
 # Column order of the per-step coefficient table (all float32).
 _SQRT_RECIP_AC, _SQRT_RECIPM1_AC, _COEF1, _COEF2, _MIN_LOG, _MAX_LOG, _FIXED_LOGVAR, \
@@ -96,7 +91,7 @@ def make_denoise_step(model, diffusion, *, sampler: str = "ddpm", cfg_scale: flo
                          f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    amp_dtype = PRECISIONS[precision]
+    amp_dtype = _amp_dtype(precision)
     learned = diffusion.model_var_type.name in ("LEARNED", "LEARNED_RANGE")
     predicts_xstart = diffusion.model_mean_type.name == "START_X"
     if use_cfg:
@@ -146,6 +141,10 @@ def make_denoise_step(model, diffusion, *, sampler: str = "ddpm", cfg_scale: flo
     return ddpm_step if sampler == "ddpm" else ddim_step
 
 
+def _amp_dtype(precision: str):
+    return None if precision == "fp32" else PRECISION_DTYPES[precision]  # fp32: no autocast
+
+
 def default_compile_mode(device: torch.device) -> str:
     """CUDA graphs on GPU (the step is launch-bound at small batch); inductor's default on CPU."""
     return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
@@ -182,7 +181,7 @@ class Sampler:
                 raise ValueError(f"eta and clip_denoised are options of ddpm/ddim, not of {sampler}")
             self._solver = SolverSampler(model, diffusion, sampler=sampler, cfg_scale=cfg_scale,
                                          num_classes=num_classes, use_cfg=use_cfg,
-                                         amp_dtype=PRECISIONS[precision],
+                                         amp_dtype=_amp_dtype(precision),
                                          guide_all_channels=guide_all_channels)
             return
         self.step = make_denoise_step(model, diffusion, sampler=sampler, cfg_scale=cfg_scale,
@@ -288,140 +287,3 @@ def timed(fn: Callable, device) -> tuple:
     result = fn()
     _synchronize(device)
     return result, time.perf_counter() - start
-
-
-# ------------------------------------------------------------------------------- CLI building blocks
-def vae_downsample(vae_spec: str) -> int:
-    """Pixels per latent along a side for --vae, read without loading the VAE (the original builds
-    the model before the VAE; keeping that order keeps the RNG stream): 1 for "none", the
-    config.json of a local diffusers directory, else 8 (the SD VAEs)."""
-    if str(vae_spec).lower() == "none":
-        return 1
-    local = Path(str(vae_spec)).expanduser()
-    for config in (local / "config.json", local / "vae" / "config.json"):
-        if config.is_file():
-            return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
-    return 8
-
-
-def sample_size(image_size: int, downsample: int, patch_size: int) -> int:
-    """Side of the model's input: image_size // downsample (image_size // 8 with the SD VAEs, as the
-    original; image_size itself in pixel space). ValueError when the size does not divide."""
-    if image_size < 1:
-        raise ValueError(f"--image-size must be positive, got {image_size}")
-    factor = downsample * patch_size
-    if image_size % factor:
-        where = (f"the patch size {patch_size} (pixel space, --vae none)" if downsample == 1
-                 else f"the VAE's downsampling {downsample} x the patch size {patch_size}")
-        raise ValueError(f"--image-size {image_size} must be divisible by {factor}: {where}; e.g. 256 or 512")
-    return image_size // downsample
-
-
-def patch_size_of(model_name: str) -> int:
-    """The patch size in a DiT_models name ("DiT-XL/2" -> 2)."""
-    try:
-        return int(model_name.rsplit("/", 1)[-1])
-    except ValueError:
-        raise ValueError(f"cannot read the patch size from the model name {model_name!r} (like DiT-XL/2)")
-
-
-def check_official_defaults(model: str, image_size: int, num_classes: int, vae_spec: str) -> None:
-    """Without --ckpt the official DiT-XL/2 checkpoint is used: the other flags must fit it."""
-    problems = []
-    if model != "DiT-XL/2":
-        problems.append(f"--model {model} (official checkpoints are DiT-XL/2)")
-    if image_size not in (256, 512):
-        problems.append(f"--image-size {image_size} (official sizes are 256 and 512)")
-    if num_classes != 1000:
-        problems.append(f"--num-classes {num_classes} (official models have 1000)")
-    if str(vae_spec).lower() == "none":
-        problems.append("--vae none (official models are latent-space models)")
-    if problems:
-        raise ValueError("without --ckpt the official DiT-XL/2 checkpoint is loaded, which does not fit "
-                         + "; ".join(problems) + ". Pass --ckpt PATH to your own checkpoint.")
-
-
-def check_class_labels(labels, num_classes: int) -> None:
-    """Labels must be real classes: num_classes itself is the null (CFG) label."""
-    bad = [c for c in labels if not 0 <= int(c) < num_classes]
-    if bad:
-        raise ValueError(f"class labels {bad} are outside [0, {num_classes - 1}] (--num-classes "
-                         f"{num_classes}; label {num_classes} is reserved for guidance)")
-    if not labels:
-        raise ValueError("give at least one class label")
-
-
-def build_sampling_model(model_name: str, input_size: int, num_classes: int, in_channels: int,
-                         ckpt: str, device, attn_backend: str = "sdpa", fused_adaln: bool = False,
-                         **size_overrides):
-    """DiT_models[model_name] built as the original sample.py does (random init, then .to(device),
-    then the checkpoint, then eval()), so the global RNG is left in the original's state.
-    ``size_overrides`` (depth, hidden_size, num_heads; None = the named size) build a custom-size model."""
-    from dit_fast.checkpoint import load_into_model, load_state_dict
-    from dit_fast.models import build_model
-
-    model = build_model(model_name, input_size=input_size, num_classes=num_classes, in_channels=in_channels,
-                        attn_backend=attn_backend, fused_adaln=fused_adaln, **size_overrides)
-    model = model.to(device)
-    hint = (f"the checkpoint does not fit --model {model_name} --image-size/--num-classes/--in-channels "
-            f"(input_size={input_size}, num_classes={num_classes}, in_channels={in_channels})")
-    load_into_model(model, load_state_dict(ckpt), hint=hint)
-    return model.eval()  # important: class dropout is a training-only behaviour
-
-
-def add_common_flags(parser, *, cfg_default: float) -> None:
-    """Flags sample.py and sample_ddp.py share (original names and defaults first)."""
-    from dit_fast.models import DiT_models
-
-    parser.add_argument("--model", type=str, choices=list(DiT_models.keys()), default="DiT-XL/2")
-    parser.add_argument("--image-size", type=int, default=256,
-                        help="pixels; divisible by 8 x patch (VAE) or by the patch size (--vae none)")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--cfg-scale", type=float, default=cfg_default)
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--ckpt", type=str, default=None,
-                        help="DiT checkpoint (default: the official DiT-XL/2 one for --image-size, "
-                             "downloaded once into the cache)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
-    parser.add_argument("--in-channels", type=int, default=3, help="image channels with --vae none")
-    parser.add_argument("--depth", type=int, default=None, help="custom-size model: override the depth")
-    parser.add_argument("--hidden-size", type=int, default=None, help="custom-size model: override the width")
-    parser.add_argument("--num-heads", type=int, default=None, help="custom-size model: override the heads")
-    parser.add_argument("--guide-all-channels", action="store_true",
-                        help="guide every channel (default: the first three, as the original)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the per-step function")
-    parser.add_argument("--compile-mode", type=str, default=None,
-                        help='torch.compile mode (default: "reduce-overhead" on CUDA, "default" on CPU)')
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                        help="autocast dtype of the model call; the diffusion math stays fp32")
-    parser.add_argument("--attn-backend", type=str, default="sdpa")
-    parser.add_argument("--fused-adaln", action="store_true")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="TF32 matmuls on CUDA (on by default, as the original)")
-    parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
-
-
-def format_sample_config(cfg) -> str:
-    """The resolved SampleConfig, one ``sample.key = value`` per line (printed at start)."""
-    return "\n".join(f"sample.{k} = {v!r}" for k, v in asdict(cfg).items())
-
-
-def resolve_device(name: Optional[str], tf32: bool = True) -> torch.device:
-    """The sampling device; on CUDA also applies the TF32 choice (the original turns TF32 on)."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        if tf32:  # cuDNN's TF32 is on by default anyway; sample_ddp.py's --no-tf32 leaves it, as the original
-            torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
-def run_cli(main: Callable, prog: str, argv=None) -> None:
-    """Run a sampling CLI's ``main``; library errors (bad flags, missing checkpoint or VAE) exit with one
-    clear line instead of a traceback."""
-    from dit_fast.checkpoint import CheckpointError
-    from dit_fast.vae import VAEError
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError, CheckpointError, VAEError) as e:
-        sys.exit(f"{prog}: error: {e}")

@@ -4,8 +4,9 @@ A small MLP (scikit-learn) is trained on a fixed split of the real digits at the
 It then (1) labels the generated samples: the share recognised as the class they were generated
 for is the demo's accuracy, and (2) embeds real and generated digits with its hidden layer
 (ReLU activations, 64 features): the Fréchet distance between the two Gaussians fitted there is
-the demo's FID-like number. Reference points are returned with it: the classifier's own held-out
-accuracy, and the Fréchet distance between two real halves of the same size as the samples.
+the demo's FID-like number, against the statistics of the classifier's training split. Reference
+points are returned with it: the classifier's own held-out accuracy, and the Fréchet distance of as
+many held-out real digits as there are samples (digits the reference statistics never saw).
 
     scorer = DigitScorer(image_size=8)
     metrics = scorer.score(samples_uint8_nhwc, labels)   # {"accuracy": ..., "frechet_distance": ...}
@@ -15,9 +16,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy import linalg
 
 from .data.digits import digits_dataset
+from .fid import frechet_distance
 
 HIDDEN = 64  # feature width of the Fréchet distance
 
@@ -41,23 +42,6 @@ def _flatten_uint8(images: np.ndarray, image_size: int) -> np.ndarray:
     if x.dtype != np.uint8:
         raise ValueError(f"expected uint8 images (0..255), got {x.dtype}; use to_uint8_nhwc")
     return x.reshape(len(x), -1).astype(np.float32) / 127.5 - 1.0
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), as in the FID of Heusel et al.
-
-    A singular product gets a small diagonal offset first (the pytorch-fid recipe).
-    """
-    diff = mu1 - mu2
-    with warnings.catch_warnings():
-        # ReLU units that never fire give singular covariances; sqrtm still returns the root.
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(len(sigma1)) * 1e-6
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = np.real(covmean)  # round-off can leave tiny imaginary parts
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +73,16 @@ class DigitScorer:
             self.clf.fit(self.real[self.train_idx], labels[self.train_idx])
         self.heldout_accuracy = float(self.clf.score(self.real[self.test_idx], labels[self.test_idx]))
 
+    def _heldout_subset(self, n: int) -> np.ndarray:
+        """n held-out digits, stratified by class with a fixed seed (all of them if n is larger)."""
+        if n >= len(self.test_idx):
+            return self.test_idx
+        from sklearn.model_selection import train_test_split
+        labels = self.labels[self.test_idx]
+        stratify = labels if n >= len(np.unique(labels)) else None  # one per class at least
+        subset, _ = train_test_split(self.test_idx, train_size=n, stratify=stratify, random_state=0)
+        return subset
+
     def features(self, x: np.ndarray) -> np.ndarray:
         """Hidden-layer ReLU activations (N, 64) of flattened inputs (N, S*S) in [-1, 1]."""
         return np.maximum(x @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0.0)
@@ -101,19 +95,18 @@ class DigitScorer:
         """Metrics of generated uint8 images (N, S, S[, 1]) generated for classes `labels` (N,).
 
         Returns accuracy (share predicted as their own class), per_class_accuracy, the Fréchet
-        distance to all real digits in the hidden-layer feature space, and for reference the
-        classifier's held-out accuracy and the Fréchet distance of N real held-out-split digits
-        (drawn stratified with a fixed seed) to all real digits.
+        distance to the real training-split digits in the hidden-layer feature space, and for
+        reference the classifier's held-out accuracy and the Fréchet distance of N real
+        held-out-split digits (drawn stratified with a fixed seed) to the same training split.
         """
         labels = np.asarray(labels)
         x = _flatten_uint8(images, self.image_size)
         if labels.shape != (len(x),):
             raise ValueError(f"labels must have shape ({len(x)},), got {labels.shape}")
         pred = self.clf.predict(x)
-        real_stats = gaussian_stats(self.features(self.real))
+        real_stats = gaussian_stats(self.features(self.real[self.train_idx]))
         fd = frechet_distance(*gaussian_stats(self.features(x)), *real_stats)
-        rng = np.random.default_rng(0)
-        ref = rng.choice(len(self.real), size=min(len(x), len(self.real)), replace=False)
+        ref = self._heldout_subset(len(x))
         fd_ref = frechet_distance(*gaussian_stats(self.features(self.real[ref])), *real_stats)
         per_class = {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
         return {

@@ -35,12 +35,16 @@ SOLVERS = {
 }
 
 
+class MissingDiffusersError(ImportError):
+    """A solver was asked for but diffusers (an optional dependency) is not installed."""
+
+
 def import_diffusers_class(class_name: str, why: str):
-    """``diffusers.<class_name>``, or ImportError naming the package to install."""
+    """``diffusers.<class_name>``, or MissingDiffusersError naming the package to install."""
     try:
         import diffusers
     except ImportError as e:
-        raise ImportError(f"{why} needs diffusers, which is not installed: pip install diffusers") from e
+        raise MissingDiffusersError(f"{why} needs diffusers, which is not installed: pip install diffusers") from e
     return getattr(diffusers, class_name)
 
 

@@ -6,6 +6,7 @@ and never touches the network. ``--vae none`` (pixel-space diffusion) needs no V
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,29 @@ LATENT_SCALE = 0.18215
 
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_pixel_space(spec) -> bool:
+    """``--vae none``: diffusion on the pixels themselves, no VAE."""
+    return spec is None or str(spec).lower() == "none"
+
+
+def downsample_of(block_out_channels) -> int:
+    """Pixels per latent along a side of an AutoencoderKL: one halving per block after the first."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def vae_downsample(spec) -> int:
+    """Pixels per latent along a side for ``--vae spec``, read without loading the VAE (the
+    original builds the model before the VAE; keeping that order keeps the RNG stream): 1 for
+    "none", the config.json of a local diffusers directory (or its vae/), else 8 (the SD VAEs)."""
+    if is_pixel_space(spec):
+        return 1
+    local = Path(str(spec)).expanduser()
+    for config in (local / "config.json", local / "vae" / "config.json"):
+        if config.is_file():
+            return downsample_of(json.loads(config.read_text())["block_out_channels"])
+    return 8
 
 
 class VAEError(RuntimeError):
@@ -33,7 +57,7 @@ class VAE:
     def __init__(self, vae):
         self.vae = vae.eval().requires_grad_(False)
         self.latent_channels = int(vae.config.latent_channels)
-        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.downsample = downsample_of(vae.config.block_out_channels)
         self.in_channels = int(vae.config.in_channels)
 
     @property
@@ -90,7 +114,7 @@ def load_vae(spec, device="cpu", dtype=torch.float32) -> VAE | None:
     tried only when ``HF_HUB_OFFLINE`` is not set. Failure raises ``VAEError`` saying how to
     get the files.
     """
-    if spec is None or str(spec).lower() == "none":
+    if is_pixel_space(spec):
         return None
     spec = str(spec)
     local = Path(spec).expanduser()

@@ -312,9 +312,9 @@ def test_atomic_save_replaces_and_creates_dirs(tmp_path):
 # --------------------------------------------------------------------------- with the real DiT
 
 def _small_dit(**kwargs):
-    models = pytest.importorskip("dit_fast.models")
+    from dit_fast.models import DiT
     torch.manual_seed(0)
-    return models.DiT(input_size=8, patch_size=4, hidden_size=48, depth=2, num_heads=2,
+    return DiT(input_size=8, patch_size=4, hidden_size=48, depth=2, num_heads=2,
                       **kwargs).eval()  # eval: no random label dropout
 
 

@@ -6,23 +6,12 @@ import pytest
 import torch
 
 from dit_fast.data.digits import digits_dataset
-from dit_fast.scoring import DigitScorer, frechet_distance, to_uint8_nhwc
+from dit_fast.scoring import DigitScorer, to_uint8_nhwc
 
 
 @pytest.fixture(scope="module")
 def scorer():
     return DigitScorer(image_size=8, seed=0)
-
-
-def test_frechet_distance_of_gaussians():
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((4, 4))
-    sigma = a @ a.T + np.eye(4)
-    assert frechet_distance(np.zeros(4), sigma, np.zeros(4), sigma) == pytest.approx(0.0, abs=1e-6)
-    # Diagonal covariances: ||mu||^2 + sum (sqrt(s1) - sqrt(s2))^2.
-    s1, s2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
-    expected = 2.0 + (1 - 3) ** 2 + (2 - 1) ** 2
-    assert frechet_distance(np.ones(2), s1, np.zeros(2), s2) == pytest.approx(expected, rel=1e-6)
 
 
 def test_scorer_real_digits_score_high_and_noise_low(scorer):
@@ -37,6 +26,17 @@ def test_scorer_real_digits_score_high_and_noise_low(scorer):
     noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
     bad = scorer.score(noise, labels[scorer.test_idx])
     assert bad["frechet_distance"] > 20 * good["frechet_distance"]
+
+
+def test_real_vs_real_uses_digits_the_reference_never_saw(scorer):
+    """The real-subset distance compares held-out digits with the training split's statistics."""
+    assert not set(scorer.test_idx) & set(scorer.train_idx)
+    subset = scorer._heldout_subset(100)
+    assert len(subset) == 100 and set(subset) <= set(scorer.test_idx)
+    assert np.bincount(scorer.labels[subset], minlength=10).min() >= 9  # stratified: ~10 per class
+    real = to_uint8_nhwc(digits_dataset(8)[0][scorer.train_idx[:100]])
+    seen = scorer.score(real, scorer.labels[scorer.train_idx[:100]])
+    assert seen["frechet_distance_real_subset"] > 0.0
 
 
 def test_scorer_rejects_wrong_inputs(scorer):

@@ -1,6 +1,5 @@
 """extract_features.py end to end: pixel space, corrupt files, resume, crash, 2 ranks, tiny VAE."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from PIL import Image
 import extract_features
 from dit_fast.data import LatentDataset, center_crop_arr, pixels_to_tensor
 from dit_fast.data import extract as extract_mod
+from dit_fast.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,15 +146,9 @@ def test_bad_arguments(image_tree, tmp_path, capsys):
     missing = ["--data-path", str(tmp_path / "nope"), "--features-path", str(tmp_path / "f")]
     assert extract_features.main(missing + ["--vae", "none"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    pytest.importorskip("dit_fast.vae", reason="dit_fast.vae has not landed yet")
     assert extract_features.main(base + ["--vae", str(tmp_path / "no_such_vae_dir")]) == 2
     assert "no_such_vae_dir" in capsys.readouterr().err
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -165,7 +159,7 @@ def test_two_ranks_match_one_rank(image_tree, tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     env["CUDA_VISIBLE_DEVICES"] = ""  # two ranks on one GPU would trip NCCL: compare on gloo/CPU
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(REPO / "extract_features.py"), "--data-path", str(image_tree),
            "--features-path", str(two), "--vae", "none", "--image-size", "16",
            "--shard-size", "4", "--batch-size", "3", "--num-workers", "0"]
@@ -192,8 +186,7 @@ def _tiny_vae_dir(tmp_path):
 
 
 def test_tiny_vae_latents_both_flips_scaled(image_tree, tmp_path):
-    vae_mod = pytest.importorskip("dit_fast.vae", reason="dit_fast.vae (checkpoint/vae helper) "
-                                  "has not landed yet")
+    import dit_fast.vae as vae_mod
     vae_dir, vae = _tiny_vae_dir(tmp_path)
     out = tmp_path / "latents"
     _run(image_tree, out, "--vae", str(vae_dir))

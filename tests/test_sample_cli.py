@@ -8,11 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.sampling_helpers import REPO, TINY_MODEL, register_tiny_model, save_tiny_checkpoint, write_launcher
-
-register_tiny_model()
-import sample  # noqa: E402  (the CLIs read DiT_models when they build their parsers)
-import sample_ddp  # noqa: E402
+import sample
+import sample_ddp
+from tests.sampling_helpers import REPO, TINY_FLAGS, build_tiny, save_tiny_checkpoint
 
 SIZE, CLASSES = 8, 10
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'kernels'}")
@@ -33,7 +31,7 @@ def ckpt(tmp_path_factory):
 
 
 def _sample_args(ckpt, out, *extra):
-    return ["--model", TINY_MODEL, "--ckpt", str(ckpt), "--vae", "none", "--image-size", str(SIZE),
+    return [*TINY_FLAGS, "--ckpt", str(ckpt), "--vae", "none", "--image-size", str(SIZE),
             "--num-classes", str(CLASSES), "--num-sampling-steps", "5", "--class-labels", "1", "2", "3", "4", "5",
             "--out", str(out), *extra]
 
@@ -52,10 +50,9 @@ def test_sample_writes_grid_and_is_the_original_pipeline(ckpt, tmp_path, capsys)
 
     # The original sample.py, step for step (with dit_fast's model and diffusion).
     from dit_fast.diffusion import create_diffusion
-    from dit_fast.models import DiT_models
     torch.manual_seed(3)
     with torch.no_grad():
-        model = DiT_models[TINY_MODEL](input_size=SIZE, num_classes=CLASSES, in_channels=3)
+        model = build_tiny(input_size=SIZE, num_classes=CLASSES, in_channels=3)
         model.load_state_dict(torch.load(ckpt, weights_only=True))
         model.eval()
         diffusion = create_diffusion("5")
@@ -103,7 +100,7 @@ def test_clear_errors(ckpt, tmp_path):
     with pytest.raises(ValueError, match="divisible"):
         sample.main(bad_size)
     with pytest.raises(ValueError, match="--ckpt"):
-        sample.main(["--model", TINY_MODEL, "--vae", "none", "--image-size", "8"])
+        sample.main([*TINY_FLAGS, "--vae", "none", "--image-size", "8"])
     # As a script: one line on stderr, no traceback.
     proc = subprocess.run([sys.executable, str(REPO / "sample.py"), "--ckpt", str(tmp_path / "missing.pt"),
                            "--image-size", "100"], capture_output=True, text=True, env=ENV, cwd=tmp_path)
@@ -112,22 +109,22 @@ def test_clear_errors(ckpt, tmp_path):
 
 # ----------------------------------------------------------------------------------- sample_ddp.py
 def _ddp_args(ckpt, sample_dir, *extra):
-    return ["--model", TINY_MODEL, "--ckpt", str(ckpt), "--vae", "none", "--image-size", str(SIZE),
+    return [*TINY_FLAGS, "--ckpt", str(ckpt), "--vae", "none", "--image-size", str(SIZE),
             "--num-classes", str(CLASSES), "--num-sampling-steps", "4", "--num-fid-samples", "10",
             "--per-proc-batch-size", "4", "--sample-dir", str(sample_dir), *extra]
 
 
 def test_ddp_single_process_npz_and_resume(ckpt, tmp_path, monkeypatch):
     full = sample_ddp.main(_ddp_args(ckpt, tmp_path / "a", "--cfg-scale", "1.5"))
-    assert full["folder"].name == "DiT-T-2-tiny-size-8-vae-none-cfg-1.5-seed-0"
+    assert full["folder"].name == "DiT-S-2-tiny-size-8-vae-none-cfg-1.5-seed-0"
     arr = np.load(full["npz"])["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (10, SIZE, SIZE, 3)
     assert len(list(full["folder"].glob("*.png"))) == 12  # 3 batches of 4, as the original
     assert np.array_equal(arr[3], _png(full["folder"] / "000003.png"))
 
     # A crash after 5 PNGs, then a rerun: the same images as the uninterrupted run.
-    import dit_fast.images
-    real_save, saved = dit_fast.images.save_png, []
+    import dit_fast.sample_files
+    real_save, saved = dit_fast.sample_files.save_png, []
 
     def crashing_save(array, path):
         if len(saved) == 5:
@@ -170,12 +167,13 @@ def test_fid_ref_without_inception_says_how_to_get_it(ckpt, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_torchrun_two_processes(ckpt, tmp_path):
-    launcher = write_launcher(tmp_path, "sample_ddp.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+    # The script itself: ENV's PYTHONPATH makes it import this checkout's dit_fast.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "sample_ddp.py"),
            *_ddp_args(ckpt, tmp_path, "--per-proc-batch-size", "3")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    folder = tmp_path / "DiT-T-2-tiny-size-8-vae-none-cfg-1.5-seed-0"
+    folder = tmp_path / "DiT-S-2-tiny-size-8-vae-none-cfg-1.5-seed-0"
     arr = np.load(folder.with_name(folder.name + ".npz"))["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (10, SIZE, SIZE, 3)
     assert len(list(folder.glob("*.png"))) == 12  # ceil(10 / (2 x 3)) x 6

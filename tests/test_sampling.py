@@ -1,14 +1,15 @@
-"""Sampler (dit_fast.sampling) and sample writers (dit_fast.images): CPU, tiny shapes."""
+"""Sampler (dit_fast.sampling), the sampling CLIs' checks (dit_fast.sample_cli) and sample writers
+(dit_fast.sample_files): CPU, tiny shapes."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dit_fast.diffusion import create_diffusion
-from dit_fast.images import make_grid, save_image, to_uint8_hwc, write_npz_from_pngs, save_png
-from dit_fast.sampling import (Sampler, build_step_tables, check_class_labels, check_official_defaults,
-                               sample_size)
-from tests.sampling_helpers import _build_tiny
+from dit_fast.sample_files import make_grid, save_image, to_uint8_hwc, write_npz_from_pngs, save_png
+from dit_fast.sample_cli import check_class_labels, check_official_defaults, sample_size
+from dit_fast.sampling import Sampler, build_step_tables
+from tests.sampling_helpers import build_tiny
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -84,7 +85,7 @@ def test_npz_has_adm_layout_and_reports_missing(tmp_path):
 # ------------------------------------------------------------------------------------- sampler
 def _tiny_model(in_channels=4, learn_sigma=True, seed=0):
     torch.manual_seed(seed)
-    model = _build_tiny(input_size=8, in_channels=in_channels, num_classes=10, learn_sigma=learn_sigma)
+    model = build_tiny(input_size=8, in_channels=in_channels, num_classes=10, learn_sigma=learn_sigma)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -176,7 +177,7 @@ def test_clear_errors():
 @requires_cuda
 def test_compiled_cuda_sampler_has_no_host_syncs_and_matches_eager():
     torch.manual_seed(0)
-    model = _build_tiny(input_size=8, in_channels=4, num_classes=10).cuda().eval()
+    model = build_tiny(input_size=8, in_channels=4, num_classes=10).cuda().eval()
     diffusion = create_diffusion("5")
     z, labels = torch.randn(4, 4, 8, 8, device="cuda"), torch.tensor([1, 2, 3, 4], device="cuda")
     eager = Sampler(model, diffusion, num_classes=10)

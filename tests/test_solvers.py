@@ -12,7 +12,7 @@ from dit_fast.diffusion import create_diffusion, get_named_beta_schedule
 from dit_fast.sampling import SAMPLERS, Sampler
 from dit_fast.solvers import SOLVERS, base_betas, build_scheduler, scheduler_config
 from tests.conftest import requires_cuda
-from tests.sampling_helpers import _build_tiny
+from tests.sampling_helpers import build_tiny
 
 diffusers = pytest.importorskip("diffusers")
 N, C, S = 2, 4, 8  # samples, latent channels, side
@@ -29,7 +29,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = _build_tiny(input_size=S, in_channels=C, num_classes=10)
+    m = build_tiny(input_size=S, in_channels=C, num_classes=10)
     with torch.no_grad():
         for p in m.parameters():  # adaLN-Zero starts at zero output: make the model do something
             p.add_(torch.randn_like(p) * 0.1)
@@ -126,7 +126,7 @@ def test_model_sees_integer_training_timesteps(model):
 
 def test_nfe_and_schedule_follow_the_diffusion():
     for name, nfe in (("dpm-solver++", 5), ("unipc", 5), ("euler", 5), ("heun", 9)):
-        assert Sampler(_build_tiny(input_size=S, in_channels=C, num_classes=10), create_diffusion("5"),
+        assert Sampler(build_tiny(input_size=S, in_channels=C, num_classes=10), create_diffusion("5"),
                        sampler=name, num_classes=10).num_model_evaluations == nfe
     # A respaced diffusion still yields its base 1000-step betas, for both named schedules.
     for schedule in ("linear", "squaredcos_cap_v2"):
@@ -139,7 +139,7 @@ def test_nfe_and_schedule_follow_the_diffusion():
 
 def test_clear_errors(monkeypatch):
     assert set(SOLVERS) <= set(SAMPLERS) and {"ddpm", "ddim"} <= set(SAMPLERS)
-    tiny = _build_tiny(input_size=S, in_channels=C, num_classes=10)
+    tiny = build_tiny(input_size=S, in_channels=C, num_classes=10)
     with pytest.raises(ValueError, match="dpm-solver\\+\\+.*unipc.*euler.*heun"):
         Sampler(tiny, create_diffusion("2"), sampler="dpm-solver")
     with pytest.raises(ValueError, match="eta and clip_denoised .* not of euler"):
@@ -156,7 +156,7 @@ def test_compiled_cuda_solver_adds_no_host_syncs(name):
     per-step scalars on the host). UniPC is left out: its corrector solves a small system on the
     device each step (diffusers' own cost)."""
     torch.manual_seed(0)
-    model = _build_tiny(input_size=S, in_channels=C, num_classes=10).cuda().eval()
+    model = build_tiny(input_size=S, in_channels=C, num_classes=10).cuda().eval()
     z, labels = torch.randn(N, C, S, S, device="cuda"), torch.tensor([1, 2], device="cuda")
     ref = Sampler(model, create_diffusion("4"), sampler=name, num_classes=10).sample(z, labels)
     compiled = Sampler(model, create_diffusion("4"), sampler=name, num_classes=10)

@@ -3,11 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.sampling_helpers import TINY_MODEL, register_tiny_model, save_tiny_checkpoint
-
-register_tiny_model()
-import sample  # noqa: E402  (the CLIs read DiT_models when they build their parsers)
-import sample_ddp  # noqa: E402
+import sample
+import sample_ddp
+from tests.sampling_helpers import TINY_FLAGS, save_tiny_checkpoint
 
 pytest.importorskip("diffusers")
 SIZE, CLASSES = 8, 10
@@ -28,7 +26,7 @@ def ckpt(tmp_path_factory):
 
 
 def _args(ckpt, *extra):
-    return ["--model", TINY_MODEL, "--ckpt", str(ckpt), "--vae", "none", "--image-size", str(SIZE),
+    return [*TINY_FLAGS, "--ckpt", str(ckpt), "--vae", "none", "--image-size", str(SIZE),
             "--num-classes", str(CLASSES), "--num-sampling-steps", "3", *extra]
 
 

@@ -11,13 +11,14 @@ stops a plain `python train.py` run naming the step, the last good checkpoint in
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from dit_fast.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CRASH_ENV = "DIT_FAST_TEST_KILL_IN_SAVE_AT_STEP"
@@ -58,11 +59,6 @@ def photo_latents(tmp_path_factory):
     return tmp / "latents", tmp / "images", vae_dir
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _clean_env(extra=None) -> dict:
     env = {k: v for k, v in os.environ.items()
@@ -77,7 +73,7 @@ def launch(args, env=None, timeout=420) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus 2 train.py ARGS` from the repo root."""
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd += ["--num_gpus", "2", "--master_port", str(_free_port()), "train.py", *TINY, *args]
+    cmd += ["--num_gpus", "2", "--master_port", str(free_port()), "train.py", *TINY, *args]
     return subprocess.run(cmd, cwd=ROOT, env=_clean_env(env), capture_output=True, text=True,
                           timeout=timeout)
 

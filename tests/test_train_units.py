@@ -15,11 +15,12 @@ sys.path.insert(0, str(ROOT))
 import train as train_cli  # noqa: E402
 from dit_fast.config import (Config, config_from_args, config_from_dict, config_to_dict,  # noqa: E402
                              format_config, load_config, save_config)
-from dit_fast.train_checkpoint import (capture_rng, check_same_model,  # noqa: E402
+from dit_fast.train.run_dir import (capture_rng, check_same_model,  # noqa: E402
                                        find_latest_checkpoint, prune_checkpoints, resolve_resume,
                                        restore_rng)
-from dit_fast.train_data import ResumableShardSampler  # noqa: E402
-from dit_fast.train_setup import EMA, DeepSpeedConfigError, build_deepspeed_config  # noqa: E402
+from dit_fast.train.data import ResumableShardSampler  # noqa: E402
+from dit_fast.train.ema import EMA  # noqa: E402
+from dit_fast.train.engine import DeepSpeedConfigError, build_deepspeed_config  # noqa: E402
 
 TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "64", "--num-heads", "4",
         "--image-size", "8", "--num-classes", "10", "--vae", "none", "--num-workers", "0",
@@ -228,3 +229,11 @@ def test_default_config_is_dit():
     assert (cfg.model.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.train.ema_decay) == \
         ("DiT-XL/2", 1e-4, 0.0, 0.9999)
     assert cfg.diffusion.timestep_respacing == "" and cfg.model.patch_size == 2
+
+
+def test_every_train_flag_reaches_the_config():
+    """_ARG_MAP is derived from the dataclass fields: a flag without a field would be dropped."""
+    from dit_fast.config import _ARG_MAP
+    cli_only = {"local_rank"}  # the deepspeed launcher's; LOCAL_RANK in the env is what counts
+    dests = {a.dest for a in train_cli.build_parser()._actions if a.dest != "help"}
+    assert dests - cli_only <= set(_ARG_MAP), dests - cli_only - set(_ARG_MAP)

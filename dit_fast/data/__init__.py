@@ -3,7 +3,7 @@
     from dit_fast.data import ImageFolder, LatentDataset, center_crop_arr, digits_dataset
 """
 from .extract import ExtractConfig, extract_features
-from .images import IMG_EXTENSIONS, ImageFolder, center_crop_arr, find_image_files, pixels_to_tensor
+from .image_folder import IMG_EXTENSIONS, ImageFolder, center_crop_arr, find_image_files, pixels_to_tensor
 from .latents import (INDEX_NAME, LatentDataset, check_labels, read_index, write_index,
                       write_latent_dataset)
 

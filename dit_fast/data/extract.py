@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from .images import ImageFolder, pixels_to_tensor
+from ..atomic import atomic_write_text
+from ..distributed import init_distributed
+from ..vae import is_pixel_space
+from .image_folder import ImageFolder, pixels_to_tensor
 from .latents import (STORAGE_DTYPES, finish_shard, open_shard_writer, read_shard_meta,
                       shard_name, write_index)
 
@@ -53,7 +55,7 @@ class ExtractConfig:
     def validate(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"--dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
-        if self.grayscale and self.vae != "none":
+        if self.grayscale and not is_pixel_space(self.vae):
             raise ValueError("--grayscale is for pixel space only: add --vae none (the SD VAEs "
                              "take RGB)")
         for name in ("image_size", "batch_size", "shard_size"):
@@ -62,44 +64,6 @@ class ExtractConfig:
                                  f"got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
-
-
-@dataclasses.dataclass
-class DistContext:
-    rank: int
-    world_size: int
-    device: torch.device
-    initialized_here: bool
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            if self.device.type == "cuda":
-                dist.barrier(device_ids=[self.device.index])
-            else:
-                dist.barrier()
-
-    def close(self) -> None:
-        if self.initialized_here:
-            dist.destroy_process_group()
-
-
-def init_distributed() -> DistContext:
-    """Read the launcher's env; join a process group (nccl on CUDA, gloo on CPU) if world > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    here = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        here = True
-    if world > 1:
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return DistContext(rank, world, device, here)
 
 
 def shard_fingerprint(cfg: ExtractConfig, folder: ImageFolder, shard: int) -> dict:
@@ -111,7 +75,7 @@ def shard_fingerprint(cfg: ExtractConfig, folder: ImageFolder, shard: int) -> di
         h.update(f"{os.path.relpath(path, folder.root)}\t{label}\n".encode())
     settings = {"image_size": cfg.image_size, "vae": cfg.vae, "grayscale": cfg.grayscale,
                 "dtype": cfg.dtype, "shard_size": cfg.shard_size}
-    if cfg.vae != "none":  # the posterior noise depends on these; pixels don't
+    if not is_pixel_space(cfg.vae):  # the posterior noise depends on these; pixels don't
         settings.update(global_seed=cfg.global_seed, batch_size=cfg.batch_size)
     return {"settings": settings, "files_sha256": h.hexdigest(), "num_files": len(items)}
 
@@ -197,7 +161,7 @@ def _batches(cfg: ExtractConfig, n: int, shards: list[int]) -> list[tuple[int, i
 def _load_vae(cfg: ExtractConfig, device: torch.device):
     """(vae or None, latent_shape) for the configured --vae."""
     channels = 1 if cfg.grayscale else 3
-    if cfg.vae == "none":
+    if is_pixel_space(cfg.vae):
         return None, (channels, cfg.image_size, cfg.image_size)
     from dit_fast.vae import load_vae  # diffusers is only needed with a VAE
 
@@ -210,7 +174,7 @@ def _load_vae(cfg: ExtractConfig, device: torch.device):
 
 
 def _latent_scale(cfg: ExtractConfig) -> float | None:
-    if cfg.vae == "none":
+    if is_pixel_space(cfg.vae):
         return None
     from dit_fast.vae import LATENT_SCALE
 
@@ -274,9 +238,7 @@ def _write_final_index(cfg, folder, num_shards) -> dict:
     skipped = [item for m in metas for item in m["skipped"]]
     lines = "".join(f"{p}\t{' '.join(str(e).split())}\n" for p, e in skipped)
     skipped_path = Path(cfg.features_path) / "skipped.txt"
-    tmp = skipped_path.with_name(".skipped.txt.tmp")
-    tmp.write_text(lines)
-    os.replace(tmp, skipped_path)
+    atomic_write_text(skipped_path, lines)
     shards = [{"name": shard_name(s), "count": int(m["count"])} for s, m in enumerate(metas)]
     if sum(s["count"] for s in shards) == 0:
         raise RuntimeError(f"all {len(folder)} images under {cfg.data_path!r} were unreadable; "

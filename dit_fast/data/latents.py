@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write, atomic_write_text, publish
+
 INDEX_NAME = "index.json"
 FORMAT_NAME = "dit_fast.latents"
 FORMAT_VERSION = 1
@@ -38,27 +40,14 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
-def _fsync_and_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def atomic_write_json(obj, path: str | os.PathLike) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    _fsync_and_replace(tmp, path)
+    """index.json / meta.json, written atomically (dit_fast.atomic)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def atomic_save_npy(arr: np.ndarray, path: str | os.PathLike) -> None:
-    """np.save to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(arr))
-    _fsync_and_replace(tmp, path)
+    """np.save, atomically (dit_fast.atomic)."""
+    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(arr)))
 
 
 def open_shard_writer(out_dir: str | os.PathLike, shard: int, capacity: int,
@@ -87,7 +76,7 @@ def finish_shard(out_dir: str | os.PathLike, shard: int, buf: np.memmap, count: 
         tmp.unlink()
     else:
         del buf
-        _fsync_and_replace(tmp, out_dir / f"{name}.latents.npy")
+        publish(tmp, out_dir / f"{name}.latents.npy")
     atomic_save_npy(np.asarray(labels, dtype=np.int64), out_dir / f"{name}.labels.npy")
     atomic_write_json(dict(meta, count=int(count)), out_dir / f"{name}.meta.json")
 
@@ -273,15 +262,6 @@ class LatentDataset(torch.utils.data.Dataset):
     def check_labels(self, num_classes: int) -> None:
         """Raise ValueError naming each label value outside [0, num_classes) and its count."""
         check_labels(self.labels, num_classes, source=str(self.path))
-
-    def check_latent_shape(self, channels: int, size: int) -> None:
-        """Raise ValueError unless the stored latents are (channels, size, size)."""
-        if self.latent_shape != (channels, size, size):
-            raise ValueError(
-                f"latents in {str(self.path)!r} are {self.latent_shape} (image_size "
-                f"{self.image_size}, vae {self.vae!r}), but the model expects "
-                f"({channels}, {size}, {size}); match --image-size/--model/--vae to the "
-                "extraction or extract again")
 
 
 def check_labels(labels, num_classes: int, source: str = "the data") -> None:

@@ -4,7 +4,7 @@ In a DiT block every sublayer ends with ``x = x + gate * sublayer(...)`` and the
 with ``modulate(LayerNorm(x), shift, scale)``. ``gated_residual_norm`` does both in one pass: it reads
 x and y once and writes the new residual stream h and the next sublayer's input m.
 
-Anatomy (STYLE.md): reference -> Triton kernels -> launchers -> custom ops (``dit_fast::``) with fake
+Anatomy (the same in every op file): reference -> Triton kernels -> launchers -> custom ops (``dit_fast::``) with fake
 and autograd registrations -> public functions. Grid and tiling are those of modulated_layer_norm.py:
 a program owns consecutive tokens of one sample (gate/shift/scale loaded once per program); the
 backward's per-sample reductions (dgate, dshift, dscale) go through per-(sample, chunk) fp32 partial

@@ -3,7 +3,7 @@
 DiT applies this before every attention and MLP sublayer. Unfused it costs a LayerNorm pass plus two
 broadcast elementwise passes (and their backward); fused it is one read of x and one write.
 
-Anatomy (STYLE.md): reference -> Triton kernels -> launchers -> custom ops (``dit_fast::``) with fake
+Anatomy (the same in every op file): reference -> Triton kernels -> launchers -> custom ops (``dit_fast::``) with fake
 and autograd registrations -> public function.
 
 Kernel layout: the grid is (chunks of T, N). A program owns ``rows_per_program`` consecutive tokens

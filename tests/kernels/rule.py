@@ -2,7 +2,9 @@
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# The floor, relative to max|gold|, only absorbs round-off where PyTorch's own error happens to be tiny;
+# 1e-3 for both half types (flash-attention's), so a kernel 1% off everywhere fails (test_rule.py).
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 TINY_TILES = dict(block_t=4, rows_per_program=8)  # multi-tile loops and chunk tails in the interpreter
 
 

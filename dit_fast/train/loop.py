@@ -1,4 +1,4 @@
-"""DiT training under DeepSpeed: build everything, then the loop (EMA, logging, checkpoints).
+"""DiT training under DeepSpeed: ``train(cfg)`` builds everything, then ``TrainLoop`` runs the steps.
 
 No CLI parsing here (train.py does that): ``train(cfg)`` takes a resolved ``Config``.
 
@@ -12,22 +12,17 @@ global_seed * world_size + r.
 from __future__ import annotations
 
 import json
-import logging
-import random
-import resource
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
-from .config import Config, config_to_dict, format_config, save_config
-from .train_checkpoint import load_training_checkpoint, resolve_resume, save_training_checkpoint
-from .train_data import build_loader, open_training_data, set_data_epoch
-from .train_setup import (EMA, apply_compile, build_deepspeed_config, build_model, build_optimizer,
-                          engine_dtype, env_world, init_distributed, uses_cuda, zero_stage)
+from ..config import Config, config_to_dict, format_config, save_config
+from ..distributed import deepspeed_uses_cuda, env_world, init_distributed
+from .data import build_loader, open_training_data, set_data_epoch
+from .engine import build_deepspeed_config, build_engine, engine_dtype, seed_everything, zero_stage
+from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
+from .run_dir import load_training_checkpoint, make_run_dir, resolve_resume, save_training_checkpoint
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,7 +44,7 @@ def prepare(cfg: Config):
     Returns (ds_config, data_info). Raises before any step with a message naming the bad input.
     """
     _, world_size, _ = env_world()
-    if cfg.train.precision == "fp16" and not uses_cuda():
+    if cfg.train.precision == "fp16" and not deepspeed_uses_cuda():
         raise ValueError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
                          "use --precision bf16 or fp32 on CPU")
     ds_config = build_deepspeed_config(cfg, world_size)
@@ -58,66 +53,11 @@ def prepare(cfg: Config):
     return ds_config, info
 
 
-def make_run_dir(cfg: Config, rank: int, resume_from: Path | None) -> Path:
-    """results/NNN-<model> (DiT's naming), or the run that holds the resumed checkpoint."""
-    if resume_from is not None:
-        run_dir = resume_from.parent.parent
-    elif rank == 0:
-        root = Path(cfg.train.results_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        index = len(list(root.glob("*")))
-        run_dir = root / f"{index:03d}-{cfg.model.model.replace('/', '-')}"
-        run_dir.mkdir(parents=True, exist_ok=False)
-    else:
-        run_dir = None
-    shared = [str(run_dir) if run_dir is not None else None]
-    dist.broadcast_object_list(shared, src=0)
-    return Path(shared[0])
-
-
-def make_logger(run_dir: Path, rank: int) -> logging.Logger:
-    """Rank 0 logs to stdout and run_dir/log.txt (DiT's format); other ranks stay silent."""
-    logger = logging.getLogger(f"dit_fast.train.{run_dir}")
-    logger.propagate = False
-    logger.handlers.clear()
-    if rank == 0:
-        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", "%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "log.txt")):
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    else:
-        logger.addHandler(logging.NullHandler())
-    return logger
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, world: int):
-    """Model -> activation checkpointing (constructor flag) -> compile -> EMA copy -> engine."""
-    import deepspeed
-    # Every rank builds the same initial weights (DiT's DDP broadcast of rank 0's init, whose
-    # seed is global_seed * world_size); ZeRO-3 partitions these local copies without a broadcast.
-    seed_everything(cfg.train.global_seed * world)
-    model = build_model(cfg)
-    ema = EMA(model, cfg.train.ema_decay, keep=rank == 0, device=device)
-    if cfg.train.compile:
-        apply_compile(model)
-    model.to(device)  # DeepSpeed would move it too; the optimizer is built on the device
-    optimizer = build_optimizer(model, cfg, ds_config, device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine, ema
-
-
 def train(cfg: Config) -> Position:
     """Run (or resume) training as configured. Collective: every rank calls it."""
     ds_config, info = prepare(cfg)
-    device = init_distributed()
-    rank, world, _ = env_world()
+    ctx = init_distributed(use_deepspeed=True)
+    device, rank, world = ctx.device, ctx.rank, ctx.world_size
     resume_from = resolve_resume(cfg.train.resume, cfg.train.results_dir)
     run_dir = make_run_dir(cfg, rank, resume_from)
     logger = make_logger(run_dir, rank)
@@ -145,7 +85,7 @@ class TrainLoop:
     """The optimizer-step loop; holds the engine, EMA, data and logging state."""
 
     def __init__(self, cfg, engine, ema, info, device, run_dir, logger, ds_config):
-        from .diffusion import create_diffusion
+        from ..diffusion import create_diffusion
         self.cfg, self.engine, self.ema, self.info = cfg, engine, ema, info
         self.device, self.run_dir, self.logger = device, run_dir, logger
         self.rank, self.world, _ = env_world()
@@ -265,7 +205,7 @@ class TrainLoop:
         return self._done()
 
     # ------------------------------------------------------------ logging
-    def _check_finite(self, stats: "LogStats") -> None:
+    def _check_finite(self, stats: LogStats) -> None:
         bad = int(stats.first_bad.item())
         if bad >= 0:
             message = (f"non-finite loss (NaN/inf) at step {bad}: stopping without saving; the last "
@@ -274,17 +214,17 @@ class TrainLoop:
             self.logger.error(message)
             raise NonFiniteLossError(message)
 
-    def log(self, stats: "LogStats") -> None:
+    def log(self, stats: LogStats) -> None:
         """DiT's line, then throughput, memory, grad norm, loss scale (and fp16 skips)."""
         t = self.cfg.train
         self._check_finite(stats)
         avg_loss, steps, seconds = stats.reduce(self.world)
         steps_per_sec = steps / max(seconds, 1e-9)
-        grad_norm = _as_float(self.engine.get_global_grad_norm())
-        scale = _loss_scale(self.engine, t.precision)
+        grad_norm = as_float(self.engine.get_global_grad_norm())
+        scale = loss_scale(self.engine, t.precision)
         line = (f"(step={self.pos.step:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: "
                 f"{steps_per_sec:.2f}, Images/Sec: {steps_per_sec * t.global_batch_size:.1f}, "
-                f"Peak Mem: {_peak_mem_mb(self.device):.0f} MB, Grad Norm: "
+                f"Peak Mem: {peak_mem_mb(self.device):.0f} MB, Grad Norm: "
                 f"{'n/a' if grad_norm is None else f'{grad_norm:.4f}'}, Loss Scale: {scale:g}")
         if t.precision == "fp16":
             line += f", Skipped Steps: {self.skipped_steps()}"
@@ -292,90 +232,3 @@ class TrainLoop:
         self.metrics.write({"step": self.pos.step, "loss": avg_loss, "steps_per_sec": steps_per_sec,
                             "grad_norm": grad_norm, "loss_scale": scale,
                             "skipped_steps": self.skipped_steps()})
-
-
-class LogStats:
-    """Loss accumulated on the device between log lines (no per-step host sync)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.count, self.micro = 0, 0
-        self.start = time.time()
-
-    def add(self, loss_sum: torch.Tensor, micro: int, step: int, check: bool) -> None:
-        self.loss_sum += loss_sum.double()
-        self.count += 1
-        self.micro += micro
-        if check:  # remember the first step whose loss was not finite, without syncing
-            newly_bad = (~torch.isfinite(loss_sum)) & (self.first_bad < 0)
-            self.first_bad = torch.where(newly_bad, torch.full_like(self.first_bad, step),
-                                         self.first_bad)
-
-    def reduce(self, world: int) -> tuple[float, int, float]:
-        """(loss averaged over ranks and micro-steps, steps, seconds) since the last call."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.time() - self.start
-        total = self.loss_sum.clone()
-        dist.all_reduce(total)
-        avg, steps = total.item() / (self.micro * world), self.count
-        self._reset()
-        return avg, steps, seconds
-
-
-class MetricsWriter:
-    """Rank 0: metrics.jsonl (full-precision losses) and TensorBoard scalars when installed."""
-
-    def __init__(self, run_dir: Path, rank: int):
-        self.file = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-        self.tb = None
-        if rank == 0:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, record: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and value is not None:
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _as_float(value) -> float | None:
-    if value is None:
-        return None
-    return float(value.item() if torch.is_tensor(value) else value)
-
-
-def _loss_scale(engine, precision: str) -> float:
-    if precision != "fp16":
-        return 1.0
-    opt = engine.optimizer
-    for attr in ("cur_scale", "loss_scale"):
-        value = getattr(opt, attr, None)
-        if value is not None:
-            return float(value)
-    return float("nan")
-
-
-def _peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MB

@@ -1,6 +1,8 @@
-"""Training checkpoints: atomic directories, keep-last-K, resume lookup, RNG capture.
+"""Training run directories: ``results/NNN-<model>/`` (DiT's naming) and the checkpoints in them --
+atomic step directories, keep-last-K, resume lookup, RNG capture. (Loading and saving model
+weights by themselves is dit_fast.checkpoint.)
 
-Layout of one checkpoint (``<run>/checkpoints/step-0000100/``)::
+A run directory holds config.json, log.txt, metrics.jsonl and ``checkpoints/``. Layout of one checkpoint (``<run>/checkpoints/step-0000100/``)::
 
     ds/                       DeepSpeed's engine.save_checkpoint (module, ZeRO optimizer shards)
     train_state.pt            rank 0: step, data position (epoch, step_in_epoch), world size,
@@ -26,7 +28,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import atomic_save, safe_torch_load
+from ..atomic import fsync_dir
+from ..checkpoint import atomic_save, safe_torch_load
+from ..config import Config
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAIN_STATE = "train_state.pt"
@@ -34,6 +38,23 @@ DS_TAG = "ds"
 FORMAT_VERSION = 1
 # Test hook: kill rank 0 with SIGKILL after the files of this step are written, before the rename.
 CRASH_ENV = "DIT_FAST_TEST_KILL_IN_SAVE_AT_STEP"
+
+
+def make_run_dir(cfg: Config, rank: int, resume_from: Path | None) -> Path:
+    """results/NNN-<model> (DiT's naming), or the run that holds the resumed checkpoint."""
+    if resume_from is not None:
+        run_dir = resume_from.parent.parent
+    elif rank == 0:
+        root = Path(cfg.train.results_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        index = len(list(root.glob("*")))
+        run_dir = root / f"{index:03d}-{cfg.model.model.replace('/', '-')}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+    else:
+        run_dir = None
+    shared = [str(run_dir) if run_dir is not None else None]
+    dist.broadcast_object_list(shared, src=0)
+    return Path(shared[0])
 
 
 def step_dir_name(step: int) -> str:
@@ -154,11 +175,7 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
     os.rename(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

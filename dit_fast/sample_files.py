@@ -1,4 +1,5 @@
-"""Writing samples to disk: the PNG grid of sample.py and the .npz of sample_ddp.py.
+"""Writing samples to disk: the PNG grid of sample.py, the PNGs and .npz of sample_ddp.py.
+(Reading training images is dit_fast.data.image_folder.)
 
 `make_grid` / `save_image` reproduce torchvision.utils' functions of the same names (the original
 sample.py saves with ``save_image(samples, "sample.png", nrow=4, normalize=True, value_range=(-1, 1))``)
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from .atomic import atomic_write
 
 
 def make_grid(tensor: torch.Tensor, nrow: int = 8, padding: int = 2, normalize: bool = False,
@@ -75,7 +78,7 @@ def grid_to_uint8(grid: torch.Tensor) -> np.ndarray:
 def save_image(tensor: torch.Tensor, path: str | os.PathLike, **grid_kwargs) -> Path:
     """Save images (N, C, H, W) as one PNG grid, as torchvision.utils.save_image; returns the path.
 
-    The file is written next to its final name and then renamed, so a crash never leaves half a PNG.
+    Written atomically (dit_fast.atomic), so a crash never leaves half a PNG.
     """
     grid = make_grid(tensor.detach(), **grid_kwargs)
     path = Path(path)
@@ -92,9 +95,7 @@ def to_uint8_hwc(samples: torch.Tensor) -> np.ndarray:
 
 
 def _save_png_atomic(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
@@ -116,13 +117,13 @@ def write_npz_from_pngs(sample_dir: str | os.PathLike, num: int, npz_path: str |
         raise ValueError(f"num must be >= 1, got {num}")
     first = _read_png(sample_dir, 0)
     shape = (num, *first.shape)
-    tmp = npz_path.with_name(npz_path.name + f".tmp{os.getpid()}")
     indices = range(num)
     if progress:
         from tqdm import tqdm
         indices = tqdm(indices, desc="Building .npz file from samples")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+
+    def write(out) -> None:
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                           "fortran_order": False, "shape": shape}
@@ -133,10 +134,8 @@ def write_npz_from_pngs(sample_dir: str | os.PathLike, num: int, npz_path: str |
                         raise ValueError(f"{sample_dir / f'{i:06d}.png'} has shape {img.shape}, expected "
                                          f"{first.shape} like 000000.png; delete the folder and resample")
                     f.write(np.ascontiguousarray(img).tobytes())
-        os.replace(tmp, npz_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(npz_path, write)
     return npz_path
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from ..config import Config
+from ..vae import is_pixel_space, vae_downsample
 
 
 @dataclass
@@ -27,7 +28,7 @@ class DataInfo:
 
 
 class FlipPicker(torch.utils.data.Dataset):
-    """Wraps a LatentDataset: index (i, flip) -> (latents[flip] (C, h, w), label)."""
+    """Wraps a LatentDataset: index (i, flip) -> (latents[flip] (C, h, w), label); reads that slot only."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -37,8 +38,7 @@ class FlipPicker(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, flip = key
-        both, label = self.dataset[i]  # (2, C, h, w)
-        return both[flip], label
+        return self.dataset.get(i, flip)  # (C, h, w): half the bytes of both slots
 
 
 class ResumableShardSampler(torch.utils.data.Sampler):
@@ -92,7 +92,7 @@ def open_training_data(cfg: Config) -> DataInfo:
     d, m = cfg.data, cfg.model
     if d.features_path:
         return _open_latents(d.features_path, cfg)
-    from .data import ImageFolder
+    from ..data import ImageFolder
     root = Path(d.data_path)
     if not root.is_dir():
         raise FileNotFoundError(f"--data-path {str(root)!r} is not a directory of class folders")
@@ -100,10 +100,10 @@ def open_training_data(cfg: Config) -> DataInfo:
     if len(ds) == 0:
         raise ValueError(f"--data-path {str(root)!r} has no images")
     _check_label_list(ds.targets, m.num_classes, str(root))
-    if _is_pixel_space(d.vae):
+    if is_pixel_space(d.vae):
         return DataInfo(ds, in_channels=int(ds[0][0].shape[0]), input_size=m.image_size,
                         has_flips=False)
-    from .vae import load_vae
+    from ..vae import load_vae
     vae = load_vae(d.vae, device="cpu")
     if m.image_size % vae.downsample:
         raise ValueError(f"--image-size {m.image_size} is not divisible by the VAE's downsample "
@@ -112,28 +112,16 @@ def open_training_data(cfg: Config) -> DataInfo:
                     has_flips=False, vae=vae)
 
 
-def _is_pixel_space(vae_spec) -> bool:
-    return str(vae_spec).lower() == "none"
-
-
 def _flag_downsample(spec: str, ds) -> int | None:
-    """Pixels per latent implied by --vae: 1 for none, the data's own ratio when --vae is the
-    extraction's VAE, a local VAE dir's config, else 8 (the SD VAEs)."""
-    if _is_pixel_space(spec):
-        return 1
-    if spec == str(ds.vae) and not _is_pixel_space(ds.vae):
-        return None  # the very VAE that produced these latents: consistent by construction
-    config = Path(spec) / "config.json"
-    if not config.is_file():
-        config = Path(spec) / "vae" / "config.json"
-    if config.is_file():
-        import json
-        return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
-    return 8
+    """Pixels per latent implied by --vae (dit_fast.vae.vae_downsample), or None when --vae is the
+    very VAE that produced these latents: consistent by construction."""
+    if spec == str(ds.vae) and not is_pixel_space(ds.vae):
+        return None
+    return vae_downsample(spec)
 
 
 def _open_latents(path: str, cfg: Config) -> DataInfo:
-    from .data import LatentDataset
+    from ..data import LatentDataset
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--features-path {str(p)!r} does not exist; run extract_features.py "
@@ -148,7 +136,7 @@ def _open_latents(path: str, cfg: Config) -> DataInfo:
     down = _flag_downsample(cfg.data.vae, ds)
     want = h if down is None else m.image_size // down
     if ds.latent_shape[1:] != (want, want) or ds.image_size != m.image_size:
-        hint = " --vae none" if _is_pixel_space(ds.vae) else f" --vae {ds.vae}"
+        hint = " --vae none" if is_pixel_space(ds.vae) else f" --vae {ds.vae}"
         raise ValueError(
             f"latents in {str(p)!r} are {tuple(ds.latent_shape)} (extracted at image size "
             f"{ds.image_size}, vae {ds.vae!r}), but --image-size {m.image_size} with --vae "
@@ -159,7 +147,7 @@ def _open_latents(path: str, cfg: Config) -> DataInfo:
 
 
 def _check_label_list(labels, num_classes: int, source: str) -> None:
-    from .data import check_labels
+    from ..data import check_labels
     check_labels(labels, num_classes, source=source)
 
 

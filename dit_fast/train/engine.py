@@ -1,20 +1,20 @@
-"""Everything the trainer builds before the first step: distributed init, the DeepSpeed config,
-the model (checkpointing -> compile -> engine) and the EMA.
+"""The DeepSpeed side of training: the injected DeepSpeed config, then model -> activation
+checkpointing (constructor flag) -> compile -> optimizer -> engine, with the EMA copy taken in between.
 
 Checks that can fail on user input run before any step and raise ValueError / FileNotFoundError
 with what was wrong and the flag or key to change.
 """
 from __future__ import annotations
 
-import copy
 import json
-import os
-import socket
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .config import Config
+from ..config import PRECISION_DTYPES, Config
+from .ema import EMA
 
 # Keys train.py injects into the DeepSpeed JSON (one source of truth: the command line).
 _FLAG_FOR_KEY = {
@@ -28,45 +28,6 @@ _PRECISION_BLOCKS = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16"}
 
 class DeepSpeedConfigError(ValueError):
     """The DeepSpeed JSON contradicts the command line."""
-
-
-# ---------------------------------------------------------------- distributed
-
-def env_world() -> tuple[int, int, int]:
-    """(global rank, world size, local rank) from the launcher's env; plain python = (0, 1, 0)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def uses_cuda() -> bool:
-    """Whether DeepSpeed's accelerator is CUDA (DS_ACCELERATOR=cpu keeps a GPU machine on the CPU)."""
-    from deepspeed.accelerator import get_accelerator
-    return get_accelerator().device_name() == "cuda" and torch.cuda.is_available()
-
-
-def init_distributed() -> torch.device:
-    """Join the process group (deepspeed / torchrun env, or a one-process group for plain python).
-
-    DeepSpeed picks the backend of its accelerator: nccl on CUDA, gloo (or ccl) on CPU.
-    """
-    import deepspeed
-    if "RANK" not in os.environ:  # plain `python train.py`: a world of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
-    from deepspeed.accelerator import get_accelerator
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    _, _, local_rank = env_world()
-    if uses_cuda():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------- DeepSpeed config
@@ -154,7 +115,7 @@ def offloads_optimizer(ds_config: dict) -> bool:
 
 def build_model(cfg: Config) -> torch.nn.Module:
     """The single-device DiT from cfg.model (in_channels / input_size already resolved)."""
-    from . import models
+    from .. import models
     m = cfg.model
     kwargs = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
                   learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
@@ -182,59 +143,27 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, ds_config: dict, device
 
 
 def engine_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    """The dtype of the engine's working weights (and of the model's inputs) for --precision."""
+    return PRECISION_DTYPES[precision]
 
 
-class EMA:
-    """fp32 exponential moving average of the weights, held by rank 0 only.
-
-    Only rank 0 writes it to disk, so the other ranks save the memory (2.7 GB for DiT-XL/2).
-    Under ZeRO-3 every rank joins the per-module parameter gathers (a collective); under ZeRO-0/1/2
-    the working weights are replicated, so the update is local and free of communication.
-    The update reads the engine's working weights (bf16 under --precision bf16), upcast to fp32.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float, keep: bool, device: torch.device):
-        self.decay = decay
-        self.model = copy.deepcopy(model).to(device).float().requires_grad_(False).eval() \
-            if keep else None
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module, zero3: bool, decay: float | None = None) -> None:
-        """ema = decay * ema + (1 - decay) * param, per parameter (DiT's update_ema)."""
-        decay = self.decay if decay is None else decay
-        ema_params = dict(self.model.named_parameters()) if self.model is not None else None
-        for chunk in _param_chunks(module):
-            if zero3:
-                import deepspeed
-                with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None):
-                    self._lerp(chunk, ema_params, decay)
-            else:
-                self._lerp(chunk, ema_params, decay)
-
-    @staticmethod
-    def _lerp(chunk, ema_params, decay: float) -> None:
-        if ema_params is None:
-            return
-        ema = [ema_params[name] for name, _ in chunk]
-        src = [p.detach().to(e.device, torch.float32) for (_, p), e in zip(chunk, ema)]
-        torch._foreach_mul_(ema, decay)
-        torch._foreach_add_(ema, src, alpha=1 - decay)
-
-    def state_dict(self) -> dict:
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        from .checkpoint import load_into_model
-        load_into_model(self.model, state)
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
-def _param_chunks(module: torch.nn.Module):
-    """Parameters grouped by top-level child (one DiT block at a time under ZeRO-3)."""
-    prefix_groups: dict[str, list] = {}
-    for name, p in module.named_parameters():
-        head = name.split(".")[0]
-        if head == "blocks":
-            head = ".".join(name.split(".")[:2])
-        prefix_groups.setdefault(head, []).append((name, p))
-    return list(prefix_groups.values())
+def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, world: int):
+    """Model -> activation checkpointing (constructor flag) -> compile -> EMA copy -> engine."""
+    import deepspeed
+    # Every rank builds the same initial weights (DiT's DDP broadcast of rank 0's init, whose
+    # seed is global_seed * world_size); ZeRO-3 partitions these local copies without a broadcast.
+    seed_everything(cfg.train.global_seed * world)
+    model = build_model(cfg)
+    ema = EMA(model, cfg.train.ema_decay, keep=rank == 0, device=device)
+    if cfg.train.compile:
+        apply_compile(model)
+    model.to(device)  # DeepSpeed would move it too; the optimizer is built on the device
+    optimizer = build_optimizer(model, cfg, ds_config, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, ema
