@@ -56,3 +56,53 @@ def test_unknown_sampler_lists_the_choices(ckpt, capsys):
     with pytest.raises(SystemExit):
         sample.main(_args(ckpt, "--sampler", "dpm"))
     assert "dpm-solver++" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(our checkpoint, its diffusers export): the tiny DiT with its fixed sin-cos table intact."""
+    from dit_fast.export_diffusers import main as export
+    from tests.sampling_helpers import build_tiny
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = build_tiny(input_size=SIZE, in_channels=3, num_classes=CLASSES)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.add_(torch.randn_like(p) * 0.1)
+    ours = root / "ours.pt"
+    torch.save(model.state_dict(), ours)
+    flags = [*TINY_FLAGS, "--vae", "none", "--image-size", str(SIZE), "--num-classes", str(CLASSES)]
+    export(["--ckpt", str(ours), "--out", str(root / "pipe"), *flags])
+    return ours, root / "pipe"
+
+
+def test_sample_py_takes_a_diffusers_transformer_folder(exported, tmp_path):
+    ours, pipe = exported
+    common = ("--sampler", "dpm-solver++", "--class-labels", "1", "5")
+    ref = sample.main(_args(ours, *common, "--out", str(tmp_path / "ours.png")))
+    for ckpt in (pipe / "transformer", pipe, pipe / "transformer" / "diffusion_pytorch_model.safetensors"):
+        got = sample.main(_args(ckpt, *common, "--out", str(tmp_path / "theirs.png")))
+        assert torch.equal(got["images"], ref["images"]), ckpt
+
+
+def test_diffusers_config_that_does_not_fit_the_flags_is_one_line(exported, tmp_path):
+    _, pipe = exported
+    argv = _args(pipe / "transformer", "--out", str(tmp_path / "x.png")) + ["--num-classes", "12",
+                                                                             "--class-labels", "1"]
+    with pytest.raises(SystemExit, match=r"num_embeds_ada_norm=10 \(the model built from --num-classes has 12\)"):
+        sample.cli(argv)
+
+
+def test_demo_samples_with_a_solver():
+    import argparse
+
+    from dit_fast.demo import sample_digits
+    from tests.sampling_helpers import build_tiny
+
+    model = build_tiny(input_size=SIZE, in_channels=1, num_classes=CLASSES).eval()
+    args = argparse.Namespace(seed=0, samples_per_class=1, image_size=SIZE, num_sampling_steps=2,
+                              cfg_scale=3.0, sampler="heun")
+    samples, labels = sample_digits(model, args, torch.device("cpu"))
+    assert samples.shape == (10, 1, SIZE, SIZE) and labels.tolist() == list(range(10))
