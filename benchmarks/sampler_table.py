@@ -40,6 +40,7 @@ DEFAULT_ROWS = ("ddpm:250,ddpm:100,ddpm:50,ddim:50,ddim:25,ddim:10,dpm-solver++:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The runner's flags; --rows parsed, --cfg-scale defaulted per mode."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--rows", default=DEFAULT_ROWS, help="sampler:steps,... (steps = --num-sampling-steps)")
@@ -123,6 +124,7 @@ def quality_row(model, name: str, steps: int, z, labels, scorer, args) -> dict:
 
 
 def run_quality(args, device) -> tuple[list[dict], dict]:
+    """Every --rows sampler on the demo model, same x_T and labels: (rows, metadata extras)."""
     from dit_fast import demo
     from dit_fast.scoring import DigitScorer
 
@@ -182,6 +184,7 @@ def run_xl_timing(args, device) -> tuple[list[dict], dict]:
 
 # --------------------------------------------------------------------------------------- output
 def metadata(args, device, extra: dict) -> dict:
+    """Machine, versions, commit, date and the run's settings."""
     now = dt.datetime.now(dt.timezone.utc)
     return {"device": report.device_name(device), "torch": torch.__version__,
             "diffusers": report._version("diffusers"), "commit": report._git_commit(),
@@ -190,6 +193,7 @@ def metadata(args, device, extra: dict) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict, xl: bool) -> str:
+    """The table as markdown, with a header naming the machine and the reference numbers."""
     head = [f"## Samplers: {meta['model']}", "",
             f"device: {meta['device']}; torch {meta['torch']}, diffusers {meta['diffusers']}; commit "
             f"{meta['commit']}; {meta['date']}; cfg scale {meta['cfg_scale']}, {meta['precision']}"
@@ -212,6 +216,7 @@ def markdown(rows: list[dict], meta: dict, xl: bool) -> str:
 
 
 def write_outputs(rows: list[dict], meta: dict, args, device) -> list[Path]:
+    """samplers-<kind>-<device>-<date>.{md,json,png} in --out-dir, each written atomically."""
     from dit_fast.atomic import atomic_write_text
 
     kind = "xl" if args.xl_timing else "digits"
@@ -227,6 +232,7 @@ def write_outputs(rows: list[dict], meta: dict, args, device) -> list[Path]:
 
 
 def main(argv=None) -> int:
+    """Run the table (quality on the demo model, or --xl-timing) and write it."""
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows, extra = run_xl_timing(args, device) if args.xl_timing else run_quality(args, device)

@@ -37,6 +37,7 @@ EXACT_TOLERANCE = 1e-5  # relative error of the exported transformer (fp32) agai
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The export's flags: sample.py's model flags plus --out, --scheduler, --class-names."""
     from dit_fast.models import DiT_models
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

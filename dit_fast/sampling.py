@@ -85,10 +85,8 @@ def make_denoise_step(model, diffusion, *, sampler: str = "ddpm", cfg_scale: flo
     The model runs under autocast for bf16/fp16; the diffusion math stays fp32.
     """
     if sampler not in TABLE_SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r} for a per-step table; choose one of "
-                         f"{', '.join(TABLE_SAMPLERS)} (diffusers' solvers {', '.join(SOLVERS)} run "
-                         f"through Sampler)" if sampler in SOLVERS else
-                         f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)} (the "
+                         f"solvers {', '.join(SOLVERS)} run through Sampler, not a per-step table)")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     amp_dtype = _amp_dtype(precision)
