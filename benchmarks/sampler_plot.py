@@ -48,6 +48,8 @@ def _matplotlib(rows, meta, f, panels) -> None:
         for name, rs in _series(rows).items():
             color = [c / 255 for c in COLORS.get(name, (0, 0, 0))]
             ax.plot([r["nfe"] for r in rs], [r[key] for r in rs], "o-", color=color, label=name)
+        if key == "accuracy":
+            ax.set_ylim(min(0.9, min(r[key] for r in rows)) - 0.005, 1.005)
         ax.set_xscale("log")
         ax.set_xlabel("model evaluations (NFE)")
         ax.set_title(title)
@@ -69,6 +71,8 @@ def _pil(rows, meta, f, panels) -> None:
     for i, (key, title) in enumerate(panels):
         values = [r[key] for r in rows]
         low, high = min(values), max(values)
+        if key == "accuracy":  # a saturated accuracy would otherwise fill the panel with 0.2% steps
+            low, high = min(low, 0.9), 1.0
         pad = 0.08 * (high - low or 1.0)
         box = (i * PANEL_W + MARGIN, 30 + 24, (i + 1) * PANEL_W - 14, 30 + PANEL_H - 40)
         _axes(draw, box, xlim, (low - pad, high + pad), title)

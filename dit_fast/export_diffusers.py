@@ -134,11 +134,19 @@ def _write_json(path: Path, obj) -> None:
 
 
 def write_vae(spec: str, folder: Path) -> bool:
-    """vae/ from --vae (through dit_fast.vae, so ema/mse come from the local cache); False for none."""
-    from dit_fast.vae import LATENT_SCALE, load_vae
+    """vae/ from --vae (through dit_fast.vae, so ema/mse come from the local cache); False for none
+    and for a hub VAE that is not cached here (the folder is still useful; the note says how)."""
+    from dit_fast.vae import LATENT_SCALE, VAEError, is_pixel_space, load_vae
 
-    vae = load_vae(spec)
-    if vae is None:
+    if is_pixel_space(spec):
+        return False
+    try:
+        vae = load_vae(spec)
+    except VAEError as e:
+        if Path(spec).expanduser().is_dir():
+            raise
+        print(f"Note: no vae/ written ({str(e).splitlines()[0]}); pass one to DiTPipeline.from_pretrained("
+              f"DIR, vae=AutoencoderKL.from_pretrained(...)) or rerun with --vae DIR.")
         return False
     # DiTPipeline decodes latents / vae.config.scaling_factor; DiT always uses 0.18215.
     vae.vae.register_to_config(scaling_factor=LATENT_SCALE)

@@ -187,3 +187,14 @@ def test_dit_pipeline_runs_the_export_and_matches_our_sampler(tmp_path):
                       guide_all_channels=True)
     ours = (load_vae(str(vae_dir)).decode(sampler.sample(z, torch.tensor(labels))) / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(images, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_export_without_a_cached_hub_vae_still_writes_the_transformer(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never the network in tests; a hub id in no cache
+    model = _model(in_channels=4)
+    flags = [*SMALL_FLAGS[:8], "--image-size", "64", "--vae", "dit-fast-tests/no-such-vae",
+             "--num-classes", "10"]
+    out = tmp_path / "export"
+    export(["--ckpt", str(_ckpt(tmp_path, model)), "--out", str(out), *flags])
+    assert "no vae/ written" in capsys.readouterr().out and not (out / "vae").exists()
+    assert json.loads((out / "model_index.json").read_text())["vae"] == [None, None]
