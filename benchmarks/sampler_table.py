@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--demo-dir", default=str(ROOT / "results" / "demo"), help="the demo's --out (reused if trained)")
     a("--samples-per-class", type=int, default=50)
     a("--cfg-scale", type=float, default=None, help="default: the demo's (3.0) / sample.py's (4.0) with --xl-timing")
-    a("--seed", type=int, default=0)
+    a("--seeds", default="0,1", help="x_T / noise seeds; quality is reported per seed and averaged "
+      "(the spread shows the Fréchet distance's sampling noise)")
     a("--threads", type=int, default=0, help="CPU threads; 0 = the demo's choice from the current load")
     a("--compile", action="store_true", help="compile the model call (time reported apart)")
     a("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--out-dir", default=str(HERE / "results"))
     args = p.parse_args(argv)
     args.rows = parse_rows(args.rows)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.cfg_scale is None:
         args.cfg_scale = 4.0 if args.xl_timing else 3.0
     return args
@@ -103,8 +105,9 @@ def demo_model(args, device: torch.device):
     return demo.load_ema_model(run_dir, ema, device), load_config(run_dir / "config.json").model.input_size
 
 
-def quality_row(model, name: str, steps: int, z, labels, scorer, args) -> dict:
-    """One sampler on the demo model: accuracy, Fréchet distance, NFE, seconds."""
+def quality_row(model, name: str, steps: int, zs: dict, labels, scorer, args) -> dict:
+    """One sampler on the demo model, for every seed's x_T in ``zs``: accuracy and Fréchet distance
+    (mean and per seed), NFE, seconds (mean over the seeds; compilation apart)."""
     from dit_fast.diffusion import create_diffusion
     from dit_fast.sample_files import to_uint8_hwc
     from dit_fast.sampling import Sampler, timed
@@ -112,14 +115,21 @@ def quality_row(model, name: str, steps: int, z, labels, scorer, args) -> dict:
     # One grey channel + learned variance: guide the noise channel only, as the demo does.
     sampler = Sampler(model, create_diffusion(str(steps)), sampler=name, cfg_scale=args.cfg_scale,
                       num_classes=10, precision=args.precision, guide_all_channels=True)
-    compile_s = sampler.compile(z.shape) if args.compile else 0.0
-    g = torch.Generator(z.device).manual_seed(args.seed + 1)  # DDPM's per-step noise
-    samples, seconds = timed(lambda: sampler.sample(z, labels, generator=g), z.device)
-    metrics = scorer.score(to_uint8_hwc(samples.clamp(-1, 1).cpu()), labels.cpu().numpy())
+    compile_s = sampler.compile(next(iter(zs.values())).shape) if args.compile else 0.0
+    accuracy, frechet, seconds = [], [], []
+    for seed, z in zs.items():
+        g = torch.Generator(z.device).manual_seed(seed + 1000)  # DDPM's per-step noise
+        samples, sec = timed(lambda: sampler.sample(z, labels, generator=g), z.device)
+        metrics = scorer.score(to_uint8_hwc(samples.clamp(-1, 1).cpu()), labels.cpu().numpy())
+        accuracy.append(metrics["accuracy"])
+        frechet.append(metrics["frechet_distance"])
+        seconds.append(sec)
     nfe = sampler.num_model_evaluations
-    return {"sampler": name, "steps": steps, "nfe": nfe, "accuracy": metrics["accuracy"],
-            "frechet_distance": metrics["frechet_distance"], "sample_seconds": seconds,
-            "ms_per_nfe": 1e3 * seconds / nfe, "compile_seconds": compile_s,
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    return {"sampler": name, "steps": steps, "nfe": nfe, "accuracy": mean(accuracy),
+            "frechet_distance": mean(frechet), "accuracy_per_seed": accuracy,
+            "frechet_distance_per_seed": frechet, "sample_seconds": mean(seconds),
+            "ms_per_nfe": 1e3 * mean(seconds) / nfe, "compile_seconds": compile_s,
             "scheduler": scheduler_label(name), "_reference": metrics}
 
 
@@ -132,16 +142,17 @@ def run_quality(args, device) -> tuple[list[dict], dict]:
     torch.set_num_threads(threads)
     model, size = demo_model(args, device)
     scorer = DigitScorer(size, seed=0)
-    g = torch.Generator().manual_seed(args.seed)
     labels = torch.arange(10).repeat_interleave(args.samples_per_class)
-    z = torch.randn(len(labels), model.in_channels, size, size, generator=g).to(device)
+    zs = {seed: torch.randn(len(labels), model.in_channels, size, size,
+                            generator=torch.Generator().manual_seed(seed)).to(device) for seed in args.seeds}
     rows = []
     for name, steps in args.rows:
         with torch.no_grad():
-            rows.append(quality_row(model, name, steps, z, labels.to(device), scorer, args))
+            rows.append(quality_row(model, name, steps, zs, labels.to(device), scorer, args))
         r = rows[-1]
-        print(f"[samplers] {name:>12} {steps:>4} steps  NFE {r['nfe']:>4}  acc {r['accuracy']:.3f}  "
-              f"FD {r['frechet_distance']:7.3f}  {r['sample_seconds']:6.1f} s")
+        print(f"[samplers] {name:>12} {steps:>4} steps  NFE {r['nfe']:>4}  acc {r['accuracy']:.3f}  FD "
+              f"{r['frechet_distance']:7.3f} ({', '.join(f'{v:.2f}' for v in r['frechet_distance_per_seed'])})"
+              f"  {r['sample_seconds']:6.1f} s")
     ref = rows[0].pop("_reference") if rows else {}
     for r in rows:
         r.pop("_reference", None)
@@ -163,7 +174,7 @@ def run_xl_timing(args, device) -> tuple[list[dict], dict]:
     model = DiT_models["DiT-XL/2"](input_size=32).to(device).eval()
     if args.model_ckpt:
         load_into_model(model, load_state_dict(args.model_ckpt))
-    g = torch.Generator(device).manual_seed(args.seed)
+    g = torch.Generator(device).manual_seed(args.seeds[0])
     z = torch.randn(args.batch, 4, 32, 32, generator=g, device=device)
     labels = torch.randint(0, 1000, (args.batch,), generator=g, device=device)
     rows = []
@@ -189,7 +200,7 @@ def metadata(args, device, extra: dict) -> dict:
     return {"device": report.device_name(device), "torch": torch.__version__,
             "diffusers": report._version("diffusers"), "commit": report._git_commit(),
             "date": now.strftime("%Y-%m-%d %H:%M:%S UTC"), "cfg_scale": args.cfg_scale,
-            "precision": args.precision, "compile": args.compile, "seed": args.seed, **extra}
+            "precision": args.precision, "compile": args.compile, "seeds": args.seeds, **extra}
 
 
 def markdown(rows: list[dict], meta: dict, xl: bool) -> str:
@@ -199,7 +210,9 @@ def markdown(rows: list[dict], meta: dict, xl: bool) -> str:
             f"{meta['commit']}; {meta['date']}; cfg scale {meta['cfg_scale']}, {meta['precision']}"
             f"{', compiled' if meta['compile'] else ', eager'}; seconds exclude compilation.", ""]
     if not xl:
-        head += [f"{meta['num_samples']} samples (same x_T and labels for every row); Fréchet distance over the "
+        head += [f"{meta['num_samples']} samples per seed (seeds {meta['seeds']}: the same x_T and labels for "
+                 f"every row); accuracy and Fréchet distance are the seeds' mean, the Fréchet distance per seed "
+                 f"in brackets; Fréchet distance over the "
                  f"{meta['frechet_features']}; for reference, real held-out digits score "
                  f"{meta['frechet_distance_real_subset']:.2f} and the classifier's own held-out accuracy is "
                  f"{meta['classifier_heldout_accuracy']:.1%}.", ""]
@@ -208,7 +221,8 @@ def markdown(rows: list[dict], meta: dict, xl: bool) -> str:
         cols = "| sampler | steps | NFE | images/s | sample s | ms / NFE | maps to |"
     lines = head + [cols, "|---|--:|--:|" + ("--:|" * (3 if xl else 4)) + "---|"]
     for r in rows:
-        quality = "" if xl else f"{r['accuracy']:.1%} | {r['frechet_distance']:.2f} | "
+        per_seed = ", ".join(f"{v:.2f}" for v in r.get("frechet_distance_per_seed", []))
+        quality = "" if xl else f"{r['accuracy']:.1%} | {r['frechet_distance']:.2f} ({per_seed}) | "
         speed = f"{r['images_per_s']:.2f} | " if xl else ""
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {quality}{speed}"
                      f"{r['sample_seconds']:.2f} | {r['ms_per_nfe']:.1f} | {r['scheduler']} |")

@@ -33,14 +33,15 @@ def test_one_quality_row_and_the_outputs(tmp_path):
     model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
                 num_classes=10).eval()
     labels = torch.arange(10).repeat_interleave(2)
-    z = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    args = argparse.Namespace(cfg_scale=3.0, precision="fp32", compile=False, seed=0, xl_timing=False,
+    zs = {s: torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (0, 1)}
+    args = argparse.Namespace(cfg_scale=3.0, precision="fp32", compile=False, seeds=[0, 1], xl_timing=False,
                               out_dir=str(tmp_path))
     rows, scorer = [], DigitScorer(8)  # fitting the classifier is the slow part: once
     for name, steps in (("ddpm", 3), ("heun", 2)):
         with torch.no_grad():
-            rows.append(sampler_table.quality_row(model, name, steps, z, labels, scorer, args))
+            rows.append(sampler_table.quality_row(model, name, steps, zs, labels, scorer, args))
     assert [r["nfe"] for r in rows] == [3, 3] and 0 <= rows[0]["accuracy"] <= 1
+    assert len(rows[1]["frechet_distance_per_seed"]) == 2
     ref = rows[0].pop("_reference")
     rows[1].pop("_reference")
     meta = sampler_table.metadata(args, torch.device("cpu"), {
