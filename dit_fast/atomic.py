@@ -7,6 +7,7 @@ hidden ``.<name>.<random>.tmp`` file and never a truncated target.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -22,14 +23,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, text: 
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(tmp.unlink, missing_ok=True)  # a no-op once the rename has happened
         # O_EXCL: never write into someone else's file; 0o666 lets the umask decide, as open().
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "w" if text else "wb") as f:
             write(f)
         publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -48,13 +48,7 @@ def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
 
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Make a rename in ``directory`` durable; platforms that cannot open a directory skip it."""
-    try:
+    with contextlib.suppress(OSError), contextlib.ExitStack() as opened:
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
+        opened.callback(os.close, fd)
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -38,7 +38,7 @@ def _inception(device):
 
 def _statistics(images: np.ndarray, model, device, batch: int = 100):
     feats = []
-    with torch.no_grad():
+    with torch.inference_mode():
         for start in range(0, len(images), batch):
             x = torch.from_numpy(images[start:start + batch]).to(device).permute(0, 3, 1, 2).float() / 255
             feats.append(model(x)[0].squeeze(-1).squeeze(-1).double().cpu().numpy())  # (B, 2048)
@@ -69,8 +69,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     middle = root @ sigma2 @ root
     eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
     trace_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+    gap = mu1 - mu2
+    return float(gap @ gap + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
 def fid_from_npz(sample_npz, ref_npz, device="cpu") -> float | None:

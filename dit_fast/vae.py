@@ -76,15 +76,11 @@ class VAE:
         ``generator`` (on the VAE's device) for reproducible samples.
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"VAE.encode expects images of shape (N, {self.in_channels}, H, W) in [-1, 1]; "
-                f"got {tuple(x.shape)}."
-            )
+            raise ValueError(f"VAE.encode expects images of shape (N, {self.in_channels}, H, W) in [-1, 1]; "
+                             f"got {tuple(x.shape)}.")
         if x.shape[2] % self.downsample or x.shape[3] % self.downsample:
-            raise ValueError(
-                f"Image size {tuple(x.shape[2:])} is not divisible by the VAE's downsampling "
-                f"factor {self.downsample}; resize or crop (e.g. --image-size 256)."
-            )
+            raise ValueError(f"Image size {tuple(x.shape[2:])} is not divisible by the VAE's downsampling "
+                             f"factor {self.downsample}; resize or crop (e.g. --image-size 256).")
         x = x.to(self.device, self.dtype)
         return self.vae.encode(x).latent_dist.sample(generator=generator) * LATENT_SCALE
 
@@ -92,10 +88,8 @@ class VAE:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (N, latent_channels, h, w) -> images (N, C, h*ds, w*ds), about [-1, 1]."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"VAE.decode expects latents of shape (N, {self.latent_channels}, h, w); got "
-                f"{tuple(z.shape)}. Is the model's in_channels the VAE's latent_channels?"
-            )
+            raise ValueError(f"VAE.decode expects latents of shape (N, {self.latent_channels}, h, w); got "
+                             f"{tuple(z.shape)}. Is the model's in_channels the VAE's latent_channels?")
         z = z.to(self.device, self.dtype)
         # Divide (not multiply by the reciprocal) exactly as DiT's sample.py, bit for bit.
         return self.vae.decode(z / LATENT_SCALE).sample
@@ -125,8 +119,7 @@ def load_vae(spec, device="cpu", dtype=torch.float32) -> VAE | None:
     else:
         raise VAEError(
             f"--vae {spec!r} is not 'ema', 'mse', 'none', an existing directory or a Hugging Face "
-            f"repo id (owner/name). If it is meant to be a directory, check the path."
-        )
+            f"repo id (owner/name). If it is meant to be a directory, check the path.")
     return VAE(vae.to(device))
 
 
@@ -144,8 +137,7 @@ def _from_directory(path: Path, dtype):
         subfolder = "vae"  # a whole Stable Diffusion pipeline directory
     try:
         return AutoencoderKL.from_pretrained(
-            str(path), subfolder=subfolder, local_files_only=True, **_load_kwargs(dtype)
-        )
+            str(path), subfolder=subfolder, local_files_only=True, **_load_kwargs(dtype))
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError, ...
         raise VAEError(
             f"Could not load a VAE (diffusers AutoencoderKL) from the directory {path}: {e}\n"
@@ -182,5 +174,4 @@ def _missing_vae(repo_id: str, error: Exception, offline: bool) -> VAEError:
         f"Get it on a machine with network access:\n"
         f"    huggingface-cli download {repo_id} --local-dir DIR\n"
         f"copy DIR here and pass --vae DIR. Or use --vae none to train and sample in pixel space "
-        f"without a VAE."
-    )
+        f"without a VAE.")
