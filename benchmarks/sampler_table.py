@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     a("--xl-timing", action="store_true", help="DiT-XL/2 256x256 images/s per sampler (GPU), no quality")
     a("--model-ckpt", default=None, help="--xl-timing: a DiT-XL/2 checkpoint (default: random weights)")
+    a("--timing-model", default="DiT-XL/2", help="--xl-timing: the model (smaller ones for a smoke run)")
     a("--batch", type=int, default=32, help="--xl-timing: images per batch")
     a("--out-dir", default=str(HERE / "results"))
     args = p.parse_args(argv)
@@ -165,13 +166,13 @@ def run_quality(args, device) -> tuple[list[dict], dict]:
 
 # --------------------------------------------------------------------------------------- XL speed
 def run_xl_timing(args, device) -> tuple[list[dict], dict]:
-    """DiT-XL/2 256x256 images/s per sampler (random weights unless --model-ckpt), no quality."""
+    """--timing-model (DiT-XL/2) 256x256 images/s per sampler (random weights unless --model-ckpt)."""
     from dit_fast.checkpoint import load_into_model, load_state_dict
     from dit_fast.diffusion import create_diffusion
     from dit_fast.models import DiT_models
     from dit_fast.sampling import Sampler, timed
 
-    model = DiT_models["DiT-XL/2"](input_size=32).to(device).eval()
+    model = DiT_models[args.timing_model](input_size=32).to(device).eval()
     if args.model_ckpt:
         load_into_model(model, load_state_dict(args.model_ckpt))
     g = torch.Generator(device).manual_seed(args.seeds[0])
@@ -189,7 +190,7 @@ def run_xl_timing(args, device) -> tuple[list[dict], dict]:
                      "sample_seconds": seconds, "ms_per_nfe": 1e3 * seconds / nfe,
                      "compile_seconds": compile_s, "scheduler": scheduler_label(name)})
         print(f"[samplers] {name:>12} {steps:>4} steps  NFE {nfe:>4}  {args.batch / seconds:8.2f} img/s")
-    return rows, {"model": "DiT-XL/2 256x256" + (f" ({args.model_ckpt})" if args.model_ckpt else
+    return rows, {"model": f"{args.timing_model} 256x256" + (f" ({args.model_ckpt})" if args.model_ckpt else
                                                  " (random weights: speed only)"), "batch": args.batch}
 
 

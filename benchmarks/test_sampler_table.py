@@ -52,3 +52,15 @@ def test_one_quality_row_and_the_outputs(tmp_path):
     assert "| heun | 2 | 3 |" in md.read_text() and "HeunDiscreteScheduler" in md.read_text()
     assert json.loads(js.read_text())["meta"]["diffusers"] and Image.open(png).size[0] > 400
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_timing_mode_smoke(tmp_path):
+    """The GPU images/s mode, here with a small model and batch 1 on the CPU (no speed asserted)."""
+    torch.set_num_threads(1)
+    args = sampler_table.parse_args(["--xl-timing", "--timing-model", "DiT-S/8", "--batch", "1",
+                                     "--rows", "dpm-solver++:2,heun:2", "--out-dir", str(tmp_path)])
+    rows, extra = sampler_table.run_xl_timing(args, torch.device("cpu"))
+    assert [r["nfe"] for r in rows] == [2, 3] and all(r["images_per_s"] > 0 for r in rows)
+    meta = sampler_table.metadata(args, torch.device("cpu"), extra)
+    md, _, png = sampler_table.write_outputs(rows, meta, args, torch.device("cpu"))
+    assert "images/s" in md.read_text() and "DiT-S/8 256x256" in md.read_text() and png.is_file()

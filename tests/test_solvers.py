@@ -109,6 +109,11 @@ def test_compiled_solvers_match_eager(model):
         assert compiled.compile(z.shape) > 0 and compiled.compile_seconds > 0
         # Inductor reorders float ops; 1e-3 as the existing compiled-vs-eager sampler tests.
         torch.testing.assert_close(compiled.sample(z, labels), eager, rtol=1e-3, atol=1e-3, msg=name)
+    conditional = dict(sampler="unipc", num_classes=10, use_cfg=False)  # model.forward, no CFG batch
+    eager = Sampler(model, create_diffusion("3"), **conditional).sample(z, labels)
+    compiled = Sampler(model, create_diffusion("3"), **conditional)
+    compiled.compile(z.shape)
+    torch.testing.assert_close(compiled.sample(z, labels), eager, rtol=1e-3, atol=1e-3)
 
 
 def test_model_sees_integer_training_timesteps(model):
