@@ -231,15 +231,21 @@ def load_state_dict(path_or_name, prefer_ema: bool = True) -> dict[str, torch.Te
     Accepts the official names (``OFFICIAL_CHECKPOINTS``, downloaded once), ``.safetensors`` and
     torch files (``.pt``/``.pth``/``.bin``) holding either a state dict or a training checkpoint
     with ``"ema"`` (used when ``prefer_ema``) / ``"model"`` / ``"state_dict"`` / ``"module"``.
-    Wrapper prefixes (``module.``, ``_orig_mod.``) are removed.
+    Wrapper prefixes (``module.``, ``_orig_mod.``) are removed. A diffusers DiT transformer
+    (folder, pipeline folder or .safetensors in the hub layout) comes back converted to our names as
+    a ``DiffusersStateDict``, which ``load_into_model`` checks against the model's config.
     """
+    from dit_fast.diffusers_format import is_diffusers_checkpoint, read_diffusers_weights
+
     path = Path(str(path_or_name)).expanduser()
     if str(path_or_name) in OFFICIAL_CHECKPOINTS and not path.is_file():
         path = download_official(str(path_or_name))
+    if is_diffusers_checkpoint(path):
+        return read_diffusers_weights(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"No checkpoint at {path}. Pass a .pt/.pth/.bin/.safetensors file or one of the "
-            f"official names: {', '.join(OFFICIAL_CHECKPOINTS)}."
+            f"No checkpoint at {path}. Pass a .pt/.pth/.bin/.safetensors file, a diffusers DiT "
+            f"transformer folder, or one of the official names: {', '.join(OFFICIAL_CHECKPOINTS)}."
         )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -303,6 +309,10 @@ def load_into_model(model: torch.nn.Module, state_dict: Mapping, hint: str | Non
     wrong-shape keys (with both shapes). Wrapper prefixes are ignored on both sides, so a
     compiled or wrapped model loads a plain checkpoint. Returns ``model``.
     """
+    from dit_fast.diffusers_format import DiffusersStateDict, fit_to_model
+
+    if isinstance(state_dict, DiffusersStateDict):  # its config must fit; it has no pos_embed
+        state_dict = fit_to_model(state_dict, model)
     own = model.state_dict()
     own_by_name = {_normalize_key(k): k for k in own}
     given = normalize_keys(state_dict)

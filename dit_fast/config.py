@@ -316,7 +316,7 @@ class SampleConfig:
     num_sampling_steps: int = 250
     """Respaced diffusion steps."""
     sampler: str = "ddpm"
-    """ddpm (ancestral, as the original) or ddim (eta 0)."""
+    """ddpm (ancestral, as the original), ddim (eta 0), or a diffusers solver: dpm-solver++, unipc, euler, heun."""
     ckpt: Optional[str] = None
     """Checkpoint path or official name; None: the official DiT-XL/2 checkpoint for image_size."""
     vae: str = "mse"

@@ -34,6 +34,8 @@ STEP_LINE = re.compile(r"\(step=(\d+)\)")
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli import OneLineParser
+    from .sampling import SAMPLERS
+
     p = OneLineParser(prog="dit_fast.demo", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ema-decay", type=float, default=0.99,
       help="per step; DiT's 0.9999 averages over ~10K steps, far longer than this run")
     a("--log-every", type=int, default=50)
-    a("--num-sampling-steps", type=int, default=50, help="respaced DDPM steps")
+    a("--num-sampling-steps", type=int, default=50, help="respaced DDPM/DDIM steps, or solver steps")
+    a("--sampler", default="ddpm", choices=SAMPLERS, help="benchmarks/sampler_table.py compares them")
     a("--cfg-scale", type=float, default=3.0)
     a("--samples-per-class", type=int, default=20)
     a("--seed", type=int, default=0)
@@ -199,7 +202,7 @@ def sample_digits(model, args, device: torch.device) -> tuple[torch.Tensor, np.n
     # One grey channel with a learned variance: the output is [eps, variance], so the original's
     # "first three channels" would also extrapolate the variance weight; guide the noise channel only.
     sampler = Sampler(model, create_diffusion(str(args.num_sampling_steps)), cfg_scale=args.cfg_scale,
-                      num_classes=10, use_cfg=True, guide_all_channels=True)
+                      num_classes=10, use_cfg=True, sampler=args.sampler, guide_all_channels=True)
     samples = sampler.sample(z.to(device), labels.to(device), progress=True)
     return samples.clamp(-1, 1).cpu(), labels.numpy()
 

@@ -94,11 +94,14 @@ def add_common_flags(parser, *, cfg_default: float) -> None:
                         help="pixels; divisible by 8 x patch (VAE) or by the patch size (--vae none)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--cfg-scale", type=float, default=cfg_default)
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--num-sampling-steps", type=int, default=250,
+                        help="respaced steps (ddpm/ddim) or solver steps (the diffusers solvers)")
     parser.add_argument("--ckpt", type=str, default=None,
-                        help="DiT checkpoint (default: the official DiT-XL/2 one for --image-size, "
-                             "downloaded once into the cache)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+                        help="DiT checkpoint or diffusers DiT transformer folder (default: the official "
+                             "DiT-XL/2 one for --image-size, downloaded once into the cache)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                        help="ddpm (the original's), ddim, or diffusers' solvers: dpm-solver++ (2M), "
+                             "unipc, euler, heun (2 model calls per step but the last)")
     parser.add_argument("--in-channels", type=int, default=3, help="image channels with --vae none")
     parser.add_argument("--depth", type=int, default=None, help="custom-size model: override the depth")
     parser.add_argument("--hidden-size", type=int, default=None, help="custom-size model: override the width")
@@ -133,10 +136,11 @@ def resolve_device(name: Optional[str], tf32: bool = True) -> torch.device:
 
 
 def run_cli(main: Callable, prog: str, argv=None) -> None:
-    """Run a sampling CLI's ``main``; library errors (bad flags, missing checkpoint or VAE, an optional
-    package missing) exit with one clear line and exit code 2 instead of a traceback (dit_fast.cli)."""
+    """Run a sampling CLI's ``main``; library errors (bad flags, missing checkpoint or VAE, diffusers
+    missing for a solver) exit with one clear line and exit code 2 instead of a traceback (dit_fast.cli)."""
     from dit_fast.cli import run_entry
-    code = run_entry(main, prog, argv, extra=(ImportError,))
+    from dit_fast.solvers import MissingDiffusersError
+    code = run_entry(main, prog, argv, extra=(MissingDiffusersError,))
     if code:
         sys.exit(code)
 
@@ -156,4 +160,3 @@ def check_sampling_inputs(cfg) -> None:
             raise FileNotFoundError(f"No checkpoint at {cfg.ckpt} (--ckpt); pass a checkpoint file "
                                     f"or one of {', '.join(OFFICIAL_CHECKPOINTS)}")
     check_vae_spec(cfg.vae)
-

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from dit_fast.config import PRECISION_DTYPES, PRECISIONS
+from dit_fast.solvers import SOLVERS, SolverSampler
 
-SAMPLERS = ("ddpm", "ddim")
+TABLE_SAMPLERS = ("ddpm", "ddim")  # ours, bit-identical to the original; SOLVERS come from diffusers
+SAMPLERS = TABLE_SAMPLERS + tuple(SOLVERS)
 
 # Column order of the per-step coefficient table (all float32).
 _SQRT_RECIP_AC, _SQRT_RECIPM1_AC, _COEF1, _COEF2, _MIN_LOG, _MAX_LOG, _FIXED_LOGVAR, \
@@ -82,11 +84,12 @@ def make_denoise_step(model, diffusion, *, sampler: str = "ddpm", cfg_scale: flo
     timesteps; y (B,) labels; c (10,) float32 coefficient row of build_step_tables; noise like x.
     The model runs under autocast for bf16/fp16; the diffusion math stays fp32.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if sampler not in TABLE_SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)} (the "
+                         f"solvers {', '.join(SOLVERS)} run through Sampler, not a per-step table)")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    amp_dtype = None if precision == "fp32" else PRECISION_DTYPES[precision]  # fp32: no autocast
+    amp_dtype = _amp_dtype(precision)
     learned = diffusion.model_var_type.name in ("LEARNED", "LEARNED_RANGE")
     predicts_xstart = diffusion.model_mean_type.name == "START_X"
     if use_cfg:
@@ -136,6 +139,10 @@ def make_denoise_step(model, diffusion, *, sampler: str = "ddpm", cfg_scale: flo
     return ddpm_step if sampler == "ddpm" else ddim_step
 
 
+def _amp_dtype(precision: str):
+    return None if precision == "fp32" else PRECISION_DTYPES[precision]  # fp32: no autocast
+
+
 def default_compile_mode(device: torch.device) -> str:
     """CUDA graphs on GPU (the step is launch-bound at small batch); inductor's default on CPU."""
     return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
@@ -150,7 +157,9 @@ class Sampler:
 
     use_cfg=True runs model.forward_with_cfg on [z, z] with labels [y, num_classes] (what the
     original sample.py always does); use_cfg=False runs model.forward on z alone (sample_ddp.py
-    with cfg_scale == 1).
+    with cfg_scale == 1). ``sampler`` is "ddpm" (default), "ddim" or one of diffusers' solvers
+    (dit_fast.solvers.SOLVERS: dpm-solver++, unipc, euler, heun), which run diffusion.num_timesteps
+    solver steps on the diffusion's base schedule.
     """
 
     def __init__(self, model, diffusion, *, cfg_scale: float = 4.0, num_classes: int = 1000,
@@ -162,6 +171,18 @@ class Sampler:
         self.num_classes = num_classes
         self.use_cfg = use_cfg
         self.device = next(model.parameters()).device
+        self.compile_seconds = 0.0
+        self._solver = None
+        if sampler in SOLVERS:
+            if precision not in PRECISIONS:
+                raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+            if eta or clip_denoised:
+                raise ValueError(f"eta and clip_denoised are options of ddpm/ddim, not of {sampler}")
+            self._solver = SolverSampler(model, diffusion, sampler=sampler, cfg_scale=cfg_scale,
+                                         num_classes=num_classes, use_cfg=use_cfg,
+                                         amp_dtype=_amp_dtype(precision),
+                                         guide_all_channels=guide_all_channels)
+            return
         self.step = make_denoise_step(model, diffusion, sampler=sampler, cfg_scale=cfg_scale,
                                       use_cfg=use_cfg, precision=precision,
                                       clip_denoised=clip_denoised, eta=eta,
@@ -169,7 +190,11 @@ class Sampler:
         self._eager_step = self.step
         self._tables: dict[int, StepTables] = {}
         self._cudagraphs = False
-        self.compile_seconds = 0.0
+
+    @property
+    def num_model_evaluations(self) -> int:
+        """Model forward passes per sample (one batched CFG forward each)."""
+        return self._solver.num_model_evaluations if self._solver else self.diffusion.num_timesteps
 
     def tables(self, batch: int) -> StepTables:
         if batch not in self._tables:
@@ -190,6 +215,9 @@ class Sampler:
         The global RNG state is restored afterwards, so compiling never changes the samples.
         """
         mode = mode or default_compile_mode(self.device)
+        if self._solver:
+            self.compile_seconds = self._solver.compile(z_shape, mode, fullgraph)
+            return self.compile_seconds
         self._cudagraphs = self.device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
         self.step = torch.compile(self._eager_step, mode=mode, fullgraph=fullgraph, dynamic=False)
         z = torch.zeros(z_shape, device=self.device)
@@ -223,6 +251,8 @@ class Sampler:
         """
         if labels.shape != (z.shape[0],):
             raise ValueError(f"labels must have shape ({z.shape[0]},), got {tuple(labels.shape)}")
+        if self._solver:
+            return self._solver.sample(z, labels, generator=generator, progress=progress)
         x, y = self._model_batch(z.float(), labels.to(device=z.device, dtype=torch.int64))
         tab = self.tables(x.shape[0])
         steps = range(tab.num_steps)
