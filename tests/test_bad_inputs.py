@@ -185,6 +185,7 @@ SAMPLE_CASES = [
     ("out is a folder", SP("--out", "{outdir}"), "is a directory"),
     ("zero sampling steps", SP("--num-sampling-steps", "0"), "--num-sampling-steps must be positive"),
     ("unknown precision", SP("--precision", "fp8"), "invalid choice"),
+    ("unknown sampler", SP("--sampler", "rk4"), "invalid choice"),
     ("unknown attention backend", SP("--attn-backend", "flashy"), "unknown attention backend"),
     ("official checkpoint, other model", SP(ckpt=None), "without --ckpt"),
     ("guidance without a null label", SP(ckpt="{no_null}"), "no null label"),
