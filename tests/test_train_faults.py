@@ -6,7 +6,8 @@
   publish, before the prune), each followed by a resume: the per-step losses, the final module
   weights, the fp32 optimizer partitions and the EMA equal an uninterrupted run's bit for bit;
 - a NaN on one rank only: every rank stops at the same sync step, naming the step and the rank;
-- a stuck rank: the job fails within --collective-timeout, naming the rank that never arrived.
+- a stuck rank: the job fails within --collective-timeout, naming the rank that never arrived;
+- two experiments in one results dir (plain python): --resume auto never crosses them.
 
 Cost: one 8-step digits epoch of a 2-block, width-64 DiT per launch; ~25 s a launch on 2 cores.
 """
@@ -138,3 +139,31 @@ def test_stuck_rank_fails_within_the_collective_timeout_naming_it(tmp_path, digi
     metrics = [json.loads(line)["step"] for line in (run_dir_of(tmp_path) / "metrics.jsonl")
                .read_text().splitlines()]
     assert metrics == [1, 2]
+
+
+def test_two_experiments_in_one_results_dir_never_cross(tmp_path, digits8):
+    """Same model, other --lr, one --results-dir: restarting the OLDER experiment continues it (not
+    the newer, higher-numbered run), and a third setting starts fresh, saying what differed."""
+    import subprocess
+    import sys
+
+    from tests.test_train_launch import TINY, _clean_env
+
+    def run(*args):
+        cmd = [sys.executable, "train.py", *TINY, "--features-path", str(digits8), "--results-dir",
+               str(tmp_path), "--precision", "fp32", "--ckpt-every", "2", *args]
+        return ok(subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                                 timeout=300))
+
+    run("--lr", "1e-3", "--max-steps", "2")
+    run("--lr", "2e-3", "--max-steps", "4")  # newer, and further along
+    out = run("--lr", "1e-3", "--max-steps", "4", "--resume", "auto")
+    log = out.stdout + out.stderr
+    a, b = sorted(tmp_path.iterdir())
+    assert f"continuing {a / 'checkpoints' / 'step-0000002'}" in log, log[-3000:]
+    assert "optim.lr: checkpoint 0.002 vs now 0.001" in log  # the other run was a candidate
+    assert ckpt_names(a) == ckpt_names(b) == ["step-0000002", "step-0000004"]
+    assert json.loads((b / "config.json").read_text())["optim"]["lr"] == 2e-3  # untouched
+    out = run("--lr", "5e-3", "--max-steps", "2", "--resume", "auto")
+    assert "no matching checkpoint" in out.stdout + out.stderr
+    assert len(list(tmp_path.iterdir())) == 3
