@@ -40,5 +40,5 @@ def main(argv=None) -> int:
     return run_entry(lambda a: extract_features(parse_args(a)), "extract_features.py", argv)
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     sys.exit(main())

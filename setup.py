@@ -1,27 +1,22 @@
 """dit-fast: a fast, faithful DiT. Packaging only: no hardware probing here."""
 from setuptools import setup
 
-setup(
-    name="dit-fast",
-    version="0.1.0",
-    description="Fast, faithful DiT (Scalable Diffusion Models with Transformers): Triton kernels, DeepSpeed, torch.compile",
-    python_requires=">=3.10",
-    packages=["dit_fast", "dit_fast.data", "dit_fast.diffusion", "dit_fast.train", "dit_fast_kernels"],
-    package_dir={"dit_fast_kernels": "kernels/dit_fast_kernels"},
-    py_modules=[],
-    install_requires=[
-        "torch>=2.6",  # weights_only loading without known bypass (CVE-2025-32434); install the build you want first; the Makefile pins the CPU wheel on CPU-only machines
-        "numpy",
-        "pillow",
-        "tqdm",
-        "safetensors",
-    ],
-    extras_require={
-        "triton": ["triton"],
-        "vae": ["diffusers"],
-        "train": ["deepspeed"],
-        "demo": ["scikit-learn"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy"],
-        "all": ["triton", "diffusers", "deepspeed", "scikit-learn", "scipy", "pytest", "pytest-benchmark"],
-    },
-)
+REQUIRES = [
+    # torch >= 2.6: weights_only loading without the known bypass (CVE-2025-32434). Install the torch
+    # build you want first; the Makefile picks a CPU wheel on CPU-only machines.
+    "torch>=2.6", "numpy", "pillow", "tqdm", "safetensors"]
+EXTRAS = {
+    "triton": ["triton"],
+    "vae": ["diffusers"],
+    "train": ["deepspeed"],
+    "demo": ["scikit-learn"],
+    "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy"]}
+EXTRAS["all"] = sorted({name for group in EXTRAS.values() for name in group})
+
+setup(name="dit-fast", version="0.1.0",
+      description="Fast, faithful DiT (Scalable Diffusion Models with Transformers): Triton kernels, "
+                  "DeepSpeed, torch.compile",
+      python_requires=">=3.10",
+      packages=["dit_fast", "dit_fast.data", "dit_fast.diffusion", "dit_fast.train", "dit_fast_kernels"],
+      package_dir={"dit_fast_kernels": "kernels/dit_fast_kernels"},
+      install_requires=REQUIRES, extras_require=EXTRAS)

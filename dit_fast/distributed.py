@@ -24,9 +24,10 @@ def env_world() -> tuple[int, int, int]:
 
 def free_port() -> int:
     """A TCP port free on this machine right now (for a one-process group's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        _, port = probe.getsockname()
+    return port
 
 
 def deepspeed_uses_cuda() -> bool:
@@ -46,10 +47,8 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            if self.device.type == "cuda":
-                dist.barrier(device_ids=[self.device.index])
-            else:
-                dist.barrier()
+            on_gpu = self.device.type == "cuda"
+            dist.barrier(device_ids=[self.device.index] if on_gpu else None)
 
     def close(self) -> None:
         """Leave the group if this context joined it."""
@@ -142,8 +141,7 @@ def guarded_collective(fn, what: str, step: int, timeout_s: float):
     """Run the collective ``fn()``; a timeout or a dead peer becomes CollectiveTimeout naming the
     step and the ranks that never reached this point (read from the rendezvous store, where each
     rank notes the last step it arrived at; the store is served outside the stuck rank's Python)."""
-    store = _store()
-    rank = dist.get_rank()
+    store, rank = _store(), dist.get_rank()
     if store is not None:
         store.set(_ARRIVED.format(rank), str(step))
     try:

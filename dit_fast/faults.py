@@ -57,6 +57,5 @@ def maybe_fault(point: str, step: int) -> None:
 
 def poison(point: str, step: int, x):
     """x, or x * NaN if the test asked for a non-finite value at (point, step) on this rank."""
-    if _FAULTS and _FAULTS.get((point, step)) == "nan":
-        return x * float("nan")
-    return x
+    wants_nan = bool(_FAULTS) and _FAULTS.get((point, step)) == "nan"
+    return x * float("nan") if wants_nan else x

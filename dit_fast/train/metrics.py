@@ -2,6 +2,7 @@
 device between log lines, metrics.jsonl / TensorBoard, and the engine's numbers they include."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import resource
@@ -19,14 +20,13 @@ def make_logger(run_dir: Path, rank: int) -> logging.Logger:
     logger = logging.getLogger(f"dit_fast.train.{run_dir}")
     logger.propagate = False
     logger.handlers.clear()
-    if rank == 0:
-        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", "%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(), logging.FileHandler(run_dir / "log.txt")):
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    else:
-        logger.addHandler(logging.NullHandler())
+    sinks = ([logging.StreamHandler(), logging.FileHandler(run_dir / "log.txt")] if rank == 0
+             else [logging.NullHandler()])
+    fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", "%Y-%m-%d %H:%M:%S")
+    for sink in sinks:
+        sink.setFormatter(fmt)
+        logger.addHandler(sink)
+    logger.setLevel(logging.INFO)
     return logger
 
 
@@ -62,7 +62,7 @@ class LogStats:
         vec = torch.zeros(1 + world, dtype=torch.float64, device=self.device)
         vec[0] = self.loss_sum
         vec[1 + rank] = (self.first_bad + 1).double()
-        if dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():
             dist.all_reduce(vec)
         host = vec.tolist()
         self.unsynced = False
@@ -71,7 +71,7 @@ class LogStats:
     def take(self, total: float, world: int) -> tuple[float, int, float]:
         """(loss averaged over ranks and micro-steps, steps, seconds) since the last take; resets."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         seconds = time.time() - self.start
         avg, steps = total / (self.micro * world), self.count
         self._reset()
@@ -87,10 +87,9 @@ class MetricsWriter:
         self.tb = self._tensorboard(None) if rank == 0 else None
 
     def _tensorboard(self, purge_step: int | None):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
+        if importlib.util.find_spec("tensorboard") is None:  # torch's writer needs the package
             return None
+        from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
 
     def truncate_after(self, step: int) -> None:
@@ -116,8 +115,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        print(json.dumps(record), file=self.file, flush=True)
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and value is not None:
@@ -131,9 +129,7 @@ class MetricsWriter:
 
 
 def as_float(value) -> float | None:
-    if value is None:
-        return None
-    return float(value.item() if torch.is_tensor(value) else value)
+    return None if value is None else float(value.item() if torch.is_tensor(value) else value)
 
 
 def loss_scale(engine, precision: str) -> float:
