@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,26 @@ def _pick_device(name: str | None, use_deepspeed: bool, local_rank: int) -> torc
     return device
 
 
+def cpu_allreduce_segments(port: str | int | None = None) -> list[Path]:
+    """/dev/shm segments of DeepSpeed's CPU all-reduce for MASTER_PORT ``port`` (None: every port)."""
+    port = "*" if port is None else str(port)
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
+def _release_cpu_allreduce_segments() -> None:
+    """DeepSpeed's CPU accelerator maps one 69 MB /dev/shm segment per rank at init and never unlinks
+    it, so every CPU run -- and every killed one -- used to leave its segments in RAM until reboot.
+    Once every rank has mapped every segment (init waits for the peers' segments; the barrier waits
+    for the peers' waits) the names serve no one: each rank unlinks its own, the mappings live on."""
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    rank = dist.get_rank()
+    port = os.environ.get("MASTER_PORT")
+    for segment in cpu_allreduce_segments(port):
+        if port is not None and segment.name.endswith(f"_{port}_{rank}"):
+            segment.unlink(missing_ok=True)
+
+
 DEFAULT_TIMEOUT_S = 600.0  # torch's own default: long enough for a slow checkpoint write
 
 
@@ -94,6 +115,8 @@ def init_distributed(device: str | None = None, *, use_deepspeed: bool = False,
         here = not dist.is_initialized()
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    verbose=False, timeout=timeout)
+        if get_accelerator().device_name() == "cpu":
+            _release_cpu_allreduce_segments()
     elif world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
         here = True

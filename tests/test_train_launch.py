@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dit_fast.distributed import free_port
+from dit_fast.distributed import cpu_allreduce_segments, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "64", "--num-heads", "4",
@@ -72,9 +72,13 @@ def launch(args, env=None, timeout=420) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus 2 train.py ARGS` from the repo root."""
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd += ["--num_gpus", "2", "--master_port", str(free_port()), "train.py", *TINY, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_clean_env(env), capture_output=True, text=True,
+    port = free_port()
+    cmd += ["--num_gpus", "2", "--master_port", str(port), "train.py", *TINY, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(env), capture_output=True, text=True,
                           timeout=timeout)
+    # Every rank unlinks its /dev/shm all-reduce segment right after init (they used to pile up in RAM).
+    assert not cpu_allreduce_segments(port), f"launch on port {port} left {cpu_allreduce_segments(port)}"
+    return proc
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
