@@ -45,6 +45,9 @@ test: setup
 bench: setup
 	$(PY) -m pytest -q benchmarks
 
+table: setup
+	$(PY) benchmarks/table.py
+
 gpu-check:
 	bash benchmarks/gpu_check.sh
 

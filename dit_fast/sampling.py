@@ -15,7 +15,6 @@ included), so it gives bit-identical samples to ``p_sample_loop`` for the same s
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from dit_fast.config import PRECISION_DTYPES, PRECISIONS
-from dit_fast.solvers import SOLVERS, SolverSampler
+from dit_fast.solvers import SOLVERS, SolverSampler, model_autocast
 
 TABLE_SAMPLERS = ("ddpm", "ddim")  # ours, bit-identical to the original; SOLVERS come from diffusers
 SAMPLERS = TABLE_SAMPLERS + tuple(SOLVERS)
@@ -99,9 +98,7 @@ def make_denoise_step(model, diffusion, *, sampler: str = "ddpm", cfg_scale: flo
     device_type = next(model.parameters()).device.type
 
     def model_call(x, t, y):
-        ctx = (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None
-               else contextlib.nullcontext())
-        with ctx:
+        with model_autocast(device_type, amp_dtype):
             out = forward(x, t, y, cfg_scale) if use_cfg else forward(x, t, y)
         return out.float()
 

@@ -107,6 +107,13 @@ def model_timesteps(scheduler) -> torch.Tensor:
     return rounded.long()
 
 
+def model_autocast(device_type: str, amp_dtype):
+    """The context a sampler's model call runs in: autocast to ``amp_dtype``, or nothing for fp32."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=amp_dtype)
+
+
 def make_eps_fn(model, *, use_cfg: bool, cfg_scale: float, guide_all_channels: bool, amp_dtype):
     """eps(x, t, y) -> (N, C, H, W) fp32: the model's noise prediction for the scheduler.
 
@@ -117,9 +124,7 @@ def make_eps_fn(model, *, use_cfg: bool, cfg_scale: float, guide_all_channels: b
     device_type = next(model.parameters()).device.type
 
     def eps(x, t, y):
-        ctx = (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None
-               else contextlib.nullcontext())
-        with ctx:
+        with model_autocast(device_type, amp_dtype):
             if use_cfg:
                 out = model.forward_with_cfg(torch.cat([x, x], 0), t, y, cfg_scale,
                                              guide_all_channels=guide_all_channels)

@@ -24,3 +24,13 @@ def pytest_configure(config):
         raise pytest.UsageError(
             "triton is not installed, so the kernel tests cannot run: install it (`make test` does, "
             "`pip install triton`), or set DIT_FAST_ALLOW_NO_TRITON=1 to skip them on purpose")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: tiny ops on a shared 2-core machine run ~50x slower with
+    OpenMP's spinning threads than on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

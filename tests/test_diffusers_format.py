@@ -16,12 +16,7 @@ SMALL_FLAGS = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "64", "--n
                "--image-size", "8", "--vae", "none", "--in-channels", "3", "--num-classes", "10"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed=0, **overrides):

@@ -8,13 +8,7 @@ from tests.sampling_helpers import save_tiny_checkpoint
 from tests.test_sample_cli import CLASSES, SIZE, _ddp_args
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_rerun_with_another_checkpoint_or_flag_refuses(tmp_path):

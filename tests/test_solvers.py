@@ -18,12 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 N, C, S = 2, 4, 8  # samples, latent channels, side
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops on a shared machine: OpenMP spinning only slows them down
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from ..distributed import (broadcast_from_rank0, deepspeed_uses_cuda, env_world,
                            init_distributed)
 from ..faults import maybe_fault, poison
 from .data import build_loader, open_training_data, set_data_epoch
-from .engine import build_deepspeed_config, build_engine, seed_everything, zero_stage
+from .engine import build_deepspeed_config, build_engine, seed_everything
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
 from .resume import check_resume_spec, resolve_resume
 from .run_dir import load_training_checkpoint, make_run_dir, save_training_checkpoint
@@ -127,7 +127,6 @@ class TrainLoop:
         self.cfg, self.engine, self.ema, self.info = cfg, engine, ema, info
         self.device, self.run_dir, self.logger = device, run_dir, logger
         self.rank, self.world, _ = env_world()
-        self.zero3 = zero_stage(ds_config) == 3
         self.loader, self.sampler = build_loader(info, cfg, self.rank, self.world, device)
         self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.train.grad_accum
         self.vae = info.vae.to(device) if info.vae is not None else None
