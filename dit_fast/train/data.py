@@ -27,30 +27,28 @@ class DataInfo:
     vae: object = None  # --data-path with a VAE: encodes each batch on the fly (on the CPU here)
 
 
-class FlipPicker(torch.utils.data.Dataset):
-    """Wraps a LatentDataset: index (i, flip) -> (latents[flip] (C, h, w), label); reads that slot only."""
+class _KeyedView(torch.utils.data.Dataset):
+    """A dataset seen through compound keys (i, extra): the sampler hands the extra to the wrapper."""
 
     def __init__(self, dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+
+class FlipPicker(_KeyedView):
+    """Wraps a LatentDataset: index (i, flip) -> (latents[flip] (C, h, w), label); reads that slot only."""
 
     def __getitem__(self, key):
         i, flip = key
         return self.dataset.get(i, flip)  # (C, h, w): half the bytes of both slots
 
 
-class EpochKeyed(torch.utils.data.Dataset):
+class EpochKeyed(_KeyedView):
     """Wraps a dataset with per-epoch behaviour (ImageFolder's seeded flips): key (i, epoch) ->
     dataset[i] in that epoch. The epoch travels with the index because persistent DataLoader
     workers hold their own copy of the dataset, which a set_epoch in the main process never reaches."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, key):
         i, epoch = key
