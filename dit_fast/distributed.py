@@ -79,12 +79,12 @@ def _release_cpu_allreduce_segments() -> None:
     it, so every CPU run -- and every killed one -- used to leave its segments in RAM until reboot.
     Once every rank has mapped every segment (init waits for the peers' segments; the barrier waits
     for the peers' waits) the names serve no one: each rank unlinks its own, the mappings live on."""
-    if dist.get_world_size() > 1:
+    world, me = dist.get_world_size(), dist.get_rank()
+    if world > 1:
         dist.barrier()
-    rank = dist.get_rank()
     port = os.environ.get("MASTER_PORT")
     for segment in cpu_allreduce_segments(port):
-        if port is not None and segment.name.endswith(f"_{port}_{rank}"):
+        if port is not None and segment.name.endswith(f"_{port}_{me}"):
             segment.unlink(missing_ok=True)
 
 
