@@ -89,8 +89,8 @@ def resample_positions(model: nn.Module, grid: int) -> None:
     square = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()   # (1, D, side, side)
     square = F.interpolate(square, size=(grid, grid), mode="bicubic", antialias=True)
     resized = square.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(table.dtype)
-    model.embeddings.position_embeddings = nn.Parameter(torch.cat([table[:, :1], resized], dim=1),
-                                                        requires_grad=False)
+    table = torch.cat([table[:, :1], resized], dim=1)              # (1, 1 + grid^2, D)
+    model.embeddings.position_embeddings = nn.Parameter(table).requires_grad_(False)
     model.config.image_size = grid * model.config.patch_size
 
 
@@ -110,5 +110,5 @@ def load_encoder(enc_type: str = "dinov2-vit-b", path_or_id: str | None = None, 
         raise ValueError(f"--encoder {source!r} holds a {model_type!r} model, but --enc-type {enc_type} "
                          f"needs {want!r}")
     cls = Dinov2WithRegistersModel if registers else Dinov2Model
-    model = cls.from_pretrained(source, torch_dtype=torch.float32)
+    model = cls.from_pretrained(source).float()     # fp32 weights; bf16 comes from autocast on CUDA
     return DINOv2Encoder(model, resolution).to(device)
