@@ -45,7 +45,8 @@ def parse_enc_type(enc_type: str) -> tuple[bool, str]:
     parts = enc_type.split("-")
     if len(parts) != 3 or parts[0] not in ("dinov2", "dinov2reg") or parts[1] != "vit" \
             or parts[2] not in _SIZES:
-        raise ValueError(f"--enc-type must be dinov2-vit-<s|b|l|g> or dinov2reg-vit-<s|b|l|g>, got {enc_type!r}")
+        raise ValueError("--enc-type must be dinov2-vit-<s|b|l|g> or dinov2reg-vit-<s|b|l|g>, "
+                         f"got {enc_type!r}")
     registers = parts[0] == "dinov2reg"
     hub_id = f"facebook/dinov2-{'with-registers-' if registers else ''}{_SIZES[parts[2]]}"
     return registers, hub_id

@@ -37,7 +37,8 @@ class REPAModel(nn.Module):
         super().__init__()
         depth = len(dit.blocks)
         if not 1 <= encoder_depth <= depth:
-            raise ValueError(f"encoder_depth must be in [1, {depth}] (the model's depth), got {encoder_depth}")
+            raise ValueError(f"encoder_depth must be in [1, {depth}] (the model's depth), "
+                             f"got {encoder_depth}")
         self.dit = dit
         self.projectors = nn.ModuleList(projectors)
         self.encoder_depth = encoder_depth
