@@ -55,7 +55,7 @@ def hand_siloss(images, zs, path_type, weighting, model):
     if weighting == "uniform":
         t = torch.rand(N, 1, 1, 1)
     else:
-        sigma = torch.exp(-1.2 + 1.2 * torch.randn(N, 1, 1, 1))
+        sigma = torch.randn(N, 1, 1, 1).exp()      # REPA: ln sigma ~ N(0, 1)
         t = sigma / (1 + sigma) if path_type == "linear" else torch.atan(sigma) * 2 / math.pi
     noise = torch.randn_like(images)
     if path_type == "linear":

@@ -46,15 +46,17 @@ class SILoss:
     ``model(x_t, t, **model_kwargs)`` must return ``(velocity, [projected tokens per encoder])``; t is
     (N,) in [0, 1], not DiT's 0..999. ``denoising_loss`` is (N,), the squared error averaged per sample;
     ``proj_loss`` is a 0-dim tensor (see ``alignment_loss``; zero when ``zs`` is empty or None).
-    ``weighting="lognormal"`` draws EDM's log-normal sigma, ln sigma ~ N(P_mean, P_std^2), and maps it
-    to t (sigma / (1 + sigma) on the linear path, 2/pi atan(sigma) on the cosine one).
+    ``weighting="lognormal"`` draws a log-normal sigma, ln sigma ~ N(P_mean, P_std^2), and maps it to t
+    (sigma / (1 + sigma) on the linear path, 2/pi atan(sigma) on the cosine one). The defaults (0, 1)
+    are REPA's current code, exp of a standard normal; its first release named EDM's P_mean / P_std
+    without setting them (pass -1.2, 1.2 for EDM's).
     ``encoders``, ``accelerator``, ``latents_scale`` and ``latents_bias`` are accepted for REPA's
     signature and, as in REPA, not used by the loss.
     """
 
     def __init__(self, prediction: str = "v", path_type: str = "linear", weighting: str = "uniform",
                  encoders=None, accelerator=None, latents_scale=None, latents_bias=None,
-                 P_mean: float = -1.2, P_std: float = 1.2):
+                 P_mean: float = 0.0, P_std: float = 1.0):
         if prediction != "v":
             raise ValueError(f"prediction must be 'v' (REPA trains velocity only), got {prediction!r}")
         if path_type not in PATH_TYPES:
