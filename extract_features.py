@@ -28,6 +28,8 @@ def parse_args(argv=None) -> ExtractConfig:
     p.add_argument("--grayscale", action="store_true", help="one channel (only with --vae none)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="storage dtype (fast-DiT stored float32)")
+    p.add_argument("--keep-images", action="store_true",
+                   help="also store each cropped uint8 image beside its latents (REPA's encoder input)")
     # The deepspeed launcher appends --local_rank=N; the env (LOCAL_RANK) carries the same.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -224,14 +224,23 @@ class DiT(Module):
             return activation_checkpoint(block, x, c, use_reentrant=False)
         return block(x, c)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (N, C, H, W) noised images or latents, t (N,) diffusion timesteps, y (N,) class labels."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_hidden_at: int | None = None):
+        """x (N, C, H, W) noised images or latents, t (N,) diffusion timesteps, y (N,) class labels.
+
+        With ``return_hidden_at=k`` (1-based) also returns the (N, T, D) tokens after the first k blocks
+        (REPA's alignment tap): ``(output, hidden)``; the output itself is unchanged."""
+        if return_hidden_at is not None and not 1 <= return_hidden_at <= len(self.blocks):
+            raise ValueError(f"return_hidden_at must be in [1, {len(self.blocks)}], got {return_hidden_at}")
         tokens = self.x_embedder(x) + self.pos_embed               # (N, T, D), T = H * W / p**2
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
-        for blk in self.blocks:
+        hidden = None
+        for depth, blk in enumerate(self.blocks, start=1):
             tokens = self._run_block(blk, tokens, c)               # (N, T, D)
+            if depth == return_hidden_at:
+                hidden = tokens
         patches = self.final_layer(tokens, c)                      # (N, T, p * p * out_channels)
-        return self.unpatchify(patches)                            # (N, out_channels, H, W)
+        out = self.unpatchify(patches)                             # (N, out_channels, H, W)
+        return out if return_hidden_at is None else (out, hidden)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels: bool = False):
         """Classifier-free guidance. The batch is [conditional half, unconditional half] (labels y and

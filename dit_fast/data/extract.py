@@ -51,6 +51,9 @@ class ExtractConfig:
     """Pixel space only: store one grey channel instead of RGB."""
     dtype: str = "float32"
     """Storage dtype: float32 (as fast-DiT) or float16 (half the disk)."""
+    keep_images: bool = False
+    """Also store each cropped uint8 image (C, S, S) beside its latents, the input of REPA's encoder
+    (its flip is the mirror, made on read): 3 * S * S bytes an image, 192 KiB at 256 px."""
 
     def validate(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
@@ -79,6 +82,8 @@ def shard_fingerprint(cfg: ExtractConfig, folder: ImageFolder, shard: int) -> di
                 "dtype": cfg.dtype, "shard_size": cfg.shard_size}
     if not is_pixel_space(cfg.vae):  # the posterior noise depends on these; pixels don't
         settings.update(global_seed=cfg.global_seed, batch_size=cfg.batch_size)
+    if cfg.keep_images:  # only when set: shards extracted before the flag existed still match
+        settings.update(keep_images=True)
     return {"settings": settings, "files_sha256": h.hexdigest(), "num_files": len(items)}
 
 
@@ -221,9 +226,10 @@ def _run_shards(cfg, folder, shards, vae, latent_shape, ctx) -> None:
             for stale in Path(cfg.features_path).glob(f".{shard_name(shard)}.*"):
                 stale.unlink(missing_ok=True)  # left by a killed run
             cap = len(folder.samples[shard * cfg.shard_size : (shard + 1) * cfg.shard_size])
-            state = (shard, open_shard_writer(cfg.features_path, shard, cap, (2, *latent_shape),
-                                              cfg.dtype), [], [], 0)
-        _, buf, labels, skipped, row = state
+            buf = open_shard_writer(cfg.features_path, shard, cap, (2, *latent_shape), cfg.dtype)
+            images = _open_image_writer(cfg, shard, cap, folder)
+            state = (shard, (buf, images), [], [], 0)
+        _, (buf, images), labels, skipped, row = state
         for i, err in bad:
             path = folder.samples[i][0]
             tqdm.write(f"[rank {ctx.rank}] skipping unreadable image {path}: {err}",
@@ -235,16 +241,27 @@ def _run_shards(cfg, folder, shards, vae, latent_shape, ctx) -> None:
                 raise RuntimeError(f"encoder returned {tuple(z.shape[2:])}, "
                                    f"expected {latent_shape}")
             buf[row : row + len(good)] = z.float().cpu().numpy().astype(cfg.dtype)
+            if images is not None:
+                images[row : row + len(good)] = pixels.permute(0, 3, 1, 2).numpy()  # (B, C, S, S)
             labels.extend(folder.samples[i][1] for i in good)
             row += len(good)
-        state = (shard, buf, labels, skipped, row)
+        state = (shard, (buf, images), labels, skipped, row)
         bar.update(len(idx))
         if idx[-1] + 1 == min((shard + 1) * cfg.shard_size, len(folder)):  # shard complete
             meta = shard_fingerprint(cfg, folder, shard)
             meta.update(skipped=skipped, latent_shape=list(latent_shape))
-            finish_shard(cfg.features_path, shard, buf, row, np.asarray(labels, np.int64), meta)
+            finish_shard(cfg.features_path, shard, buf, row, np.asarray(labels, np.int64), meta,
+                         images=images)
             state = None
     bar.close()
+
+
+def _open_image_writer(cfg: ExtractConfig, shard: int, capacity: int, folder: ImageFolder):
+    """The uint8 (capacity, C, S, S) image buffer of a shard with --keep-images, else None."""
+    if not cfg.keep_images:
+        return None
+    shape = (1 if folder.grayscale else 3, cfg.image_size, cfg.image_size)
+    return open_shard_writer(cfg.features_path, shard, capacity, shape, "uint8", kind="images")
 
 
 def _write_final_index(cfg, folder, num_shards) -> dict:
@@ -272,7 +289,8 @@ def _write_final_index(cfg, folder, num_shards) -> dict:
     return write_index(cfg.features_path, shards=shards, latent_shape=shapes.pop(),
                        dtype=cfg.dtype, class_names=folder.classes, image_size=cfg.image_size,
                        vae=cfg.vae, flips="horizontal", latent_scale=_latent_scale(cfg),
-                       num_skipped=len(skipped), extract_settings=settings)
+                       num_skipped=len(skipped), extract_settings=settings,
+                       image_shape=metas[0].get("image_shape") if cfg.keep_images else None)
 
 
 def extract_features(cfg: ExtractConfig) -> dict | None:

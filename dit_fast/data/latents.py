@@ -7,6 +7,9 @@ Layout of a features directory (written by extract_features.py or ``write_latent
                                   shards [{name, count}], num_skipped
     shard-00000.latents.npy       (n, 2, C, h, w) float32|float16: [:, 0] the image, [:, 1] its
                                   horizontal flip (the trainer picks one per visit)
+    shard-00000.images.npy        only with --keep-images: (n, C, S, S) uint8, the cropped image
+                                  that slot 0 encodes (slot 1's image is its mirror, made on read);
+                                  index.json then has image_shape [C, S, S]
     shard-00000.labels.npy        (n,) int64
     shard-00000.meta.json         count, skipped paths and the settings fingerprint; written last,
                                   so its presence marks a finished shard (resume skips it)
@@ -51,34 +54,47 @@ def atomic_save_npy(arr: np.ndarray, path: str | os.PathLike) -> None:
 
 
 def open_shard_writer(out_dir: str | os.PathLike, shard: int, capacity: int,
-                      per_item_shape: tuple[int, ...], dtype: str) -> np.memmap:
-    """A writable memory-mapped temp .npy of shape (capacity, *per_item_shape) for one shard.
+                      per_item_shape: tuple[int, ...], dtype: str, kind: str = "latents") -> np.memmap:
+    """A writable memory-mapped temp .npy of shape (capacity, *per_item_shape) for one shard's
+    ``kind`` ("latents" or "images").
 
     Filling the shard through a memmap keeps host memory flat even for pixel-space shards of
     several GB; ``finish_shard`` renames it into place.
     """
     # ".partial", not ".tmp": finish_shard may write the final file via a .tmp of its own.
-    tmp = Path(out_dir) / f".{shard_name(shard)}.latents.npy.partial{os.getpid()}"
+    tmp = Path(out_dir) / f".{shard_name(shard)}.{kind}.npy.partial{os.getpid()}"
     return np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
                                      shape=(capacity, *per_item_shape))
 
 
 def finish_shard(out_dir: str | os.PathLike, shard: int, buf: np.memmap, count: int,
-                 labels: np.ndarray, meta: dict) -> None:
-    """Make a shard final: latents, then labels, then meta.json (the completion marker)."""
+                 labels: np.ndarray, meta: dict, images: np.memmap | None = None) -> None:
+    """Make a shard final: latents (and images), then labels, then meta.json (the completion
+    marker, which records ``image_shape`` when the shard has images)."""
     out_dir = Path(out_dir)
     name = shard_name(shard)
+    _publish_rows(buf, count, out_dir / f"{name}.latents.npy")
+    if images is not None:
+        _publish_rows(images, count, out_dir / f"{name}.images.npy")
+        meta = dict(meta, image_shape=list(images.shape[1:]))
+    atomic_save_npy(np.asarray(labels, dtype=np.int64), out_dir / f"{name}.labels.npy")
+    atomic_write_json(dict(meta, count=int(count)), out_dir / f"{name}.meta.json")
+
+
+def _publish_rows(buf: np.memmap, count: int, final: Path) -> None:
+    """Move the first ``count`` rows of a filled writer buffer to ``final``."""
     tmp = Path(buf.filename)
     buf.flush()
     if count < buf.shape[0]:  # images were skipped: rewrite with the exact row count
-        atomic_save_npy(np.asarray(buf[:count]), out_dir / f"{name}.latents.npy")
-        del buf
+        atomic_save_npy(np.asarray(buf[:count]), final)
         tmp.unlink()
     else:
-        del buf
-        publish(tmp, out_dir / f"{name}.latents.npy")
-    atomic_save_npy(np.asarray(labels, dtype=np.int64), out_dir / f"{name}.labels.npy")
-    atomic_write_json(dict(meta, count=int(count)), out_dir / f"{name}.meta.json")
+        publish(tmp, final)
+
+
+def shard_kinds(meta: dict) -> tuple[str, ...]:
+    """The .npy files a finished shard with this meta has."""
+    return ("latents", "labels") + (("images",) if meta.get("image_shape") else ())
 
 
 def read_shard_meta(out_dir: str | os.PathLike, shard: int) -> dict | None:
@@ -88,19 +104,21 @@ def read_shard_meta(out_dir: str | os.PathLike, shard: int) -> dict | None:
     meta_path = out_dir / f"{name}.meta.json"
     if not meta_path.exists():
         return None
-    if not all((out_dir / f"{name}.{kind}.npy").exists() for kind in ("latents", "labels")):
-        return None  # a file was removed after the fact: recompute this shard
     try:
-        return json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if not all((out_dir / f"{name}.{kind}.npy").exists() for kind in shard_kinds(meta)):
+        return None  # a file was removed after the fact: recompute this shard
+    return meta
 
 
 def write_latent_dataset(out_dir: str | os.PathLike, latents, labels, *, class_names,
                          image_size: int, vae: str = "none", flips: str = "horizontal",
                          dtype: str = "float32", shard_size: int = 4096,
-                         latent_scale: float | None = None) -> Path:
-    """Write in-memory (N, 2, C, h, w) latents and (N,) labels in the packed format.
+                         latent_scale: float | None = None, images=None) -> Path:
+    """Write in-memory (N, 2, C, h, w) latents and (N,) labels in the packed format, and the
+    (N, C, S, S) uint8 images when given (as ``--keep-images`` stores them).
 
     For tests, the bundled demo, and anyone with features from elsewhere. ``flips`` documents
     what slot 1 holds: "horizontal" (the flipped image) or "duplicate" (the same image twice).
@@ -111,6 +129,11 @@ def write_latent_dataset(out_dir: str | os.PathLike, latents, labels, *, class_n
         raise ValueError(f"latents must be (N, 2, C, h, w), got {latents.shape}")
     if labels.shape != (latents.shape[0],):
         raise ValueError(f"labels must be ({latents.shape[0]},), got {labels.shape}")
+    if images is not None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
+            raise ValueError(f"images must be uint8 ({len(labels)}, C, S, S), got {images.dtype} "
+                             f"{images.shape}")
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {dtype!r}")
     out_dir = Path(out_dir)
@@ -120,18 +143,27 @@ def write_latent_dataset(out_dir: str | os.PathLike, latents, labels, *, class_n
         stop = min(start + shard_size, len(labels))
         buf = open_shard_writer(out_dir, shard, stop - start, latents.shape[1:], dtype)
         buf[:] = latents[start:stop]
-        finish_shard(out_dir, shard, buf, stop - start, labels[start:stop], {"skipped": []})
+        pixels = None
+        if images is not None:
+            pixels = open_shard_writer(out_dir, shard, stop - start, images.shape[1:], "uint8",
+                                       kind="images")
+            pixels[:] = images[start:stop]
+        finish_shard(out_dir, shard, buf, stop - start, labels[start:stop], {"skipped": []},
+                     images=pixels)
         shards.append({"name": shard_name(shard), "count": stop - start})
     write_index(out_dir, shards=shards, latent_shape=latents.shape[2:], dtype=dtype,
                 class_names=class_names, image_size=image_size, vae=vae, flips=flips,
-                latent_scale=latent_scale)
+                latent_scale=latent_scale,
+                image_shape=None if images is None else images.shape[1:])
     return out_dir
 
 
 def write_index(out_dir: str | os.PathLike, *, shards: list[dict], latent_shape, dtype: str,
                 class_names, image_size: int, vae: str, flips: str = "horizontal",
-                latent_scale: float | None = None, num_skipped: int = 0, **extra) -> dict:
-    """Write index.json atomically (the last step: a directory without it is unfinished)."""
+                latent_scale: float | None = None, num_skipped: int = 0, image_shape=None,
+                **extra) -> dict:
+    """Write index.json atomically (the last step: a directory without it is unfinished).
+    ``image_shape`` [C, S, S]: the shards also hold the uint8 images (``--keep-images``)."""
     index = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "num_images": int(sum(s["count"] for s in shards)),
@@ -140,6 +172,8 @@ def write_index(out_dir: str | os.PathLike, *, shards: list[dict], latent_shape,
         "image_size": int(image_size), "vae": vae, "latent_scale": latent_scale,
         "flips": flips, "shards": shards, "num_skipped": int(num_skipped), **extra,
     }
+    if image_shape is not None:  # absent otherwise: an index without images reads as before
+        index["image_shape"] = [int(v) for v in image_shape]
     atomic_write_json(index, Path(out_dir) / INDEX_NAME)
     return index
 
@@ -184,7 +218,8 @@ class LatentDataset(torch.utils.data.Dataset):
 
     Slot 0 is the image, slot 1 its horizontal flip (the same image twice when
     ``flips == "duplicate"``). Attributes: ``latent_shape`` (C, h, w), ``num_classes``,
-    ``class_names``, ``image_size``, ``vae``, ``latent_scale``, ``flips``, ``labels`` (int64 array).
+    ``class_names``, ``image_size``, ``vae``, ``latent_scale``, ``flips``, ``labels`` (int64 array),
+    ``image_shape`` ((C, S, S) when the shards hold images, else None; see ``get_image``).
     All files are checked here, so a broken directory fails before any training step.
     """
 
@@ -200,15 +235,18 @@ class LatentDataset(torch.utils.data.Dataset):
         self.latent_scale = index.get("latent_scale")
         self.flips = index.get("flips", "horizontal")
         self.dtype = index["dtype"]
+        shape = index.get("image_shape")
+        self.image_shape = tuple(int(v) for v in shape) if shape else None
         self._shard_names = [s["name"] for s in index["shards"]]
         counts = [int(s["count"]) for s in index["shards"]]
         self._starts = np.cumsum([0] + counts).tolist()
         self.labels = np.concatenate([self._check_shard(n, c) for n, c in
                                       zip(self._shard_names, counts)] or [np.zeros(0, np.int64)])
-        self._mmaps: dict[int, np.ndarray] = {}
+        self._mmaps: dict[tuple[str, int], np.ndarray] = {}
 
     def _check_shard(self, name: str, count: int) -> np.ndarray:
-        files = {k: self.path / f"{name}.{k}.npy" for k in ("latents", "labels")}
+        kinds = ("latents", "labels") + (("images",) if self.image_shape else ())
+        files = {k: self.path / f"{name}.{k}.npy" for k in kinds}
         for f in files.values():
             if not f.exists():
                 raise FileNotFoundError(f"shard file {str(f)!r} listed in {INDEX_NAME} is missing; "
@@ -216,6 +254,7 @@ class LatentDataset(torch.utils.data.Dataset):
         try:
             lat = np.load(files["latents"], mmap_mode="r")
             labels = np.load(files["labels"])
+            images = np.load(files["images"], mmap_mode="r") if self.image_shape else None
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read shard {name} in {str(self.path)!r}: {err}; delete its "
                              "files and rerun extract_features.py") from err
@@ -224,16 +263,21 @@ class LatentDataset(torch.utils.data.Dataset):
             raise ValueError(f"shard {name}: latents {lat.shape} / labels {labels.shape}, but "
                              f"{INDEX_NAME} says {want} / ({count},); delete the shard's files "
                              "and rerun extract_features.py")
+        if images is not None and (images.shape != (count, *self.image_shape)
+                                   or images.dtype != np.uint8):
+            raise ValueError(f"shard {name}: images {images.dtype} {images.shape}, but {INDEX_NAME} "
+                             f"says uint8 {(count, *self.image_shape)}; delete the shard's files "
+                             "and rerun extract_features.py --keep-images")
         return labels.astype(np.int64, copy=False)
 
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def _shard(self, k: int) -> np.ndarray:
-        if k not in self._mmaps:  # opened lazily so DataLoader workers each map their own
-            self._mmaps[k] = np.load(self.path / f"{self._shard_names[k]}.latents.npy",
-                                     mmap_mode="r")
-        return self._mmaps[k]
+    def _shard(self, k: int, kind: str = "latents") -> np.ndarray:
+        if (kind, k) not in self._mmaps:  # opened lazily so DataLoader workers each map their own
+            self._mmaps[kind, k] = np.load(self.path / f"{self._shard_names[k]}.{kind}.npy",
+                                           mmap_mode="r")
+        return self._mmaps[kind, k]
 
     def __getstate__(self):
         # Pickling a memmap copies its data; workers reopen the files instead.
@@ -258,6 +302,19 @@ class LatentDataset(torch.utils.data.Dataset):
         i, k, j = self._locate(i)
         row = np.array(self._shard(k)[j, flip], dtype=np.float32)  # (C, h, w)
         return torch.from_numpy(row), int(self.labels[i])
+
+    def get_image(self, i: int, flip: int) -> torch.Tensor:
+        """The uint8 (C, S, S) image whose latents are ``get(i, flip)``: slot 1 is its mirror
+        (the image itself when ``flips == "duplicate"``)."""
+        if self.image_shape is None:
+            raise ValueError(f"{str(self.path)!r} holds no images; extract the features with "
+                             "--keep-images for REPA")
+        if flip not in (0, 1):
+            raise ValueError(f"flip must be 0 (image) or 1 (mirror), got {flip!r}")
+        _, k, j = self._locate(i)
+        image = self._shard(k, "images")[j]                       # (C, S, S) uint8, memory-mapped
+        mirrored = flip and self.flips == "horizontal"
+        return torch.from_numpy(np.array(image[..., ::-1] if mirrored else image))
 
     def check_labels(self, num_classes: int) -> None:
         """Raise ValueError naming each label value outside [0, num_classes) and its count."""
