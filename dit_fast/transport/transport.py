@@ -1,0 +1,155 @@
+"""The transport: which path, what the network predicts, how the loss is weighted, and the time interval.
+
+Written from the SiT paper (Ma et al. 2024, arXiv 2401.08740) and the stochastic interpolants paper
+(Albergo, Boffi & Vanden-Eijnden 2023), keeping SiT's conventions so seeded runs give SiT's numbers:
+t = 0 is noise and t = 1 data; a training step draws the noise ``x0 = randn_like(x1)`` first and then
+``t = rand(N)`` from the default CPU generator, moved to x1's device and dtype afterwards.
+"""
+from __future__ import annotations
+
+import enum
+import math
+
+import torch
+
+from . import paths
+
+
+class ModelType(enum.Enum):
+    """What the network predicts."""
+    NOISE = enum.auto()      # eps, the x0 of the path
+    SCORE = enum.auto()      # grad log p_t(x)
+    VELOCITY = enum.auto()   # d x_t / dt
+
+
+class PathType(enum.Enum):
+    """Which interpolant."""
+    LINEAR = enum.auto()
+    GVP = enum.auto()
+    VP = enum.auto()
+
+
+class WeightType(enum.Enum):
+    """How the score/noise loss is weighted over time (the velocity loss is never weighted)."""
+    NONE = enum.auto()
+    VELOCITY = enum.auto()     # (drift_var / sigma_t)^2: the score loss becomes a velocity-scale loss
+    LIKELIHOOD = enum.auto()   # drift_var / sigma_t^2: the weighting that bounds the likelihood
+
+
+PATHS = {PathType.LINEAR: paths.LinearPath, PathType.GVP: paths.GVPPath, PathType.VP: paths.VPPath}
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the first: (N, ...) -> (N,)."""
+    return x.mean(dim=tuple(range(1, x.dim())))
+
+
+class Transport:
+    """A path, a model type, a loss weighting and the eps that keep t away from singular ends.
+
+    Build it with ``create_transport``; the attribute names are SiT's (``path_sampler``, ``model_type``,
+    ``loss_type``, ``train_eps``, ``sample_eps``)."""
+
+    def __init__(self, *, model_type, path_type, loss_type, train_eps, sample_eps):
+        self.model_type, self.loss_type = model_type, loss_type
+        self.path_type = path_type
+        self.path_sampler = PATHS[path_type]()
+        self.train_eps, self.sample_eps = train_eps, sample_eps
+
+    def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
+        """log N(z; 0, I) per sample: (N, ...) -> (N,)."""
+        dims = z[0].numel()
+        return -0.5 * dims * math.log(2 * math.pi) - z.pow(2).flatten(1).sum(1) / 2
+
+    def check_interval(self, train_eps, sample_eps, *, diffusion_form="SBDM", sde=False, reverse=False,
+                       eval=False, last_step_size=0.0):
+        """(t0, t1): the times a step may use. VP is singular at t = 1 (sigma -> 0 over its short
+        horizon), so it stops eps short of data. Linear/GVP are singular at both ends for score and
+        noise models (1/t, 1/sigma) and for SDEs, so those stay eps inside [0, 1]; a velocity ODE
+        on them runs on all of [0, 1]. An SDE with a final denoising step ends ``last_step_size``
+        before 1 instead. ``reverse`` maps the interval to 1 - t (data to noise)."""
+        eps = sample_eps if eval else train_eps
+        end = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
+        t0, t1 = 0, 1
+        if self.path_type == PathType.VP:
+            t1 = end
+        elif self.model_type != ModelType.VELOCITY or sde:
+            starts_inside = (sde and diffusion_form == "SBDM") or self.model_type != ModelType.VELOCITY
+            t0, t1 = (eps if starts_inside else 0), end
+        if reverse:
+            return 1 - t0, 1 - t1
+        return t0, t1
+
+    def sample(self, x1: torch.Tensor):
+        """(t, x0, x1) for a training batch: noise first, then t, as SiT draws them."""
+        x0 = torch.randn_like(x1)
+        t0, t1 = self.check_interval(self.train_eps, self.sample_eps)
+        # t is drawn on the CPU generator whatever x1's device (SiT's order and stream), then moved.
+        t = torch.rand((x1.shape[0],)) * (t1 - t0) + t0
+        return t.to(x1), x0, x1
+
+    def _loss_weight(self, xt, t):
+        if self.loss_type == WeightType.NONE:
+            return 1
+        _, drift_var = self.path_sampler.compute_drift(xt, t)
+        sigma = self.path_sampler.compute_sigma_t(paths.expand_t_like_x(t, xt))[0]
+        if self.loss_type == WeightType.VELOCITY:
+            return (drift_var / sigma) ** 2
+        if self.loss_type == WeightType.LIKELIHOOD:
+            return drift_var / sigma ** 2
+        raise NotImplementedError(f"loss weighting {self.loss_type}")
+
+    def training_losses(self, model, x1, model_kwargs=None):
+        """{"loss": (N,) per-sample loss, "pred": the model output} for a data batch x1 (N, C, H, W).
+
+        model(x_t, t, **model_kwargs) must return x1's shape: wrap a learned-sigma DiT with
+        ``drop_learned_sigma``. Velocity: |v - u_t|^2. Noise: w |eps_hat - x0|^2. Score:
+        w |sigma_t s + x0|^2, i.e. the noise loss of -sigma_t s. The weight w is 1, (drift_var /
+        sigma_t)^2 or drift_var / sigma_t^2 for loss_weight None, "velocity" or "likelihood"."""
+        t, x0, x1 = self.sample(x1)
+        t, xt, ut = self.path_sampler.plan(t, x0, x1)
+        pred = model(xt, t, **(model_kwargs or {}))
+        check_model_output(pred, xt)
+        if self.model_type == ModelType.VELOCITY:
+            return {"pred": pred, "loss": mean_flat((pred - ut) ** 2)}
+        weight = self._loss_weight(xt, t)
+        if self.model_type == ModelType.NOISE:
+            error = pred - x0
+        else:
+            sigma = self.path_sampler.compute_sigma_t(paths.expand_t_like_x(t, xt))[0]
+            error = pred * sigma + x0
+        return {"pred": pred, "loss": mean_flat(weight * error ** 2)}
+
+    def velocity_and_score(self, output, x, t, *, need_score=True):
+        """(probability-flow velocity, score or None) of x at times t (N,) from one model output."""
+        path = self.path_sampler
+        if self.model_type == ModelType.VELOCITY:
+            score = path.get_score_from_velocity(output, x, t) if need_score else None
+            return output, score
+        if self.model_type == ModelType.NOISE:
+            score = output / -path.compute_sigma_t(paths.expand_t_like_x(t, x))[0]
+        else:
+            score = output
+        drift_mean, drift_var = path.compute_drift(x, t)
+        return -drift_mean + drift_var * score, score
+
+    def get_drift(self):
+        """drift(x, t, model, **model_kwargs): the probability-flow ODE's velocity field."""
+        def drift(x, t, model, **model_kwargs):
+            output = model(x, t, **model_kwargs)
+            check_model_output(output, x)
+            return self.velocity_and_score(output, x, t, need_score=False)[0]
+        return drift
+
+    def get_score(self):
+        """score(x, t, model, **model_kwargs): grad log p_t(x) from whatever the model predicts."""
+        def score(x, t, model, **model_kwargs):
+            return self.velocity_and_score(model(x, t, **model_kwargs), x, t)[1]
+        return score
+
+
+def check_model_output(output, x):
+    """Raise unless the model output has x's shape (a learned-sigma model returns twice its channels)."""
+    if output.shape != x.shape:
+        raise ValueError(f"the model returned {tuple(output.shape)} for x of {tuple(x.shape)}; a model with "
+                         "learned sigma must be wrapped in drop_learned_sigma")
