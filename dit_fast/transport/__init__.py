@@ -27,11 +27,9 @@ _VP_TRAIN_EPS, _VP_SAMPLE_EPS, _SINGULAR_EPS = 1e-5, 1e-3, 1e-3
 
 
 def _lookup(table, value, what):
-    try:
-        return table[value]
-    except KeyError:
-        names = ", ".join(repr(k) for k in table)
-        raise ValueError(f"unknown {what} {value!r}; choose one of {names}") from None
+    if value not in table:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(repr(k) for k in table)}")
+    return table[value]
 
 
 def _eps_interval(path_type, model_type, train_eps, sample_eps):

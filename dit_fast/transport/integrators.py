@@ -128,9 +128,7 @@ def stochastic_heun_step(drift, diffusion, x, t, dt, sqrt_dt, noise_on_device):
 
 def sde_stepper(method: str):
     """The step function of an SDE method: "Euler" (Euler-Maruyama) or "Heun"."""
-    steppers = {"euler": euler_maruyama_step, "heun": stochastic_heun_step}
-    try:
-        return steppers[method.lower()]
-    except KeyError:
-        raise NotImplementedError(f"SDE sampling_method {method!r} is not one of {', '.join(SDE_METHODS)}") \
-            from None
+    stepper = {"euler": euler_maruyama_step, "heun": stochastic_heun_step}.get(str(method).lower())
+    if stepper is None:
+        raise NotImplementedError(f"SDE sampling_method {method!r} is not one of {', '.join(SDE_METHODS)}")
+    return stepper

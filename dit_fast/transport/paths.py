@@ -9,8 +9,8 @@ alpha_t, sigma_t and their time derivatives; everything else follows from them:
   which SiT writes as ``v = -drift_mean + drift_var * s`` (``compute_drift`` returns the pair);
 - the conversions between velocity, score and noise (s = -eps / sigma_t) obtained by solving it.
 
-Method names are SiT's (``transport.path_sampler.compute_alpha_t`` and so on), so code that reaches
-into a SiT path keeps working. Constants: VP uses beta_min = 0.1, beta_max = 20 (SiT's sigma_min and
+SiT's method names (``transport.path_sampler.compute_alpha_t`` and so on) answer too, so code that
+reaches into a SiT path keeps working. Constants: VP uses beta_min = 0.1, beta_max = 20 (SiT's sigma_min and
 sigma_max), the usual VP-SDE values of Song et al. 2021.
 """
 from __future__ import annotations
@@ -29,105 +29,113 @@ def expand_t_like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+_per_sample = expand_t_like_x
+
+# SiT's method name -> ours.
+_SIT_NAMES = {"compute_alpha_t": "alpha", "compute_sigma_t": "sigma", "compute_d_alpha_alpha_ratio_t": "d_log_alpha",
+              "compute_drift": "score_drift", "compute_diffusion": "diffusion_coefficient",
+              "get_score_from_velocity": "score_from_velocity", "get_noise_from_velocity": "noise_from_velocity",
+              "get_velocity_from_score": "velocity_from_score", "compute_mu_t": "point", "compute_xt": "point",
+              "compute_ut": "path_velocity", "plan": "interpolate"}
+
+
 class LinearPath:
     """alpha_t = t, sigma_t = 1 - t: the straight line of rectified flow / SiT's "Linear"."""
 
-    def compute_alpha_t(self, t):
-        """(alpha_t, d alpha_t / dt)."""
+    def __getattr__(self, name):
+        if name in _SIT_NAMES:
+            return getattr(self, _SIT_NAMES[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def alpha(self, t):
+        """(alpha_t, d alpha_t / dt): the data coefficient and its rate."""
         return t, 1
 
-    def compute_sigma_t(self, t):
-        """(sigma_t, d sigma_t / dt)."""
+    def sigma(self, t):
+        """(sigma_t, d sigma_t / dt): the noise coefficient and its rate."""
         return 1 - t, -1
 
-    def compute_d_alpha_alpha_ratio_t(self, t):
+    def d_log_alpha(self, t):
         """d_alpha_t / alpha_t, written per path where the plain quotient would lose precision."""
         return 1 / t
 
-    def compute_drift(self, x, t):
+    def score_drift(self, x, t):
         """(drift_mean, drift_var) with v = -drift_mean + drift_var * score; t is (N,)."""
-        t = expand_t_like_x(t, x)
-        ratio = self.compute_d_alpha_alpha_ratio_t(t)
-        sigma, d_sigma = self.compute_sigma_t(t)
-        return -(ratio * x), ratio * sigma ** 2 - sigma * d_sigma
+        t = _per_sample(t, x)
+        rate = self.d_log_alpha(t)
+        sigma, d_sigma = self.sigma(t)
+        return -(rate * x), rate * sigma ** 2 - sigma * d_sigma
 
-    def compute_diffusion(self, x, t, form="constant", norm=1.0):
+    def diffusion_coefficient(self, x, t, form="constant", norm=1.0):
         """The SDE's diffusion coefficient w_t (the SDE adds w_t * score to the drift and noise of
         variance 2 * w_t * dt). ``form`` is one of DIFFUSION_FORMS; ``norm`` scales it."""
         form = _FORM_ALIASES.get(form, form)
-        t = expand_t_like_x(t, x)
+        tt = _per_sample(t, x)
         if form == "constant":
             # SiT returns the bare float here, which its sqrt then rejects; a tensor works everywhere.
-            return torch.full_like(t, norm)
+            return torch.full_like(tt, norm)
         if form == "SBDM":
-            return norm * self.compute_drift(x, t)[1]
+            return norm * self.score_drift(x, tt)[1]
         if form == "sigma":
-            return norm * self.compute_sigma_t(t)[0]
+            return norm * self.sigma(tt)[0]
         if form == "linear":
-            return norm * (1 - t)
+            return norm * (1 - tt)
         if form == "decreasing":
-            return 0.25 * (norm * torch.cos(math.pi * t) + 1) ** 2
+            return 0.25 * (norm * torch.cos(math.pi * tt) + 1) ** 2
         if form == "increasing-decreasing":
-            return norm * torch.sin(math.pi * t) ** 2
+            return norm * torch.sin(math.pi * tt) ** 2
         raise NotImplementedError(f"diffusion form {form!r} is not one of {', '.join(DIFFUSION_FORMS)}")
 
-    def _alpha_over_d_alpha(self, t):
-        alpha, d_alpha = self.compute_alpha_t(t)
-        return alpha / d_alpha
+    def _solve_for_score_direction(self, velocity, x, t):
+        # v = (d_alpha / alpha) (x + (sigma^2 - (alpha / d_alpha) sigma d_sigma) s); returns
+        # (alpha / d_alpha) v - x, the coefficient's ingredients and sigma.
+        alpha, d_alpha = self.alpha(t)
+        inv_rate = alpha / d_alpha
+        sigma, d_sigma = self.sigma(t)
+        return inv_rate * velocity - x, inv_rate, sigma, d_sigma
 
-    def get_score_from_velocity(self, velocity, x, t):
+    def score_from_velocity(self, velocity, x, t):
         """Score from a velocity: solve v = (d_alpha / alpha) x + (d_alpha / alpha sigma^2 - sigma d_sigma) s."""
-        t = expand_t_like_x(t, x)
-        inv_ratio = self._alpha_over_d_alpha(t)
-        sigma, d_sigma = self.compute_sigma_t(t)
-        denominator = sigma ** 2 - inv_ratio * d_sigma * sigma
-        return (inv_ratio * velocity - x) / denominator
+        lhs, inv_rate, sigma, d_sigma = self._solve_for_score_direction(velocity, x, _per_sample(t, x))
+        return lhs / (sigma ** 2 - inv_rate * d_sigma * sigma)
 
-    def get_noise_from_velocity(self, velocity, x, t):
-        """Noise eps from a velocity, the same equation with s = -eps / sigma."""
-        t = expand_t_like_x(t, x)
-        inv_ratio = self._alpha_over_d_alpha(t)
-        sigma, d_sigma = self.compute_sigma_t(t)
-        denominator = inv_ratio * d_sigma - sigma
-        return (inv_ratio * velocity - x) / denominator
+    def noise_from_velocity(self, velocity, x, t):
+        """Noise eps from a velocity: the same equation with s = -eps / sigma."""
+        lhs, inv_rate, sigma, d_sigma = self._solve_for_score_direction(velocity, x, _per_sample(t, x))
+        return lhs / (inv_rate * d_sigma - sigma)
 
-    def get_velocity_from_score(self, score, x, t):
+    def velocity_from_score(self, score, x, t):
         """Velocity from a score: -drift_mean + drift_var * score."""
-        drift_mean, drift_var = self.compute_drift(x, expand_t_like_x(t, x))
+        drift_mean, drift_var = self.score_drift(x, _per_sample(t, x))
         return drift_var * score - drift_mean
 
-    def compute_mu_t(self, t, x0, x1):
-        """The point x_t = alpha_t x1 + sigma_t x0 on the path (t is (N,))."""
-        t = expand_t_like_x(t, x1)
-        return self.compute_alpha_t(t)[0] * x1 + self.compute_sigma_t(t)[0] * x0
+    def point(self, t, x0, x1):
+        """x_t = alpha_t x1 + sigma_t x0 for noise x0, data x1 and times t (N,)."""
+        tt = _per_sample(t, x1)
+        return self.alpha(tt)[0] * x1 + self.sigma(tt)[0] * x0
 
-    def compute_xt(self, t, x0, x1):
-        """x_t; the paths here are deterministic given (x0, x1), so it is the mean itself."""
-        return self.compute_mu_t(t, x0, x1)
+    def path_velocity(self, t, x0, x1, xt=None):
+        """u_t = d_alpha_t x1 + d_sigma_t x0 (xt unused; SiT's signature has it)."""
+        tt = _per_sample(t, x1)
+        return self.alpha(tt)[1] * x1 + self.sigma(tt)[1] * x0
 
-    def compute_ut(self, t, x0, x1, xt):
-        """The path's velocity u_t = d_alpha_t x1 + d_sigma_t x0 (xt unused, kept for SiT's signature)."""
-        t = expand_t_like_x(t, x1)
-        return self.compute_alpha_t(t)[1] * x1 + self.compute_sigma_t(t)[1] * x0
-
-    def plan(self, t, x0, x1):
+    def interpolate(self, t, x0, x1):
         """(t, x_t, u_t) for a batch of noise x0, data x1 and times t (N,)."""
-        xt = self.compute_xt(t, x0, x1)
-        return t, xt, self.compute_ut(t, x0, x1, xt)
+        return t, self.point(t, x0, x1), self.path_velocity(t, x0, x1)
 
 
 class GVPPath(LinearPath):
     """alpha_t = sin(pi t / 2), sigma_t = cos(pi t / 2): variance preserving, alpha^2 + sigma^2 = 1."""
 
-    def compute_alpha_t(self, t):
+    def alpha(self, t):
         angle = t * (math.pi / 2)
         return torch.sin(angle), math.pi / 2 * torch.cos(angle)
 
-    def compute_sigma_t(self, t):
+    def sigma(self, t):
         angle = t * (math.pi / 2)
         return torch.cos(angle), -math.pi / 2 * torch.sin(angle)
 
-    def compute_d_alpha_alpha_ratio_t(self, t):
+    def d_log_alpha(self, t):
         return math.pi / (2 * torch.tan(t * (math.pi / 2)))
 
 
@@ -144,27 +152,23 @@ class VPPath(LinearPath):
         s = 1 - t
         return -0.25 * s ** 2 * (self.sigma_max - self.sigma_min) - 0.5 * s * self.sigma_min
 
-    def _d_log_alpha(self, t):
+    def d_log_alpha(self, t):
         # d/dt log alpha_t = beta(1 - t) / 2.
         return 0.5 * (1 - t) * (self.sigma_max - self.sigma_min) + 0.5 * self.sigma_min
 
-    def compute_alpha_t(self, t):
-        alpha = torch.exp(self._log_alpha(t))
-        return alpha, alpha * self._d_log_alpha(t)
+    def alpha(self, t):
+        value = torch.exp(self._log_alpha(t))
+        return value, value * self.d_log_alpha(t)
 
-    def compute_sigma_t(self, t):
+    def sigma(self, t):
         alpha_sq = torch.exp(2 * self._log_alpha(t))
-        sigma = torch.sqrt(1 - alpha_sq)
+        value = torch.sqrt(1 - alpha_sq)
         # d sigma / dt = -alpha * d_alpha / sigma = alpha^2 * (2 d log alpha) / (-2 sigma).
-        return sigma, alpha_sq * (2 * self._d_log_alpha(t)) / (-2 * sigma)
+        return value, alpha_sq * (2 * self.d_log_alpha(t)) / (-2 * value)
 
-    def compute_d_alpha_alpha_ratio_t(self, t):
-        return self._d_log_alpha(t)
-
-    def compute_drift(self, x, t):
+    def score_drift(self, x, t):
         # For a VP path drift_var = beta / 2 exactly (alpha^2 + sigma^2 = 1), written directly.
-        t = expand_t_like_x(t, x)
-        beta = self.sigma_min + (1 - t) * (self.sigma_max - self.sigma_min)
+        beta = self.sigma_min + (1 - _per_sample(t, x)) * (self.sigma_max - self.sigma_min)
         return -0.5 * beta * x, beta / 2
 
 

@@ -26,15 +26,13 @@ class Sampler:
     """ODE and SDE samplers for one Transport (SiT's ``Sampler``)."""
 
     def __init__(self, transport: Transport):
-        self.transport = transport
-        self.drift = transport.get_drift()
-        self.score = transport.get_score()
+        self.transport, self.drift, self.score = transport, transport.get_drift(), transport.get_score()
 
     def _sde_drift_and_diffusion(self, diffusion_form, diffusion_norm):
         path, transport = self.transport.path_sampler, self.transport
 
         def diffusion(x, t):
-            return path.compute_diffusion(x, t, form=diffusion_form, norm=diffusion_norm)
+            return path.diffusion_coefficient(x, t, form=diffusion_form, norm=diffusion_norm)
 
         def sde_drift(x, t, model, **model_kwargs):
             output = model(x, t, **model_kwargs)
@@ -47,8 +45,8 @@ class Sampler:
         """The final step from t1 (short of data) to the sample: the SDE's mean ("Mean"), the
         posterior mean E[x1 | x] = (x + sigma^2 score) / alpha ("Tweedie"), an ODE step ("Euler"),
         or nothing (None)."""
-        if last_step is None:
-            return lambda x, t, model, **kw: x
+        if last_step not in LAST_STEPS:
+            raise NotImplementedError(f"last_step {last_step!r} is not one of {LAST_STEPS}")
         if last_step == "Mean":
             return lambda x, t, model, **kw: x + sde_drift(x, t, model, **kw) * last_step_size
         if last_step == "Euler":
@@ -58,10 +56,10 @@ class Sampler:
 
             def tweedie(x, t, model, **kw):
                 # Every sample sits at the same time: one scalar alpha and sigma, from the first.
-                alpha, sigma = path.compute_alpha_t(t)[0][0], path.compute_sigma_t(t)[0][0]
+                alpha, sigma = path.alpha(t)[0][0], path.sigma(t)[0][0]
                 return x / alpha + sigma ** 2 / alpha * self.score(x, t, model, **kw)
             return tweedie
-        raise NotImplementedError(f"last_step {last_step!r} is not one of {LAST_STEPS}")
+        return lambda x, t, model, **kw: x   # None: the last SDE state is the sample
 
     def sample_sde(self, *, sampling_method="Euler", diffusion_form="SBDM", diffusion_norm=1.0,
                    last_step="Mean", last_step_size=0.04, num_steps=250, noise_on_device=False):
@@ -72,8 +70,7 @@ class Sampler:
         then ``last_step`` of size last_step_size. diffusion_form / diffusion_norm choose w_t
         (paths.DIFFUSION_FORMS). The step noise comes from the CPU generator as in SiT, unless
         ``noise_on_device`` (our addition) draws it on z's device."""
-        if last_step is None:
-            last_step_size = 0.0
+        last_step_size = 0.0 if last_step is None else last_step_size
         stepper = integrators.sde_stepper(sampling_method)
         sde_drift, diffusion = self._sde_drift_and_diffusion(diffusion_form, diffusion_norm)
         t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps,
@@ -83,8 +80,11 @@ class Sampler:
             raise ValueError(f"the SDE runs forward in time; got t0={t0} >= t1={t1}")
         finish = self._last_step(sde_drift, last_step, last_step_size)
 
-        @torch.no_grad()
         def sample(z, model, **model_kwargs):
+            with torch.no_grad():
+                return integrate(z, model, **model_kwargs)
+
+        def integrate(z, model, **model_kwargs):
             grid = integrators.time_grid(t0, t1, num_steps, z.device)
             dt = grid[1] - grid[0]
             sqrt_dt = torch.sqrt(dt)
@@ -110,14 +110,14 @@ class Sampler:
         num_steps grid points; any other name is a torchdiffeq method (adaptive ones use atol / rtol and
         report the grid points by interpolation). ``reverse`` integrates from data to noise."""
         t0, t1 = self._ode_interval(reverse)
-        drift = self.drift
+        velocity_field = self.drift
 
         def sample(z, model, **model_kwargs):
             first = z[0] if isinstance(z, tuple) else z
 
             def f(t, x):
                 # SiT's time vector is float32 whatever the sample's dtype.
-                return drift(x, torch.ones(first.shape[0], device=first.device) * t, model, **model_kwargs)
+                return velocity_field(x, torch.ones(first.shape[0], device=first.device) * t, model, **model_kwargs)
             grid = integrators.time_grid(t0, t1, num_steps, first.device)
             return integrators.solve_ode(f, z, grid, method=sampling_method, atol=atol, rtol=rtol)
         return sample
@@ -127,16 +127,17 @@ class Sampler:
 
         Integrates the ODE from data to noise with the divergence estimated by Hutchinson's trick
         (one Rademacher probe per drift evaluation): log p(x) = log N(z) - int div v dt."""
-        drift = self.drift
+        velocity_field = self.drift
         t0, t1 = self._ode_interval(False)
 
-        def augmented(x, t, model, **model_kwargs):
-            x, _ = x
+        def augmented(state, s, model, **model_kwargs):
+            # The grid runs forward; the model sees t = 1 - s, so x moves from data towards noise.
+            x = state[0]
             probe = torch.randint(2, x.size(), dtype=torch.float, device=x.device) * 2 - 1
-            t = torch.ones_like(t) * (1 - t)
-            with torch.enable_grad():
+            t = torch.ones_like(s) * (1 - s)
+            with torch.set_grad_enabled(True):
                 x = x.detach().requires_grad_(True)
-                v = drift(x, t, model, **model_kwargs)
+                v = velocity_field(x, t, model, **model_kwargs)
                 grad = torch.autograd.grad((v * probe).sum(), x)[0]
             divergence = (grad * probe).sum(dim=tuple(range(1, x.dim())))
             return -v.detach(), divergence

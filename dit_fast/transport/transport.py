@@ -15,25 +15,15 @@ import torch
 from . import paths
 
 
-class ModelType(enum.Enum):
-    """What the network predicts."""
-    NOISE = enum.auto()      # eps, the x0 of the path
-    SCORE = enum.auto()      # grad log p_t(x)
-    VELOCITY = enum.auto()   # d x_t / dt
-
-
-class PathType(enum.Enum):
-    """Which interpolant."""
-    LINEAR = enum.auto()
-    GVP = enum.auto()
-    VP = enum.auto()
-
-
-class WeightType(enum.Enum):
-    """How the score/noise loss is weighted over time (the velocity loss is never weighted)."""
-    NONE = enum.auto()
-    VELOCITY = enum.auto()     # (drift_var / sigma_t)^2: the score loss becomes a velocity-scale loss
-    LIKELIHOOD = enum.auto()   # drift_var / sigma_t^2: the weighting that bounds the likelihood
+# The members' order gives SiT's values (1, 2, 3), so pickled or compared values agree with SiT's.
+ModelType = enum.Enum("ModelType", "NOISE SCORE VELOCITY", module=__name__)
+ModelType.__doc__ = "What the network predicts: eps (NOISE), grad log p_t (SCORE) or d x_t / dt (VELOCITY)."
+PathType = enum.Enum("PathType", "LINEAR GVP VP", module=__name__)
+PathType.__doc__ = "Which interpolant: Linear, GVP or VP."
+WeightType = enum.Enum("WeightType", "NONE VELOCITY LIKELIHOOD", module=__name__)
+WeightType.__doc__ = ("How the score / noise loss is weighted over time: not at all, by (drift_var / sigma_t)^2 "
+                      "(a velocity-scale loss) or by drift_var / sigma_t^2 (the likelihood weighting). The "
+                      "velocity loss is never weighted.")
 
 
 PATHS = {PathType.LINEAR: paths.LinearPath, PathType.GVP: paths.GVPPath, PathType.VP: paths.VPPath}
@@ -76,23 +66,21 @@ class Transport:
         elif self.model_type != ModelType.VELOCITY or sde:
             starts_inside = (sde and diffusion_form == "SBDM") or self.model_type != ModelType.VELOCITY
             t0, t1 = (eps if starts_inside else 0), end
-        if reverse:
-            return 1 - t0, 1 - t1
-        return t0, t1
+        return (1 - t0, 1 - t1) if reverse else (t0, t1)
 
     def sample(self, x1: torch.Tensor):
         """(t, x0, x1) for a training batch: noise first, then t, as SiT draws them."""
-        x0 = torch.randn_like(x1)
-        t0, t1 = self.check_interval(self.train_eps, self.sample_eps)
+        noise = torch.randn_like(x1)
+        lo, hi = self.check_interval(self.train_eps, self.sample_eps)
         # t is drawn on the CPU generator whatever x1's device (SiT's order and stream), then moved.
-        t = torch.rand((x1.shape[0],)) * (t1 - t0) + t0
-        return t.to(x1), x0, x1
+        t = torch.rand(len(x1)) * (hi - lo) + lo
+        return t.to(x1), noise, x1
 
     def _loss_weight(self, xt, t):
         if self.loss_type == WeightType.NONE:
             return 1
-        _, drift_var = self.path_sampler.compute_drift(xt, t)
-        sigma = self.path_sampler.compute_sigma_t(paths.expand_t_like_x(t, xt))[0]
+        drift_var = self.path_sampler.score_drift(xt, t)[1]
+        sigma = self.path_sampler.sigma(paths.expand_t_like_x(t, xt))[0]
         if self.loss_type == WeightType.VELOCITY:
             return (drift_var / sigma) ** 2
         if self.loss_type == WeightType.LIKELIHOOD:
@@ -106,31 +94,28 @@ class Transport:
         ``drop_learned_sigma``. Velocity: |v - u_t|^2. Noise: w |eps_hat - x0|^2. Score:
         w |sigma_t s + x0|^2, i.e. the noise loss of -sigma_t s. The weight w is 1, (drift_var /
         sigma_t)^2 or drift_var / sigma_t^2 for loss_weight None, "velocity" or "likelihood"."""
-        t, x0, x1 = self.sample(x1)
-        t, xt, ut = self.path_sampler.plan(t, x0, x1)
+        t, noise, data = self.sample(x1)
+        t, xt, ut = self.path_sampler.interpolate(t, noise, data)
         pred = model(xt, t, **(model_kwargs or {}))
         check_model_output(pred, xt)
-        if self.model_type == ModelType.VELOCITY:
+        kind = self.model_type
+        if kind is ModelType.VELOCITY:
             return {"pred": pred, "loss": mean_flat((pred - ut) ** 2)}
         weight = self._loss_weight(xt, t)
-        if self.model_type == ModelType.NOISE:
-            error = pred - x0
-        else:
-            sigma = self.path_sampler.compute_sigma_t(paths.expand_t_like_x(t, xt))[0]
-            error = pred * sigma + x0
+        # A score s stands for the noise -sigma_t s: both losses compare a noise estimate with x0.
+        error = pred - noise if kind is ModelType.NOISE else pred * self._sigma(t, xt) + noise
         return {"pred": pred, "loss": mean_flat(weight * error ** 2)}
+
+    def _sigma(self, t, x):
+        return self.path_sampler.sigma(paths.expand_t_like_x(t, x))[0]
 
     def velocity_and_score(self, output, x, t, *, need_score=True):
         """(probability-flow velocity, score or None) of x at times t (N,) from one model output."""
-        path = self.path_sampler
-        if self.model_type == ModelType.VELOCITY:
-            score = path.get_score_from_velocity(output, x, t) if need_score else None
-            return output, score
-        if self.model_type == ModelType.NOISE:
-            score = output / -path.compute_sigma_t(paths.expand_t_like_x(t, x))[0]
-        else:
-            score = output
-        drift_mean, drift_var = path.compute_drift(x, t)
+        path, kind = self.path_sampler, self.model_type
+        if kind is ModelType.VELOCITY:
+            return output, (path.score_from_velocity(output, x, t) if need_score else None)
+        score = output / -self._sigma(t, x) if kind is ModelType.NOISE else output
+        drift_mean, drift_var = path.score_drift(x, t)
         return -drift_mean + drift_var * score, score
 
     def get_drift(self):
@@ -143,9 +128,9 @@ class Transport:
 
     def get_score(self):
         """score(x, t, model, **model_kwargs): grad log p_t(x) from whatever the model predicts."""
-        def score(x, t, model, **model_kwargs):
+        def score_of(x, t, model, **model_kwargs):
             return self.velocity_and_score(model(x, t, **model_kwargs), x, t)[1]
-        return score
+        return score_of
 
 
 def check_model_output(output, x):
