@@ -1,11 +1,10 @@
 """create_transport's eps rules, the order and stream of the training draws (noise, then t on the CPU
 generator), and the losses at fixed t and noise, computed here from the equations."""
-import math
-
 import pytest
 import torch
 
 from dit_fast.transport import ModelType, PathType, WeightType, create_transport, drop_learned_sigma
+from transport_closed_forms import coefficients
 
 # (path, prediction) -> (train_eps, sample_eps) with train_eps / sample_eps left None, as SiT sets them.
 DEFAULT_EPS = {("Linear", "velocity"): (0, 0), ("GVP", "velocity"): (0, 0), ("VP", "velocity"): (1e-5, 1e-3),
@@ -59,24 +58,8 @@ def test_check_interval(path, prediction, kwargs, expected):
     assert got == pytest.approx(expected, abs=1e-12)
 
 
-def closed_coefficients(path, t):
-    """(alpha, d_alpha, sigma, d_sigma) written from the paths' definitions, float64."""
-    t = t.double()
-    if path == "Linear":
-        return t, torch.ones_like(t), 1 - t, -torch.ones_like(t)
-    if path == "GVP":
-        h = math.pi / 2
-        return torch.sin(h * t), h * torch.cos(h * t), torch.cos(h * t), -h * torch.sin(h * t)
-    s = 1 - t
-    beta = 0.1 + s * 19.9
-    alpha = torch.exp(-0.5 * (0.1 * s + 0.5 * 19.9 * s * s))
-    sigma = torch.sqrt(1 - alpha ** 2)
-    d_alpha = alpha * beta / 2
-    return alpha, d_alpha, sigma, -alpha * d_alpha / sigma
-
-
 def expected_loss(path, prediction, weighting, t, x0, x1, model):
-    a, da, s, ds = (c.view(-1, 1, 1, 1) for c in closed_coefficients(path, t))
+    a, da, s, ds = (c.view(-1, 1, 1, 1) for c in coefficients(path, t.double()))
     xt = a * x1.double() + s * x0.double()
     out = model(xt.float(), t).double()
     if prediction == "velocity":

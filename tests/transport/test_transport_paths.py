@@ -8,21 +8,11 @@ import torch
 
 from dit_fast.transport import GVPPath, LinearPath, VPPath, create_transport
 from dit_fast.transport.paths import ICPlan, VPCPlan
+from transport_closed_forms import B_MAX, B_MIN, coefficients
 
 TIMES = torch.tensor([0.05, 0.3, 0.5, 0.71, 0.93], dtype=torch.float64)
-B_MIN, B_MAX = 0.1, 20.0   # the VP-SDE's beta range (Song et al. 2021), SiT's VP constants
-
-
-def vp_log_alpha(t):
-    s = 1 - t   # diffusion time; log alpha = -1/2 int_0^s (B_MIN + u (B_MAX - B_MIN)) du
-    return -0.5 * (B_MIN * s + 0.5 * (B_MAX - B_MIN) * s * s)
-
-
-CLOSED = {   # path -> (alpha(t), sigma(t)) as plain functions of a float64 tensor
-    "Linear": (lambda t: t, lambda t: 1 - t),
-    "GVP": (lambda t: torch.sin(math.pi * t / 2), lambda t: torch.cos(math.pi * t / 2)),
-    "VP": (lambda t: torch.exp(vp_log_alpha(t)), lambda t: torch.sqrt(1 - torch.exp(2 * vp_log_alpha(t)))),
-}
+CLOSED = {name: (lambda t, n=name: coefficients(n, t)[0], lambda t, n=name: coefficients(n, t)[2])
+          for name in ("Linear", "GVP", "VP")}   # path -> (alpha(t), sigma(t))
 PATHS = {"Linear": LinearPath, "GVP": GVPPath, "VP": VPPath}
 
 

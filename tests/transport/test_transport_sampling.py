@@ -10,22 +10,9 @@ import torch
 
 from dit_fast.transport import Sampler, create_transport
 from dit_fast.transport import integrators
+from transport_closed_forms import coefficients
 
 MU, S = 1.5, 0.5
-
-
-def coefficients(path, t):
-    """(alpha, d_alpha, sigma, d_sigma) of each path in closed form (t any float tensor)."""
-    if path == "Linear":
-        return t, torch.ones_like(t), 1 - t, -torch.ones_like(t)
-    if path == "GVP":
-        h = math.pi / 2
-        return torch.sin(h * t), h * torch.cos(h * t), torch.cos(h * t), -h * torch.sin(h * t)
-    s = 1 - t
-    alpha = torch.exp(-0.5 * (0.1 * s + 0.5 * 19.9 * s * s))
-    d_alpha = alpha * (0.1 + 19.9 * s) / 2
-    sigma = torch.sqrt(1 - alpha ** 2)
-    return alpha, d_alpha, sigma, -alpha * d_alpha / sigma
 
 
 def moments(path, t):
