@@ -29,31 +29,37 @@ def _add(y, dy):
     return tuple(a + b for a, b in zip(y, dy)) if isinstance(y, tuple) else y + dy
 
 
-def _scale(y, c):
+# Operand order is torchdiffeq's on purpose: with a 0-dim float32 time step and a bf16 / fp16 state,
+# ``dt * f`` and ``f * dt`` round differently, and SiT's low-precision samples depend on which.
+def _times(c, y):
+    return tuple(c * a for a in y) if isinstance(y, tuple) else c * y
+
+
+def _scaled(y, c):
     return tuple(a * c for a in y) if isinstance(y, tuple) else y * c
 
 
-def _lincomb(y, c, z, d):
-    # y * c + z * d elementwise over tuples, the order torchdiffeq's Heun2 uses.
+def _half_sum(y, z):
+    # y * 1/2 + z * 1/2 elementwise over tuples (Heun's weights).
     if isinstance(y, tuple):
-        return tuple(a * c + b * d for a, b in zip(y, z))
-    return y * c + z * d
+        return tuple(a * 0.5 + b * 0.5 for a, b in zip(y, z))
+    return y * 0.5 + z * 0.5
 
 
 def _euler_increment(f, t0, dt, y0):
-    return _scale(f(t0, y0), dt)
+    return _times(dt, f(t0, y0))
 
 
 def _midpoint_increment(f, t0, dt, y0):
     half = 0.5 * dt
-    y_mid = _add(y0, _scale(f(t0, y0), half))
-    return _scale(f(t0 + half, y_mid), dt)
+    y_mid = _add(y0, _scaled(f(t0, y0), half))
+    return _times(dt, f(t0 + half, y_mid))
 
 
 def _heun2_increment(f, t0, dt, y0):
     k1 = f(t0, y0)
-    k2 = f(t0 + dt, _add(y0, _scale(k1, dt)))
-    return _scale(_lincomb(k1, 0.5, k2, 0.5), dt)
+    k2 = f(t0 + dt, _add(y0, _times(dt, k1)))
+    return _times(dt, _half_sum(k1, k2))
 
 
 _INCREMENTS = {"euler": _euler_increment, "midpoint": _midpoint_increment, "heun2": _heun2_increment}
@@ -65,16 +71,36 @@ def _stack(states):
     return torch.stack(states)
 
 
+def _state_dtype(y):
+    if isinstance(y, tuple):   # torchdiffeq concatenates a tuple state into one tensor
+        dtype = y[0].dtype
+        for part in y[1:]:
+            dtype = torch.promote_types(dtype, part.dtype)
+        return dtype
+    return y.dtype
+
+
+def _cast_like(y, like):
+    if isinstance(y, tuple):
+        return tuple(a.to(b.dtype) for a, b in zip(y, like))
+    return y.to(like.dtype)
+
+
 def solve_fixed(f, y0, grid: torch.Tensor, method: str):
     """Integrate dy/dt = f(t, y) over ``grid`` (a device tensor) with one step per grid interval.
 
     f takes a 0-dim time tensor. Returns every grid point's state stacked on a new first dimension
-    (len(grid), ...), the first being y0, as torchdiffeq's odeint returns them."""
+    (len(grid), ...), the first being y0, as torchdiffeq's odeint returns them. As there, f sees the
+    time cast to the state's dtype, the state carries whatever precision its arithmetic gives, and
+    the saved states are cast to y0's dtype (this only matters for a low-precision y0)."""
     increment = _INCREMENTS[method]
+
+    def f_in_state_dtype(t, y):
+        return f(t.to(_state_dtype(y)), y)
     states, y = [y0], y0
     for i in range(len(grid) - 1):
-        y = _add(y, increment(f, grid[i], grid[i + 1] - grid[i], y))
-        states.append(y)
+        y = _add(y, increment(f_in_state_dtype, grid[i], grid[i + 1] - grid[i], y))
+        states.append(_cast_like(y, y0))
     return _stack(states)
 
 

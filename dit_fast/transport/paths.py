@@ -32,7 +32,8 @@ def expand_t_like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _per_sample = expand_t_like_x
 
 # SiT's method name -> ours.
-_SIT_NAMES = {"compute_alpha_t": "alpha", "compute_sigma_t": "sigma", "compute_d_alpha_alpha_ratio_t": "d_log_alpha",
+_SIT_NAMES = {"compute_alpha_t": "alpha", "compute_sigma_t": "sigma",
+              "compute_d_alpha_alpha_ratio_t": "d_log_alpha",
               "compute_drift": "score_drift", "compute_diffusion": "diffusion_coefficient",
               "get_score_from_velocity": "score_from_velocity", "get_noise_from_velocity": "noise_from_velocity",
               "get_velocity_from_score": "velocity_from_score", "compute_mu_t": "point", "compute_xt": "point",

@@ -117,7 +117,8 @@ class Sampler:
 
             def f(t, x):
                 # SiT's time vector is float32 whatever the sample's dtype.
-                return velocity_field(x, torch.ones(first.shape[0], device=first.device) * t, model, **model_kwargs)
+                t_vec = torch.ones(first.shape[0], device=first.device) * t
+                return velocity_field(x, t_vec, model, **model_kwargs)
             grid = integrators.time_grid(t0, t1, num_steps, first.device)
             return integrators.solve_ode(f, z, grid, method=sampling_method, atol=atol, rtol=rtol)
         return sample

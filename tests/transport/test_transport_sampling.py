@@ -94,11 +94,13 @@ def test_adaptive_ode_from_torchdiffeq():
 
 @pytest.mark.parametrize("method", ["euler", "midpoint", "heun2"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_fixed_step_solvers_equal_torchdiffeq_bit_for_bit(method, reverse):
-    """SiT ran these through torchdiffeq; ours must give the very same numbers."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fixed_step_solvers_equal_torchdiffeq_bit_for_bit(method, reverse, dtype):
+    """SiT ran these through torchdiffeq; ours must give the very same numbers, in low precision too
+    (where the operand order of dt * f and the time's cast to the state's dtype show)."""
     torchdiffeq = pytest.importorskip("torchdiffeq")
-    f = lambda t, y: torch.tanh(y) * (1 + t) - 0.3 * y  # noqa: E731
-    y0 = torch.randn(3, 4, 5)
+    f = lambda t, y: (torch.tanh(y) * (1 + t) - 0.3 * y).to(y.dtype)  # noqa: E731
+    y0 = torch.randn(3, 4, 5).to(dtype)
     grid = torch.linspace(0.0, 0.96, 13)
     grid = grid.flip(0) if reverse else grid
     ours = integrators.solve_fixed(f, y0, grid, method)
