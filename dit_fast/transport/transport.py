@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..diffusion.losses import mean_flat   # the same per-sample mean as SiT's utils.mean_flat
 from . import paths
 
 
@@ -29,11 +30,6 @@ WeightType.__doc__ = ("How the score / noise loss is weighted over time: not at 
 PATHS = {PathType.LINEAR: paths.LinearPath, PathType.GVP: paths.GVPPath, PathType.VP: paths.VPPath}
 
 
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the first: (N, ...) -> (N,)."""
-    return x.mean(dim=tuple(range(1, x.dim())))
-
-
 class Transport:
     """A path, a model type, a loss weighting and the eps that keep t away from singular ends.
 
@@ -48,8 +44,10 @@ class Transport:
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, I) per sample: (N, ...) -> (N,)."""
-        dims = z[0].numel()
-        return -0.5 * dims * math.log(2 * math.pi) - z.pow(2).flatten(1).sum(1) / 2
+        # The constant is formed in float32 from an integer tensor, as SiT forms it, so that the
+        # log-likelihoods agree to the last bit.
+        log_normaliser = -torch.tensor(z[0].numel()) / 2.0 * math.log(2 * math.pi)
+        return log_normaliser - z.pow(2).flatten(1).sum(1) / 2.0
 
     def check_interval(self, train_eps, sample_eps, *, diffusion_form="SBDM", sde=False, reverse=False,
                        eval=False, last_step_size=0.0):
