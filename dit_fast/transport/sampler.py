@@ -68,8 +68,10 @@ class Sampler:
         The grid is num_steps times from t0 to t1 = 1 - last_step_size (1 - sample_eps without a
         last step); num_steps - 1 steps of ``sampling_method`` ("Euler": Euler-Maruyama, "Heun"),
         then ``last_step`` of size last_step_size. diffusion_form / diffusion_norm choose w_t
-        (paths.DIFFUSION_FORMS). The step noise comes from the CPU generator as in SiT, unless
-        ``noise_on_device`` (our addition) draws it on z's device."""
+        (paths.DIFFUSION_FORMS); the default "SBDM" is infinite at t = 0, which a velocity model on
+        Linear/GVP reaches (NaN samples, in SiT too): use "sigma" there, as SiT's sample.py does.
+        The step noise comes from the CPU generator as in SiT (one host-to-device copy per step),
+        unless ``noise_on_device`` (our addition) draws it on z's device."""
         last_step_size = 0.0 if last_step is None else last_step_size
         stepper = integrators.sde_stepper(sampling_method)
         sde_drift, diffusion = self._sde_drift_and_diffusion(diffusion_form, diffusion_norm)

@@ -16,7 +16,7 @@ from ..diffusion.losses import mean_flat   # the same per-sample mean as SiT's u
 from . import paths
 
 
-# The members' order gives SiT's values (1, 2, 3), so pickled or compared values agree with SiT's.
+# The members' order gives them SiT's values (1, 2, 3: what enum.auto() gives there).
 ModelType = enum.Enum("ModelType", "NOISE SCORE VELOCITY", module=__name__)
 ModelType.__doc__ = "What the network predicts: eps (NOISE), grad log p_t (SCORE) or d x_t / dt (VELOCITY)."
 PathType = enum.Enum("PathType", "LINEAR GVP VP", module=__name__)
@@ -51,11 +51,14 @@ class Transport:
 
     def check_interval(self, train_eps, sample_eps, *, diffusion_form="SBDM", sde=False, reverse=False,
                        eval=False, last_step_size=0.0):
-        """(t0, t1): the times a step may use. VP is singular at t = 1 (sigma -> 0 over its short
-        horizon), so it stops eps short of data. Linear/GVP are singular at both ends for score and
-        noise models (1/t, 1/sigma) and for SDEs, so those stay eps inside [0, 1]; a velocity ODE
-        on them runs on all of [0, 1]. An SDE with a final denoising step ends ``last_step_size``
-        before 1 instead. ``reverse`` maps the interval to 1 - t (data to noise)."""
+        """(t0, t1): the times a step may use (eps = sample_eps with ``eval``, else train_eps).
+
+        VP stops eps short of data (sigma -> 0 there). On Linear/GVP, score and noise models are
+        singular at both ends (1/t, 1/sigma) and stay eps inside [0, 1]; an SDE ends eps short of 1
+        and starts at eps only with the "SBDM" diffusion, whose 1/t blows up at 0 (for a velocity
+        model eps is 0 there, so SiT's default SDE gives NaN on Linear/GVP: SiT's sample.py uses
+        "sigma"); a velocity ODE runs on all of [0, 1]. An SDE with a last step ends
+        ``last_step_size`` before 1 instead. ``reverse`` maps the interval to 1 - t."""
         eps = sample_eps if eval else train_eps
         end = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
         t0, t1 = 0, 1
