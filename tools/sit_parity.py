@@ -19,8 +19,9 @@ PREDICTIONS = ("velocity", "score", "noise")
 
 
 def stand_in(x, t, y=None, cfg_scale=1.0):
+    # Returns x's dtype, as a low-precision network does (the order of dt * f then matters).
     out = (torch.tanh(x) * (1 + t.view(-1, 1, 1, 1)) - 0.3 * x) * cfg_scale
-    return out if y is None else out + 0.01 * y.view(-1, 1, 1, 1)
+    return (out if y is None else out + 0.01 * y.view(-1, 1, 1, 1)).to(x.dtype)
 
 
 def same(a, b):
