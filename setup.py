@@ -10,6 +10,7 @@ EXTRAS = {
     "vae": ["diffusers"],
     "train": ["deepspeed"],
     "demo": ["scikit-learn"],
+    "flow": ["torchdiffeq"],
     "repa": ["transformers"],
     "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy"]}
 EXTRAS["all"] = sorted({name for group in EXTRAS.values() for name in group})
@@ -19,6 +20,6 @@ setup(name="dit-fast", version="0.1.0",
                   "DeepSpeed, torch.compile",
       python_requires=">=3.10",
       packages=["dit_fast", "dit_fast.data", "dit_fast.diffusion", "dit_fast.repa", "dit_fast.train",
-                "dit_fast_kernels"],
+                "dit_fast.transport", "dit_fast_kernels"],
       package_dir={"dit_fast_kernels": "kernels/dit_fast_kernels"},
       install_requires=REQUIRES, extras_require=EXTRAS)
