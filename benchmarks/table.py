@@ -320,9 +320,9 @@ def run_table(args: argparse.Namespace, progress: bool = True) -> tuple[list[dic
 
 
 def _run_rows(args, rows: list[RowConfig], progress: bool) -> tuple[list[dict], dict]:
-    from dit_fast.train.engine import build_model
+    from dit_fast.models import build_model
     math_cfg = row_config(ROWS[0], args)
-    flops_fwd = forward_flops_per_image(lambda: build_model(math_cfg), math_cfg.model.input_size)
+    flops_fwd = forward_flops_per_image(lambda: build_model(math_cfg.model), math_cfg.model.input_size)
     peaks = PeakTable(args.device)
     meta = report.metadata(args, math_cfg.model.input_size, flops_fwd, train_flops_per_image(flops_fwd),
                            peaks.info(), vae_note(args))

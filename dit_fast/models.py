@@ -308,12 +308,20 @@ def patch_size_of(name: str) -> int:
     return int(name.rsplit("/", 1)[1])
 
 
-def build_model(name: str, *, depth=None, hidden_size=None, num_heads=None, **kwargs) -> DiT:
-    """DiT_models[name](**kwargs) with a clear error for an unknown name. ``depth`` / ``hidden_size`` /
-    ``num_heads`` (None: the named size) override the size for custom models, keeping the patch size."""
-    _check_name(name)
-    if depth is None and hidden_size is None and num_heads is None:
-        return DiT_models[name](**kwargs)
-    named_depth, named_width, named_heads = _SIZES[name[len("DiT-"):].split("/")[0]]
-    return DiT(depth=depth or named_depth, hidden_size=hidden_size or named_width,
-               num_heads=num_heads or named_heads, patch_size=patch_size_of(name), **kwargs)
+def build_model(cfg, **overrides) -> DiT:
+    """The DiT of a resolved ``ModelConfig`` (dit_fast.config; ``in_channels`` and ``input_size`` set):
+    the one builder of training, sampling, export and the demo. ``depth`` / ``hidden_size`` /
+    ``num_heads`` (None: the named size) override the size for custom models, keeping the patch
+    size; ``overrides`` replace constructor arguments (e.g. ``class_dropout_prob=0.0``)."""
+    _check_name(cfg.model)
+    if cfg.in_channels is None or cfg.input_size is None:
+        raise ValueError(f"the model config of {cfg.model} is not resolved: in_channels="
+                         f"{cfg.in_channels}, input_size={cfg.input_size} (derived from the data / VAE)")
+    named_depth, named_width, named_heads = _SIZES[cfg.model[len("DiT-"):].split("/")[0]]
+    kwargs = dict(input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                  learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout_prob,
+                  attn_backend=cfg.attn_backend, fused_adaln=cfg.fused_adaln,
+                  grad_checkpointing=cfg.grad_checkpointing, depth=cfg.depth or named_depth,
+                  hidden_size=cfg.hidden_size or named_width, num_heads=cfg.num_heads or named_heads,
+                  patch_size=patch_size_of(cfg.model))
+    return DiT(**{**kwargs, **overrides})

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..config import PRECISION_DTYPES, Config
+from ..models import build_model
 from .ema import EMA
 
 # Keys train.py injects into the DeepSpeed JSON (one source of truth: the command line).
@@ -123,17 +124,6 @@ def offloads_optimizer(ds_config: dict) -> bool:
 
 # ---------------------------------------------------------------- model, optimizer, engine
 
-def build_model(cfg: Config) -> torch.nn.Module:
-    """The single-device DiT from cfg.model (in_channels / input_size already resolved)."""
-    from .. import models
-    m = cfg.model
-    kwargs = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                  learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
-                  attn_backend=m.attn_backend, fused_adaln=m.fused_adaln,
-                  grad_checkpointing=m.grad_checkpointing)
-    return models.build_model(m.model, depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads, **kwargs)
-
-
 def apply_compile(model: torch.nn.Module) -> None:
     """torch.compile each block in place (parameter names unchanged: no _orig_mod. prefix)."""
     for block in model.blocks:
@@ -187,7 +177,7 @@ def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, 
     # seed is global_seed * world_size); ZeRO-3 partitions these local copies without a broadcast.
     seed_everything(cfg.train.global_seed * world)
     with torch.device(device) if init_on_device else contextlib.nullcontext():
-        model = build_model(cfg)
+        model = build_model(cfg.model)
     ema = EMA(model, cfg.train.ema_decay, keep=rank == 0, device=device)
     if cfg.train.compile:
         apply_compile(model)
