@@ -5,7 +5,7 @@ import pytest
 
 from dit_fast.sampling import fid_set as sample_ddp
 from tests.sampling_helpers import save_tiny_checkpoint
-from tests.test_sample_cli import CLASSES, SIZE, _ddp_args
+from tests.sampling.test_sample_cli import CLASSES, SIZE, _ddp_args
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
