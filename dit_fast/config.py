@@ -306,12 +306,13 @@ MODEL_FLAG_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 10
 
 
 def add_model_flags(parser: argparse.ArgumentParser, *, defaults: bool = True,
-                    show_size_overrides: bool = True) -> None:
+                    show_size_overrides: bool = True, model_choices: bool = True) -> None:
     """--model, --image-size, --num-classes, --depth/--hidden-size/--num-heads and the speed switches
     --attn-backend / --fused-adaln, with DiT's names.
 
     ``defaults=False`` leaves the model-defining flags at None, so a caller that reads the model from
-    a saved config can tell a flag that was given from one that was not.
+    a saved config can tell a flag that was given from one that was not. ``model_choices=False``
+    leaves an unknown --model to validate_config (train.py's message names the choices too).
     """
     from .models import DiT_models
 
@@ -319,7 +320,7 @@ def add_model_flags(parser: argparse.ArgumentParser, *, defaults: bool = True,
         return MODEL_FLAG_DEFAULTS[name] if defaults else None
 
     a = parser.add_argument
-    a("--model", type=str, choices=list(DiT_models.keys()), default=default("model"),
+    a("--model", type=str, choices=list(DiT_models.keys()) if model_choices else None, default=default("model"),
       help=f"name in dit_fast.models.DiT_models (default {MODEL_FLAG_DEFAULTS['model']})")
     a("--image-size", type=int, default=default("image_size"),
       help=f"pixels; divisible by 8 x patch (VAE) or by the patch size (--vae none) "

@@ -34,15 +34,15 @@ class DeepSpeedConfigError(ValueError):
 
 # ---------------------------------------------------------------- DeepSpeed config
 
-def resolve_batch(cfg: Config, world_size: int) -> None:
-    """Fill cfg.train.micro_batch_size; global batch must be micro x accumulation x world."""
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    """The per-rank micro batch; the global batch must be micro x accumulation x world."""
     t = cfg.train
     per_step = world_size * t.grad_accum
     if t.global_batch_size % per_step:
         raise ValueError(
             f"--global-batch-size {t.global_batch_size} is not divisible by world size "
             f"{world_size} x --grad-accum {t.grad_accum} = {per_step}")
-    t.micro_batch_size = t.global_batch_size // per_step
+    return t.global_batch_size // per_step
 
 
 def load_deepspeed_json(path: str | None) -> dict:
@@ -67,12 +67,12 @@ def load_deepspeed_json(path: str | None) -> dict:
 
 
 def build_deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The ZeRO-knobs JSON plus the injected batch, precision and clipping; contradictions raise."""
-    resolve_batch(cfg, world_size)
+    """The ZeRO-knobs JSON plus the injected batch, precision and clipping; contradictions raise.
+    ``cfg`` is only read (the resolved config holds the micro batch: loop.prepare)."""
     t, src = cfg.train, cfg.train.deepspeed_config or "<default>"
     user = load_deepspeed_json(t.deepspeed_config)
     injected = {"train_batch_size": t.global_batch_size,
-                "train_micro_batch_size_per_gpu": t.micro_batch_size,
+                "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
                 "gradient_accumulation_steps": t.grad_accum,
                 "gradient_clipping": float(cfg.optim.grad_clip)}
     for key, value in injected.items():
