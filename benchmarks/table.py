@@ -227,7 +227,7 @@ def switches(cfg) -> dict:
     ckpt_name = ckpt if isinstance(ckpt, str) else {0.0: "no", 1.0: "full"}.get(float(ckpt), f"{ckpt:g}")
     zero = Path(t.deepspeed_config).stem if t.deepspeed_config else "zero0"  # configs/deepspeed/zeroN*.json
     return {"grad_ckpt": ckpt_name, "precision": t.precision, "pre_extracted": cfg.data.features_path is not None,
-            "attn_backend": m.attn_backend, "fused_adaln": bool(m.fused_adaln), "compile": t.compile,
+            "attn_backend": m.attn_backend, "fused_adaln": m.adaln_backend == "triton", "compile": t.compile,
             "zero_stage": int(zero[4]) if zero[:4] == "zero" and zero[4:5].isdigit() else None}
 
 
@@ -243,7 +243,7 @@ def unavailable_reason(row: RowConfig, cfg, device: torch.device) -> str | None:
     ok, why = dispatch.attn_backend_status(cfg.model.attn_backend, device)
     if not ok:
         return f"attention backend {cfg.model.attn_backend!r} unavailable: {why}"
-    if cfg.model.fused_adaln:
+    if cfg.model.adaln_backend != "torch":
         from dit_fast_kernels import triton_status
         ok, why = triton_status(device)
         if not ok:

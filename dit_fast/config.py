@@ -57,8 +57,9 @@ class ModelConfig:
     """Override the named model's head count; None keeps the name's."""
     attn_backend: str = "sdpa"
     """Attention backend (see dit_fast.dispatch): sdpa | math | triton | flash_attn | xformers | auto."""
-    fused_adaln: bool = False
-    """Use the fused (Triton) adaLN-modulated LayerNorm / gated residual kernels."""
+    adaln_backend: str = "torch"
+    """adaLN ops (see dit_fast.dispatch): torch (the original's) | triton (fused kernels) | auto;
+    --fused-adaln is its alias for triton."""
     grad_checkpointing: float | str = 0.0
     """Fraction of blocks (0..1) whose activations are recomputed in backward (1.0 = all), or
     "selective": every block, keeping each fc2 output (the costliest recompute per byte)."""
@@ -273,6 +274,9 @@ def config_from_dict(d: dict) -> Config:
     sections = {}
     for name, cls in _SECTIONS.items():
         values = dict(d.get(name, {}))
+        if name == "model" and "fused_adaln" in values:  # configs saved before adaln_backend
+            from .dispatch import adaln_backend_name
+            values.setdefault("adaln_backend", adaln_backend_name(values.pop("fused_adaln")))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -332,7 +336,11 @@ def add_model_flags(parser: argparse.ArgumentParser, *, defaults: bool = True,
         a(flag, type=int, default=None, help=size_help.format(what) if size_help else argparse.SUPPRESS)
     a("--attn-backend", type=str, default="sdpa",
       help="sdpa | math | triton | flash_attn | xformers | auto (dit_fast.dispatch)")
-    a("--fused-adaln", action="store_true", help="fused Triton adaLN kernels")
+    adaln = parser.add_mutually_exclusive_group()
+    adaln.add_argument("--adaln-backend", choices=("torch", "triton", "auto"), default="torch",
+                       help="adaLN ops: torch (the original's), triton (fused kernels) or auto")
+    adaln.add_argument("--fused-adaln", dest="adaln_backend", action="store_const", const="triton",
+                       help="the fused Triton adaLN kernels (= --adaln-backend triton)")
 
 
 def model_config_from_args(args: argparse.Namespace, **resolved) -> ModelConfig:

@@ -185,7 +185,7 @@ def load_ema_model(run_dir: Path, ema_path: Path, device: torch.device) -> torch
 
     m = load_config(run_dir / "config.json").model
     # Speed switches of the run (e.g. Triton kernels) are not needed to sample its digits.
-    model = build_model(m, attn_backend="sdpa", fused_adaln=False, grad_checkpointing=0.0)
+    model = build_model(m, attn_backend="sdpa", adaln_backend="torch", grad_checkpointing=0.0)
     load_into_model(model, load_state_dict(ema_path, prefer_ema=True))
     return model.to(device).eval()
 

@@ -70,7 +70,7 @@ def build_model(args):
     m, _, vae, source = resolve_model(args)
     args.model, args.image_size, args.num_classes, args.vae = m.model, m.image_size, m.num_classes, vae
     args.in_channels, args.learn_sigma = m.in_channels, m.learn_sigma
-    model = build_dit(m, attn_backend="sdpa", fused_adaln=False)
+    model = build_dit(m, attn_backend="sdpa", adaln_backend="torch")
     table = model.pos_embed.detach().clone()
     load_into_model(model, load_state_dict(source.weights), hint="the checkpoint does not fit the model "
                     "flags (--model, --image-size, --num-classes, --vae/--in-channels, --depth/--hidden-size/"

@@ -47,6 +47,17 @@ def parse(*extra):
 
 # ------------------------------------------------------------------ config
 
+def test_configs_saved_before_adaln_backend_still_load():
+    """config.json / train_state configs written by earlier code hold model.fused_adaln (a bool)."""
+    old = config_to_dict(Config())
+    for flag, backend in ((True, "triton"), (False, "torch"), ("auto", "auto")):
+        model = {k: v for k, v in old["model"].items() if k != "adaln_backend"}
+        cfg = config_from_dict({**old, "model": {**model, "fused_adaln": flag}})
+        assert cfg.model.adaln_backend == backend
+    assert parse("--features-path", "x", "--fused-adaln").model.adaln_backend == "triton"
+    assert parse("--features-path", "x", "--adaln-backend", "auto").model.adaln_backend == "auto"
+
+
 def test_prepare_resolves_a_copy_and_never_writes_the_users_config(digits8, tmp_path):
     """Derived values (channels and latent side from the data, the micro batch) go into the resolved
     config, computed once; the config the user built stays as given."""

@@ -108,7 +108,7 @@ def _from_saved_run(args, source: CkptSource) -> tuple:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {value} contradicts the checkpoint's saved config ({name} = "
                              f"{run_values[name]!r} in {source.where}); drop {flag} (it is read from the run)")
-    speed = {"attn_backend": args.attn_backend, "fused_adaln": args.fused_adaln}
+    speed = {"attn_backend": args.attn_backend, "adaln_backend": args.adaln_backend}
     model = dataclasses.replace(saved.model, grad_checkpointing=0.0, **speed)
     return model, saved.diffusion, saved.data.vae
 

@@ -62,7 +62,7 @@ def file_identity(path: Path) -> dict:
 _IMAGE_SETTINGS = ("cfg_scale", "num_sampling_steps", "sampler", "guide_all_channels", "precision",
                    "tf32", "compile", "compile_mode", "global_seed", "per_proc_batch_size")
 _MODEL_SETTINGS = ("model", "image_size", "num_classes", "in_channels", "depth", "hidden_size",
-                   "num_heads", "learn_sigma", "attn_backend", "fused_adaln")
+                   "num_heads", "learn_sigma", "attn_backend", "adaln_backend")
 
 
 def sample_settings(cfg, weights: Path, world_size: int, device) -> dict:

@@ -86,12 +86,12 @@ def _check_data_fits(cfg: Config, items: int, input_size: int, world_size: int) 
 
 
 def _check_backends(cfg: Config, device_type: str) -> None:
-    """An unknown or unavailable --attn-backend / --fused-adaln fails here, not after the group,
+    """An unknown or unavailable --attn-backend / --adaln-backend (--fused-adaln) fails here, not after the group,
     the run directory and config.json exist."""
     from ..dispatch import resolve_adaln_backend, resolve_attn_backend
     try:
         resolve_attn_backend(cfg.model.attn_backend, device_type)
-        resolve_adaln_backend(cfg.model.fused_adaln, device_type)
+        resolve_adaln_backend(cfg.model.adaln_backend, device_type)
     except RuntimeError as err:  # dispatch says "asked for but unavailable" with a RuntimeError
         raise ValueError(str(err)) from err
 
