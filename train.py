@@ -21,17 +21,15 @@ import argparse
 import sys
 
 from dit_fast.cli import OneLineParser, one_line, run_entry
-from dit_fast.config import PRECISIONS, checkpointing_arg, config_from_args
+from dit_fast.config import PRECISIONS, add_model_flags, checkpointing_arg, config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_flags(p, show_size_overrides=False, model_choices=False)  # --model, --image-size, --num-classes, backends
     a = p.add_argument
     # DiT / fast-DiT flags (same names and defaults)
-    a("--model", type=str, default="DiT-XL/2", help="name in dit_fast.models.DiT_models")
-    a("--image-size", type=int, default=256)
-    a("--num-classes", type=int, default=1000)
     a("--data-path", type=str, default=None, help="ImageFolder tree; VAE-encoded on the fly")
     a("--features-path", type=str, default=None, help="latents from extract_features.py")
     a("--results-dir", type=str, default="results")
@@ -57,8 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
       metavar="FRACTION|selective",
       help="recompute activations of this fraction of blocks (flag alone = all); selective: every "
            "block, keeping each fc2 output")
-    a("--attn-backend", type=str, default="sdpa")
-    a("--fused-adaln", action="store_true", help="fused Triton adaLN kernels")
     a("--compile", action="store_true", help="torch.compile each block")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     a("--resume", type=str, default=None, metavar="PATH|auto",
@@ -68,9 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
       help="a collective or DataLoader worker waiting longer fails the job, naming step and rank")
     # small models for tests and ablations: override the named size
-    a("--depth", type=int, default=None, help=argparse.SUPPRESS)
-    a("--hidden-size", type=int, default=None, help=argparse.SUPPRESS)
-    a("--num-heads", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 

@@ -64,12 +64,12 @@ def extract_main(argv):
 
 
 def sample_main(argv):
-    import sample
+    from dit_fast.sampling import grid as sample
     return sample.cli(argv)
 
 
 def sample_ddp_main(argv):
-    import sample_ddp
+    from dit_fast.sampling import fid_set as sample_ddp
     return sample_ddp.cli(argv)
 
 

@@ -58,7 +58,7 @@ def test_resume_ema_load_refuses_a_malicious_pickle(evil, tmp_path):
 
 
 def test_sample_py_refuses_a_malicious_ckpt(evil, tmp_path, capsys):
-    import sample
+    from dit_fast.sampling import grid as sample
     path, marker = evil
     argv = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
             "--vae", "none", "--image-size", "8", "--num-classes", "10", "--in-channels", "1",
