@@ -29,7 +29,8 @@ RESUME_FIELDS = {
     "data": ("features_path", "data_path", "vae", "random_flip"),
     "optim": ("lr", "weight_decay", "betas", "eps", "grad_clip"),
     "diffusion": ("diffusion_steps", "noise_schedule", "timestep_respacing"),
-    "train": ("global_batch_size", "grad_accum", "precision", "global_seed", "ema_decay"),
+    "train": ("global_batch_size", "grad_accum", "precision", "global_seed", "ema_decay", "objective"),
+    "transport": ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps"),
 }
 _PATH_FIELDS = {("data", "features_path"), ("data", "data_path"), ("data", "vae")}
 
@@ -51,11 +52,14 @@ def _norm(section: str, key: str, value):
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``section.field: checkpoint X vs now Y`` for every RESUME_FIELDS entry that differs."""
+    from ..config import Config, config_to_dict
+    defaults = config_to_dict(Config())  # a field a config was saved without has its default
     diffs = []
     for section, keys in RESUME_FIELDS.items():
         old, new = saved.get(section, {}), current.get(section, {})
         for key in keys:
-            a, b = _norm(section, key, old.get(key)), _norm(section, key, new.get(key))
+            default = defaults[section][key]
+            a, b = _norm(section, key, old.get(key, default)), _norm(section, key, new.get(key, default))
             if a != b:
                 diffs.append(f"{section}.{key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}")
     return diffs
