@@ -39,17 +39,14 @@ class FlowObjective:
     learned-sigma DiTs whose second half is discarded; drop_learned_sigma does that)."""
 
     def __init__(self, cfg):
-        self.transport = build_transport(cfg.transport)
+        import dataclasses
+
+        from ..transport import create_transport
+        self.transport = create_transport(**dataclasses.asdict(cfg.transport))  # the field names are SiT's
 
     def loss(self, model_fn: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         from ..transport import drop_learned_sigma
         return self.transport.training_losses(drop_learned_sigma(model_fn), x, dict(y=y))["loss"]
-
-
-def build_transport(tc):
-    """The Transport of a config's transport section (TransportConfig)."""
-    from ..transport import create_transport
-    return create_transport(tc.path_type, tc.prediction, tc.loss_weight, tc.train_eps, tc.sample_eps)
 
 
 OBJECTIVES = {"diffusion": DiffusionObjective, "flow": FlowObjective}
