@@ -3,6 +3,8 @@
     deepspeed train.py --deepspeed_config configs/deepspeed/zero2.json --model DiT-XL/2 \\
         --features-path /data/in1k-latents
     torchrun --nproc_per_node 8 train.py ...       # also works; so does plain `python train.py ...`
+    deepspeed train.py ... --model DiT-XL/2 --features-path /data/in1k-latents-with-images --repa \
+        --enc-type dinov2-vit-b --encoder facebook/dinov2-base --encoder-depth 8 --proj-coeff 0.5
 
 Many nodes (passwordless ssh; --results-dir and the data on a filesystem all nodes share, since
 every rank writes its shard of each checkpoint into the same directory):
@@ -21,7 +23,8 @@ import argparse
 import sys
 
 from dit_fast.cli import OneLineParser, one_line, run_entry
-from dit_fast.config import PRECISIONS, add_model_flags, add_transport_flags, checkpointing_arg, config_from_args
+from dit_fast.config import (PRECISIONS, add_model_flags, add_repa_flags, add_transport_flags, checkpointing_arg,
+                             config_from_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
       help="a collective or DataLoader worker waiting longer fails the job, naming step and rank")
     add_transport_flags(p)  # --objective flow and SiT's --path-type --prediction --loss-weight ...
+    add_repa_flags(p)  # --repa --enc-type --encoder --encoder-depth --proj-coeff --projector-dim --weighting
     return p
 
 

@@ -157,7 +157,7 @@ class TrainConfig:
     step and the rank that did not arrive, instead of idling until someone kills it."""
 
 
-OBJECTIVES = ("diffusion", "flow")  # train.objective; REPA adds "repa" in dit_fast/train/objective.py
+OBJECTIVES = ("diffusion", "flow", "repa")  # train.objective (dit_fast/train/objective.py builds each)
 PATH_TYPES = ("Linear", "GVP", "VP")        # SiT's --path-type
 PREDICTIONS = ("velocity", "score", "noise")  # SiT's --prediction
 LOSS_WEIGHTS = (None, "velocity", "likelihood")  # SiT's --loss-weight (None: unweighted)
@@ -180,6 +180,32 @@ class TransportConfig:
     """How far sampling times stay from a singular end; None: SiT's default."""
 
 
+REPA_PATH_TYPES = ("linear", "cosine")      # REPA's --path-type
+REPA_WEIGHTINGS = ("uniform", "lognormal")  # REPA's --weighting
+
+
+@dataclass
+class RepaConfig:
+    """REPA (Yu et al. 2025), used when train.objective is "repa": the velocity loss in REPA's time
+    (data at t = 0, noise at t = 1) plus proj_coeff x the alignment of block ``encoder_depth``'s tokens,
+    through the projector, with a frozen encoder's patch tokens. Flag names are REPA's."""
+
+    enc_type: str = "dinov2-vit-b"
+    """The frozen encoder: dinov2-vit-<s|b|l|g> or dinov2reg-vit-<s|b|l|g> (with registers)."""
+    encoder: Optional[str] = None
+    """A local transformers save_pretrained folder or a hub id; None: facebook/dinov2-<size>."""
+    encoder_depth: int = 8
+    """The block whose output tokens are aligned (1-based: after the first encoder_depth blocks)."""
+    proj_coeff: float = 0.5
+    """Weight of the alignment loss."""
+    projector_dim: int = 2048
+    """Hidden width of the 3-layer SiLU projector."""
+    repa_path_type: str = "linear"
+    """REPA's interpolant (its --path-type): linear (1 - t, t) or cosine (cos, sin of pi t / 2)."""
+    weighting: str = "uniform"
+    """How t is drawn: uniform, or lognormal (sigma = exp of a standard normal, mapped to t)."""
+
+
 # ---- sampling section: the sampling owner adds SampleConfig here (keep Config's field order) ----
 
 
@@ -199,10 +225,12 @@ class Config:
     """Training-loop section."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     """Flow-matching section (train.objective "flow")."""
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    """Representation-alignment section (train.objective "repa")."""
 
 
 _SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
-             "optim": OptimConfig, "train": TrainConfig, "transport": TransportConfig}
+             "optim": OptimConfig, "train": TrainConfig, "transport": TransportConfig, "repa": RepaConfig}
 
 
 def checkpointing_arg(text: str) -> float | str:
@@ -233,12 +261,26 @@ _ARG_MAP = _arg_map()
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build the tree from parsed CLI flags (unknown or None-valued flags keep the defaults)."""
     cfg = Config()
+    repa = getattr(args, "objective", None) == "repa"
     for dest, (section, name) in _ARG_MAP.items():
         value = getattr(args, dest, None)
-        if value is not None:
+        if value is not None and not (repa and dest == "path_type"):
             setattr(getattr(cfg, section), name, value)
+    if repa:  # REPA's --path-type (linear | cosine) shares SiT's flag name; its network has no sigma
+        cfg.repa.repa_path_type = getattr(args, "path_type", None) or cfg.repa.repa_path_type
+        cfg.model.learn_sigma = False
+    _check_repa_flags_need_repa(args, repa)
     validate_config(cfg)
     return cfg
+
+
+def _check_repa_flags_need_repa(args: argparse.Namespace, repa: bool) -> None:
+    """REPA's own flags beside another objective would be silently ignored: refuse them."""
+    given = [f.name for f in dataclasses.fields(RepaConfig)
+             if f.name != "repa_path_type" and getattr(args, f.name, None) is not None]
+    if given and not repa:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags}: REPA's flags need --repa")
 
 
 def validate_config(cfg: Config) -> None:
@@ -271,7 +313,7 @@ def validate_config(cfg: Config) -> None:
         (bool(d.features_path) != bool(d.data_path),
          "give exactly one of --features-path (pre-extracted latents) or --data-path (images)"),
     ]
-    for ok, message in checks + transport_checks(t.objective, cfg.transport):
+    for ok, message in checks + transport_checks(t.objective, cfg.transport) + repa_checks(cfg):
         if not ok:
             raise ValueError(message)
     from .models import patch_size_of
@@ -292,6 +334,46 @@ def transport_checks(objective: str, tc: TransportConfig) -> list:
         (eps_ok(tc.train_eps) and eps_ok(tc.sample_eps),
          f"--train-eps and --sample-eps must be in [0, 0.5), got {tc.train_eps} and {tc.sample_eps}"),
     ]
+
+
+def repa_checks(cfg: Config) -> list:
+    """(ok, message) pairs for REPA's flags (train.objective "repa" only)."""
+    r, m = cfg.repa, cfg.model
+    if cfg.train.objective != "repa":
+        return []
+    from .repa.encoder import parse_enc_type
+    try:
+        parse_enc_type(r.enc_type)
+        enc_ok, enc_message = True, ""
+    except ValueError as err:
+        enc_ok, enc_message = False, str(err)
+    return [
+        (enc_ok, enc_message),
+        (r.encoder_depth >= 1, f"--encoder-depth must be >= 1, got {r.encoder_depth}"),
+        (r.proj_coeff >= 0, f"--proj-coeff must be >= 0, got {r.proj_coeff}"),
+        (r.projector_dim > 0, f"--projector-dim must be positive, got {r.projector_dim}"),
+        (r.repa_path_type in REPA_PATH_TYPES,
+         f"--path-type with --repa must be one of {REPA_PATH_TYPES} (REPA's), got {r.repa_path_type!r}"),
+        (r.weighting in REPA_WEIGHTINGS, f"--weighting must be one of {REPA_WEIGHTINGS}, got {r.weighting!r}"),
+        (m.image_size % 16 == 0, f"--image-size {m.image_size} with --repa must be a multiple of 16 "
+                                 "(224 px of encoder input per 256 px, in 14 px patches)"),
+    ]
+
+
+def add_repa_flags(parser: argparse.ArgumentParser) -> None:
+    """--repa and REPA's training flags, with REPA's names (--path-type is shared with SiT's)."""
+    a = parser.add_argument
+    a("--repa", dest="objective", action="store_const", const="repa",
+      help="REPA: SiT's velocity loss in REPA's time plus the alignment with a frozen encoder "
+           "(= --objective repa); needs images beside the latents (extract_features.py --keep-images)")
+    a("--enc-type", type=str, default=None, help="repa: dinov2-vit-b (default) | dinov2reg-vit-b | ...")
+    a("--encoder", type=str, default=None, metavar="PATH_OR_ID",
+      help="repa: the encoder's save_pretrained folder or hub id (default facebook/dinov2-<size>)")
+    a("--encoder-depth", type=int, default=None, help="repa: the aligned block (default 8)")
+    a("--proj-coeff", type=float, default=None, help="repa: alignment loss weight (default 0.5)")
+    a("--projector-dim", type=int, default=None, help="repa: projector hidden width (default 2048)")
+    a("--weighting", type=str, default=None, metavar="|".join(REPA_WEIGHTINGS),
+      help="repa: t ~ uniform (default) or lognormal")
 
 
 def add_transport_flags(parser: argparse.ArgumentParser) -> None:

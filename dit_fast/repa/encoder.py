@@ -95,21 +95,34 @@ def resample_positions(model: nn.Module, grid: int) -> None:
     model.config.image_size = grid * model.config.patch_size
 
 
+def encoder_config(enc_type: str = "dinov2-vit-b", path_or_id: str | None = None):
+    """The transformers config of the encoder ``load_encoder`` would load, checked against ``enc_type``
+    (reads only config.json: cheap enough for a check before training starts)."""
+    registers, hub_id = parse_enc_type(enc_type)
+    try:
+        from transformers import AutoConfig
+    except ImportError as err:
+        raise ImportError("REPA's encoder needs transformers: pip install 'dit-fast[repa]'") from err
+    source = path_or_id or hub_id
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"--encoder {source!r}: no DINOv2 model there (a save_pretrained folder "
+                                f"or a hub id): {str(err).splitlines()[0]}") from err
+    want = "dinov2_with_registers" if registers else "dinov2"
+    if config.model_type != want:
+        raise ValueError(f"--encoder {source!r} holds a {config.model_type!r} model, but --enc-type {enc_type} "
+                         f"needs {want!r}")
+    return config
+
+
 def load_encoder(enc_type: str = "dinov2-vit-b", path_or_id: str | None = None, *, resolution: int = 256,
                  device: torch.device | str = "cpu") -> DINOv2Encoder:
     """The frozen encoder of ``enc_type`` from a local save_pretrained folder or a hub id (default:
     facebook/dinov2-<size> or facebook/dinov2-with-registers-<size>). Needs ``pip install transformers``."""
     registers, hub_id = parse_enc_type(enc_type)
-    try:
-        from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
-    except ImportError as err:
-        raise ImportError("REPA's encoder needs transformers: pip install 'dit-fast[repa]'") from err
-    source = path_or_id or hub_id
-    model_type = AutoConfig.from_pretrained(source).model_type
-    want = "dinov2_with_registers" if registers else "dinov2"
-    if model_type != want:
-        raise ValueError(f"--encoder {source!r} holds a {model_type!r} model, but --enc-type {enc_type} "
-                         f"needs {want!r}")
+    encoder_config(enc_type, path_or_id)
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
     cls = Dinov2WithRegistersModel if registers else Dinov2Model
-    model = cls.from_pretrained(source).float()     # fp32 weights; bf16 comes from autocast on CUDA
+    model = cls.from_pretrained(path_or_id or hub_id).float()   # fp32 weights; bf16 from autocast on CUDA
     return DINOv2Encoder(model, resolution).to(device)

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import Config
@@ -25,6 +26,7 @@ class DataInfo:
     input_size: int
     has_flips: bool  # items are (2, C, h, w): pick a slot per visit
     vae: object = None  # --data-path with a VAE: encodes each batch on the fly (on the CPU here)
+    has_images: bool = False  # the uint8 image of each item can be read beside it (REPA's encoder)
 
 
 class _KeyedView(torch.utils.data.Dataset):
@@ -38,11 +40,35 @@ class _KeyedView(torch.utils.data.Dataset):
 
 
 class FlipPicker(_KeyedView):
-    """Wraps a LatentDataset: index (i, flip) -> (latents[flip] (C, h, w), label); reads that slot only."""
+    """Wraps a LatentDataset: index (i, flip) -> (latents[flip] (C, h, w), label); reads that slot only.
+    ``with_images``: (latents, label, uint8 image (C, S, S)), the image through the same index and flip."""
+
+    def __init__(self, dataset, with_images: bool = False):
+        super().__init__(dataset)
+        self.with_images = with_images
 
     def __getitem__(self, key):
         i, flip = key
-        return self.dataset.get(i, flip)  # (C, h, w): half the bytes of both slots
+        latents, label = self.dataset.get(i, flip)  # (C, h, w): half the bytes of both slots
+        if not self.with_images:
+            return latents, label
+        return latents, label, self.dataset.get_image(i, flip)
+
+
+class EpochKeyedWithImages(_KeyedView):
+    """EpochKeyed for an ImageFolder whose uint8 crop is needed too: key (i, epoch) -> (x in [-1, 1],
+    label, uint8 (C, S, S)), both from one read of the file with the epoch's flip."""
+
+    def __getitem__(self, key):
+        from ..data.image_folder import pixels_to_tensor
+        i, epoch = key
+        if self.dataset.epoch != epoch:
+            self.dataset.set_epoch(epoch)
+        arr = self.dataset.load_pixels(i)                 # (S, S, C) uint8, unflipped
+        if self.dataset.flip_decision(i):
+            arr = arr[:, ::-1]
+        image = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return pixels_to_tensor(arr), self.dataset.samples[i][1], image
 
 
 class EpochKeyed(_KeyedView):
@@ -121,14 +147,14 @@ def open_training_data(cfg: Config) -> DataInfo:
     _check_label_list(ds.targets, m.num_classes, str(root))
     if is_pixel_space(d.vae):
         return DataInfo(ds, in_channels=int(ds[0][0].shape[0]), input_size=m.image_size,
-                        has_flips=False)
+                        has_flips=False, has_images=True)
     from ..vae import load_vae
     vae = load_vae(d.vae, device="cpu")
     if m.image_size % vae.downsample:
         raise ValueError(f"--image-size {m.image_size} is not divisible by the VAE's downsample "
                          f"factor {vae.downsample}")
     return DataInfo(ds, in_channels=vae.latent_channels, input_size=m.image_size // vae.downsample,
-                    has_flips=False, vae=vae)
+                    has_flips=False, vae=vae, has_images=True)
 
 
 def _flag_downsample(spec: str, ds) -> int | None:
@@ -162,7 +188,8 @@ def _open_latents(path: str, cfg: Config) -> DataInfo:
             f"{cfg.data.vae!r} needs {want}x{want} at image size {m.image_size}; pass "
             f"--image-size {ds.image_size}{hint} or extract the features again")
     ds.check_labels(m.num_classes)
-    return DataInfo(ds, in_channels=ds.latent_shape[0], input_size=h, has_flips=True)
+    return DataInfo(ds, in_channels=ds.latent_shape[0], input_size=h, has_flips=True,
+                    has_images=ds.image_shape is not None)
 
 
 def _check_label_list(labels, num_classes: int, source: str) -> None:
@@ -182,8 +209,10 @@ def build_loader(info: DataInfo, cfg: Config, rank: int, world_size: int, device
             f"{len(info.dataset)} items give rank {rank} fewer than one optimizer step per epoch "
             f"(micro batch {micro} x grad accumulation {cfg.train.grad_accum}); lower "
             "--global-batch-size or use more data")
-    dataset = FlipPicker(info.dataset) if info.has_flips else (
-        EpochKeyed(info.dataset) if per_epoch else info.dataset)
+    from .objective import needs_images
+    images = needs_images(cfg)
+    dataset = FlipPicker(info.dataset, images) if info.has_flips else (
+        (EpochKeyedWithImages if images else EpochKeyed)(info.dataset) if per_epoch else info.dataset)
     workers = cfg.data.num_workers
     # A private generator: DataLoader draws a base seed per iterator, which would otherwise
     # consume the global RNG and make a resumed run diverge from the uninterrupted one.

@@ -110,11 +110,13 @@ def _partitioned_master(param) -> torch.Tensor:
 
 
 def _chunks(named):
-    """Group (name, tensor) pairs by top-level child (one DiT block at a time), for one foreach each."""
+    """Group (name, tensor) pairs by top-level child (one DiT block at a time, also inside a wrapper's
+    ``dit.``), for one foreach each."""
     chunk, head = [], None
     for name, tensor in named:
         parts = name.split(".")
-        key = ".".join(parts[:2]) if parts[0] == "blocks" else parts[0]
+        at = parts.index("blocks") if "blocks" in parts[:2] else -1
+        key = ".".join(parts[:at + 2]) if at >= 0 else ".".join(parts[:2 if parts[0] == "dit" else 1])
         if chunk and key != head:
             yield chunk
             chunk = []

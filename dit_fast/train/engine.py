@@ -17,6 +17,7 @@ import torch
 from ..config import PRECISION_DTYPES, Config
 from ..models import build_model
 from .ema import EMA
+from .objective import wrap_model
 
 # Keys train.py injects into the DeepSpeed JSON (one source of truth: the command line).
 _FLAG_FOR_KEY = {
@@ -125,8 +126,9 @@ def offloads_optimizer(ds_config: dict) -> bool:
 # ---------------------------------------------------------------- model, optimizer, engine
 
 def apply_compile(model: torch.nn.Module) -> None:
-    """torch.compile each block in place (parameter names unchanged: no _orig_mod. prefix)."""
-    for block in model.blocks:
+    """torch.compile each block in place (parameter names unchanged: no _orig_mod. prefix); a
+    wrapped DiT (REPA's REPAModel) compiles its DiT's blocks."""
+    for block in getattr(model, "dit", model).blocks:
         block.compile()
 
 
@@ -163,7 +165,8 @@ def seed_everything(seed: int) -> None:
 
 def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, world: int,
                  init_on_device: bool = False):
-    """Model -> activation checkpointing (constructor flag) -> compile -> EMA copy -> engine.
+    """Model -> activation checkpointing (constructor flag) -> the objective's wrapper (REPA's
+    projector) -> EMA copy -> compile -> engine.
 
     ``init_on_device``: build the weights on ``device`` directly (seconds instead of tens of seconds for
     DiT-XL/2 on a GPU; the benchmark table's choice). The initial values then come from the device's
@@ -177,7 +180,7 @@ def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, 
     # seed is global_seed * world_size); ZeRO-3 partitions these local copies without a broadcast.
     seed_everything(cfg.train.global_seed * world)
     with torch.device(device) if init_on_device else contextlib.nullcontext():
-        model = build_model(cfg.model)
+        model = wrap_model(cfg, build_model(cfg.model))  # same seed: every rank, same projector
     ema = EMA(model, cfg.train.ema_decay, keep=rank == 0, device=device)
     if cfg.train.compile:
         apply_compile(model)

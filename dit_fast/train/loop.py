@@ -25,6 +25,7 @@ from ..faults import maybe_fault, poison
 from .data import build_loader, open_training_data, set_data_epoch
 from .engine import build_deepspeed_config, build_engine, micro_batch_size, seed_everything
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
+from .objective import check_objective
 from .resume import check_resume_spec, resolve_resume
 from .run_dir import load_training_checkpoint, make_run_dir, save_training_checkpoint
 from .step import TrainStep
@@ -68,6 +69,7 @@ def prepare(cfg: Config):
     resolved.model.in_channels, resolved.model.input_size = info.in_channels, info.input_size
     resolved.train.micro_batch_size = micro_batch_size(cfg, world_size)
     _check_data_fits(resolved, len(info.dataset), info.input_size, world_size)
+    check_objective(resolved, info)  # REPA: images beside the data, the block, the encoder
     return resolved, ds_config, info
 
 
@@ -115,8 +117,11 @@ def train(cfg: Config) -> Position:
         logger.info("DeepSpeed config: " + json.dumps(ds_config, sort_keys=True))
     engine, ema = build_engine(cfg, ds_config, device, rank, world)
     if rank == 0:
-        n_params = sum(p.numel() for p in ema.model.parameters())
-        logger.info(f"DiT Parameters: {n_params:,}")
+        dit = getattr(ema.model, "dit", ema.model)  # REPA trains the DiT inside a wrapper
+        logger.info(f"DiT Parameters: {sum(p.numel() for p in dit.parameters()):,}")
+        if dit is not ema.model:
+            extra = sum(p.numel() for p in ema.model.parameters()) - sum(p.numel() for p in dit.parameters())
+            logger.info(f"Projector Parameters: {extra:,}")
     loop = TrainLoop(cfg, engine, ema, info, device, run_dir, logger, ds_config)
     seed_everything(cfg.train.global_seed * world + rank)  # DiT's per-rank seed
     # A fresh EMA is already the fp32 copy of the initial weights (DiT's update_ema(decay=0));
@@ -260,7 +265,14 @@ class TrainLoop:
                 f"{'n/a' if grad_norm is None else f'{grad_norm:.4f}'}, Loss Scale: {scale:g}")
         if t.precision == "fp16":
             line += f", Skipped Steps: {self.skipped_steps()}"
+        extra = self.objective_metrics()
+        line += "".join(f", {name.replace('_', ' ').title()}: {value:.4f}" for name, value in extra.items())
         self.logger.info(line)
         self.metrics.write({"step": self.pos.step, "loss": avg_loss, "steps_per_sec": steps_per_sec,
                             "grad_norm": grad_norm, "loss_scale": scale,
-                            "skipped_steps": self.skipped_steps()})
+                            "skipped_steps": self.skipped_steps(), **extra})
+
+    def objective_metrics(self) -> dict:
+        """The objective's own running means (REPA: proj_loss); collective, like the loss sync."""
+        extra = getattr(self.train_step.objective, "extra_metrics", None)
+        return extra(self.world) if extra is not None else {}

@@ -31,6 +31,7 @@ RESUME_FIELDS = {
     "diffusion": ("diffusion_steps", "noise_schedule", "timestep_respacing"),
     "train": ("global_batch_size", "grad_accum", "precision", "global_seed", "ema_decay", "objective"),
     "transport": ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps"),
+    "repa": ("enc_type", "encoder_depth", "proj_coeff", "projector_dim", "repa_path_type", "weighting"),
 }
 _PATH_FIELDS = {("data", "features_path"), ("data", "data_path"), ("data", "vae")}
 

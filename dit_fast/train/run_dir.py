@@ -7,8 +7,10 @@ A run directory holds config.json, log.txt, metrics.jsonl and ``checkpoints/``. 
     ds/                       DeepSpeed's engine.save_checkpoint (module, ZeRO optimizer shards)
     train_state.pt            rank 0: step, data position (epoch, step_in_epoch), world size,
                               resolved config (plain dict), fp16 skipped-step count
-    ema-0000100.pt            rank 0: {"ema": fp32 state dict}; loads with DiT's sample.py and
-                              dit_fast.checkpoint.load_state_dict
+    ema-0000100.pt            rank 0: {"ema": fp32 state dict of the DiT}; loads with DiT's sample.py
+                              and dit_fast.checkpoint.load_state_dict. A wrapped model (REPA: the
+                              DiT + its projector) keeps the wrapper's other EMA weights beside it,
+                              {"ema": DiT keys, "ema_extra": {"projectors.0.0.weight": ...}}
     rng-rank00000.pt ...      one per global rank: torch / cuda / numpy / python RNG states
 
 All ranks write into ``step-0000100.tmp/``; after a barrier rank 0 renames it to ``step-0000100/``.
@@ -135,7 +137,7 @@ def save_training_checkpoint(engine, ema_state: dict | None, train_state: dict, 
     atomic_save(capture_rng(), tmp / rng_file_name(rank))
     maybe_fault("save.after_rng", step)
     if rank == 0:
-        atomic_save({"ema": ema_state}, tmp / ema_file_name(step))
+        atomic_save(ema_file_payload(ema_state), tmp / ema_file_name(step))
         maybe_fault("save.after_ema", step)
         atomic_save({**train_state, "version": FORMAT_VERSION}, tmp / TRAIN_STATE)
         maybe_fault("save.after_state", step)
@@ -228,5 +230,26 @@ def load_training_checkpoint(engine, ckpt: Path, rank: int, world_size: int,
     # per-rank seeds set at start stay in effect.
     if state["world_size"] == world_size and rng_file.is_file():
         restore_rng(safe_torch_load(rng_file))
-    ema = safe_torch_load(ckpt / ema_file_name(state["step"]))["ema"] if rank == 0 else None
+    ema = ema_state_of(safe_torch_load(ckpt / ema_file_name(state["step"]))) if rank == 0 else None
     return state, ema
+
+
+_WRAPPED = "dit."  # a wrapper's DiT (REPAModel.dit): its keys are the DiT's own under this prefix
+
+
+def ema_file_payload(ema_state: dict | None) -> dict:
+    """What the EMA file holds: {"ema": the DiT's state dict} and, for a wrapped model, "ema_extra"
+    with the wrapper's other weights, so the file samples as a plain DiT/SiT (DiT's sample.py reads
+    checkpoint["ema"]) while resume still restores the whole EMA."""
+    if ema_state is None or not any(k.startswith(_WRAPPED) for k in ema_state):
+        return {"ema": ema_state}
+    dit = {k[len(_WRAPPED):]: v for k, v in ema_state.items() if k.startswith(_WRAPPED)}
+    extra = {k: v for k, v in ema_state.items() if not k.startswith(_WRAPPED)}
+    return {"ema": dit, "ema_extra": extra}
+
+
+def ema_state_of(payload: dict) -> dict:
+    """The inverse of ema_file_payload: the EMA model's whole state dict."""
+    if "ema_extra" not in payload:
+        return payload["ema"]
+    return {**{_WRAPPED + k: v for k, v in payload["ema"].items()}, **payload["ema_extra"]}

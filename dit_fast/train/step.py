@@ -3,8 +3,9 @@
     step = TrainStep.from_config(cfg, engine, ema, device, vae)   # what TrainLoop and the table do
     loss_sum = step.optimizer_step(batches)   # grad_accum micro-steps, then the EMA update
 
-A micro-step is: loss = objective.loss(model_fn, x, y).mean() (objective.py: DiT's diffusion or SiT's
-flow matching, chosen there and nowhere else), engine.backward, engine.step (DeepSpeed steps the optimizer at the accumulation boundary); the EMA
+A micro-step is: loss = objective.loss(model_fn, x, y[, images]).mean() (objective.py: DiT's diffusion,
+SiT's flow matching or REPA, chosen there and nowhere else; a batch carries its uint8 images as a
+third item when the objective reads them: REPA's encoder runs inside the step), engine.backward, engine.step (DeepSpeed steps the optimizer at the accumulation boundary); the EMA
 follows the fp32 master weights after every optimizer step (collective under ZeRO-3: every rank calls it).
 """
 from __future__ import annotations
@@ -31,16 +32,20 @@ class TrainStep:
 
     def model_fn(self, x, t, y):
         """The engine in its precision; t stays as given (an integer timestep or fp32 flow time,
-        never rounded to bf16)."""
-        return self.engine(x.to(self.dtype), t, y).float()
+        never rounded to bf16). A wrapped model's (output, [projections]) comes back in fp32 too."""
+        out = self.engine(x.to(self.dtype), t, y)
+        if isinstance(out, tuple):  # REPAModel: (output, [tokens per projector])
+            return out[0].float(), [z.float() for z in out[1]]
+        return out.float()
 
-    def micro_step(self, x, y) -> torch.Tensor:
+    def micro_step(self, x, y, images=None) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)  # (N, C, h, w)
         y = y.to(self.device, non_blocking=True)  # (N,)
         if self.vae is not None:
             with torch.no_grad():
                 x = self.vae.encode(x)
-        loss = self.objective.loss(self.model_fn, x, y).mean()
+        extra = {} if images is None else {"images": images}  # uint8 (N, 3, S, S), the latents' own
+        loss = self.objective.loss(self.model_fn, x, y, **extra).mean()
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
@@ -49,7 +54,6 @@ class TrainStep:
         """grad_accum micro-steps = one optimizer step; returns the summed micro losses."""
         total = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum):
-            x, y = next(batches)
-            total += self.micro_step(x, y)
+            total += self.micro_step(*next(batches))
         self.ema.update(self.engine)  # the fp32 master weights, every ZeRO stage (ema.py)
         return total
