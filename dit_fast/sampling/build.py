@@ -3,6 +3,8 @@
 METHODS maps a ``--sampler`` name to a factory ``(guidance, diffusion, **options) -> Sampler``; a
 new method is one more entry, no edit of the others. "ode" / "sde" are SiT's flow samplers: their
 ``diffusion`` is a dit_fast.transport Transport and their options SiT's flags (flow.FlowSampler).
+"repa-sde" / "repa-ode" are REPA's, in REPA's time: their ``diffusion`` is REPA's path type
+("linear" | "cosine") and their options num_steps (and heun for the ODE) (repa.RepaSampler).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from .ancestral import AncestralSampler
 from .base import Sampler
 from .flow import FlowSampler
 from .guidance import Guidance
+from .repa import RepaSampler
 from .solvers import SOLVERS, SolverSampler
 
 ANCESTRAL = ("ddpm", "ddim")  # ours, bit-identical to the original; SOLVERS come from diffusers
@@ -31,14 +34,24 @@ def _flow(mode: str):
     return factory
 
 
+def _repa(mode: str):
+    def factory(guidance, path_type, *, clip_denoised=False, eta=0.0, **options):
+        if eta or clip_denoised:
+            raise ValueError("eta and clip_denoised are options of ddpm/ddim, not of REPA's samplers")
+        return RepaSampler(guidance, path_type, mode=mode, **options)
+    return factory
+
+
+REPA_METHODS = ("repa-sde", "repa-ode")
 FLOW_METHODS = ("ode", "sde")
 METHODS = {
     **{name: (lambda name: lambda guidance, diffusion, **kw: AncestralSampler(
         guidance, diffusion, method=name, **kw))(name) for name in ANCESTRAL},
     **{name: _solver(name) for name in SOLVERS},
     **{name: _flow(name.upper()) for name in FLOW_METHODS},
+    **{name: _repa(name.split("-")[1].upper()) for name in REPA_METHODS},
 }
-SAMPLERS = tuple(m for m in METHODS if m not in FLOW_METHODS)  # --sampler's choices (diffusion)
+SAMPLERS = tuple(m for m in METHODS if m not in FLOW_METHODS + REPA_METHODS)  # --sampler's (diffusion)
 
 
 def build_sampler(model, diffusion, *, method: str = "ddpm", cfg_scale: float = 4.0,
@@ -58,10 +71,12 @@ def build_sampler(model, diffusion, *, method: str = "ddpm", cfg_scale: float = 
     Flow models (SiT): ``method`` "ode" or "sde", ``diffusion`` a dit_fast.transport Transport and
     ``flow_options`` SiT's sampler flags (sampling_method, num_steps, atol, rtol, reverse,
     diffusion_form, diffusion_norm, last_step, last_step_size; flow.FlowSampler).
+    REPA-trained models: ``method`` "repa-sde" or "repa-ode", ``diffusion`` REPA's path type, options
+    num_steps and heun; ``cfg_interval`` in REPA's t (0 = data, 1 = noise).
     """
     if method not in METHODS:
         raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(METHODS)}")
-    if flow_options and method not in FLOW_METHODS:
+    if flow_options and method not in FLOW_METHODS + REPA_METHODS:
         raise ValueError(f"{', '.join(sorted(flow_options))}: options of the flow samplers (ode, sde), "
                          f"not of {method}")
     guidance = Guidance(model, num_classes, cfg_scale=cfg_scale, use_cfg=use_cfg,
