@@ -380,7 +380,8 @@ def add_transport_flags(parser: argparse.ArgumentParser) -> None:
     """--objective and SiT's transport flags, with SiT's names (train.py, sample.py, sample_ddp.py)."""
     a = parser.add_argument
     a("--objective", type=str, default=None, metavar="|".join(OBJECTIVES),
-      help="diffusion (DiT's, the default) or flow (SiT's flow matching); sampling a run reads it")
+      help="diffusion (DiT's, the default), flow (SiT's flow matching) or repa (REPA's; train.py --repa); "
+           "sampling a run reads it")
     a("--path-type", type=str, default=None, metavar="|".join(PATH_TYPES),
       help="flow: the interpolant (default Linear)")
     a("--prediction", type=str, default=None, metavar="|".join(PREDICTIONS),
@@ -541,10 +542,11 @@ class SampleConfig:
     cfg_interval: Optional[tuple] = None
     """Guide only at model times in [low, high] (Kynkaanniemi et al. 2024), in the objective's own
     coordinate: diffusion, the original 1000-step chain's timestep (0 = data, 999 = noise); flow,
-    SiT's t (0 = noise, 1 = data). Outside it: one unguided forward of the conditional half. None:
+    SiT's t (0 = noise, 1 = data); repa, REPA's t (0 = data, 1 = noise). Outside it: one unguided forward of the conditional half. None:
     guide every step."""
     objective: str = "diffusion"
-    """diffusion (DiT's sampler flags) or flow (SiT's --mode ODE|SDE and below); read from a run."""
+    """diffusion (DiT's sampler flags), flow (SiT's --mode ODE|SDE and below) or repa (REPA's samplers,
+    --mode SDE|ODE); read from a run."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     """The trained transport (objective flow), read from the run's saved config or the flags."""
     mode: str = "ODE"
@@ -566,6 +568,10 @@ class SampleConfig:
     """flow SDE: final step Mean | Tweedie | Euler | None."""
     last_step_size: float = 0.04
     """flow SDE: size of the final step."""
+    repa_path_type: str = "linear"
+    """repa: REPA's interpolant (linear | cosine), read from the run or --path-type."""
+    heun: bool = False
+    """repa ODE: Heun's correction (REPA's --heun; --sampling-method heun)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: ModelConfig,

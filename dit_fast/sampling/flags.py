@@ -64,7 +64,8 @@ def add_common_flags(parser, *, cfg_default: float, vae_default: str) -> None:
     add_model_flags(parser, defaults=False)
     parser.add_argument("--vae", type=str, default=None,
                         help=f"ema | mse | a local diffusers dir | none (default {vae_default}, or the run's)")
-    parser.add_argument("--cfg-scale", type=float, default=cfg_default)
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help=f"guidance scale (default {cfg_default}; a REPA model: REPA's {REPA_CFG_SCALE})")
     parser.add_argument("--num-sampling-steps", type=int, default=250,
                         help="respaced steps (ddpm/ddim) or solver steps (the diffusers solvers)")
     parser.add_argument("--ckpt", type=str, default=None,
@@ -78,7 +79,8 @@ def add_common_flags(parser, *, cfg_default: float, vae_default: str) -> None:
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="guide only at model times in [LOW, HIGH], one unguided forward elsewhere; "
                              "diffusion: the 1000-step training chain's timestep (0 = data, 999 = noise, "
-                             "whatever --num-sampling-steps), flow: SiT's t (0 = noise, 1 = data)")
+                             "whatever --num-sampling-steps), flow: SiT's t (0 = noise, 1 = data), repa: "
+                             f"REPA's t (0 = data, 1 = noise; default {REPA_CFG_INTERVAL})")
     add_flow_sampling_flags(parser)
     parser.add_argument("--in-channels", type=int, default=None, help="image channels with --vae none (3)")
     parser.add_argument("--guide-all-channels", action="store_true",
@@ -91,13 +93,17 @@ def add_common_flags(parser, *, cfg_default: float, vae_default: str) -> None:
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="TF32 matmuls on CUDA (on by default, as the original)")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
-    parser.set_defaults(vae_default=vae_default)
+    parser.set_defaults(vae_default=vae_default, cfg_default=cfg_default)
 
 
 # SiT's sampling flags (flow models only) and their defaults (SiT's sample.py: --diffusion-form sigma).
 FLOW_SAMPLING_DEFAULTS = {"mode": "ODE", "sampling_method": None, "atol": 1e-6, "rtol": 1e-3, "reverse": False,
                           "diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "Mean",
                           "last_step_size": 0.04}
+
+
+# REPA's best published setting (its README: --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7).
+REPA_CFG_SCALE, REPA_CFG_INTERVAL = 1.8, (0.0, 0.7)
 
 
 def _last_step(text: str):
@@ -130,6 +136,8 @@ def _flow_sampling_values(args, objective: str) -> dict:
              if getattr(args, k, None) is not None and getattr(args, k) != "unset"}
     if getattr(args, "last_step", "unset") is None:
         given["last_step"] = None
+    if objective == "repa":
+        return _repa_sampling_values(args, given)
     if objective != "flow":
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
@@ -142,6 +150,24 @@ def _flow_sampling_values(args, objective: str) -> dict:
     values = {**FLOW_SAMPLING_DEFAULTS, **given}
     _check_flow_options(values)
     return {**values, "sampler": values["mode"].lower()}  # what messages and the folder settings show
+
+
+def _repa_sampling_values(args, given: dict) -> dict:
+    """REPA's samplers: --mode SDE (default, Euler-Maruyama) | ODE, --sampling-method euler | heun (ODE)."""
+    other = [k for k in given if k not in ("mode", "sampling_method")]
+    if other:
+        flags = ", ".join("--" + k.replace("_", "-") for k in other)
+        raise ValueError(f"{flags}: SiT's sampler flags do not apply to a REPA model (it takes --mode SDE|ODE "
+                         "and, for the ODE, --sampling-method euler|heun)")
+    if args.sampler is not None:
+        raise ValueError(f"--sampler {args.sampler} is a diffusion sampler; a REPA model takes --mode SDE|ODE")
+    mode = given.get("mode", "SDE")
+    method = given.get("sampling_method")
+    if method is not None and (mode != "ODE" or method.lower() not in ("euler", "heun")):
+        raise ValueError(f"--sampling-method {method}: REPA's ODE sampler takes euler or heun (with --mode ODE); "
+                         "its SDE sampler is Euler-Maruyama only")
+    return {**FLOW_SAMPLING_DEFAULTS, "mode": mode, "sampling_method": method,
+            "heun": (method or "").lower() == "heun", "sampler": f"repa-{mode.lower()}"}
 
 
 def _check_flow_options(v: dict) -> None:
@@ -184,7 +210,7 @@ def _from_saved_run(args, source: CkptSource) -> tuple:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {value} contradicts the checkpoint's saved config ({name} = "
                              f"{run_values[name]!r} in {source.where}); drop {flag} (it is read from the run)")
-    _check_objective_flags(args, saved.train.objective, saved.transport, source.where)
+    _check_objective_flags(args, saved, source.where)
     speed = {"attn_backend": args.attn_backend, "adaln_backend": args.adaln_backend}
     model = dataclasses.replace(saved.model, grad_checkpointing=0.0, **speed)
     return model, saved.diffusion, saved.data.vae, saved.train.objective, saved.transport
@@ -193,9 +219,13 @@ def _from_saved_run(args, source: CkptSource) -> tuple:
 _TRANSPORT_FLAGS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
 
 
-def _check_objective_flags(args, objective: str, transport: TransportConfig, where: str) -> None:
-    """--objective and the transport flags beside a run must equal what it was trained with."""
-    saved = {"objective": objective, **dataclasses.asdict(transport)}
+def _check_objective_flags(args, run, where: str) -> None:
+    """--objective and the transport flags beside a run must equal what it was trained with (a REPA
+    run: --path-type is REPA's linear | cosine; SiT's other transport flags mean nothing to it)."""
+    saved = {"objective": run.train.objective, **dataclasses.asdict(run.transport)}
+    if run.train.objective == "repa":
+        saved["path_type"] = run.repa.repa_path_type
+        _refuse_sit_transport_flags(args)
     for name in ("objective", *_TRANSPORT_FLAGS):
         value = getattr(args, name, None)
         if value is not None and value != saved[name]:
@@ -204,9 +234,31 @@ def _check_objective_flags(args, objective: str, transport: TransportConfig, whe
                              f"{saved[name]!r} in {where}); drop {flag} (it is read from the run)")
 
 
+def _refuse_sit_transport_flags(args) -> None:
+    given = [k for k in _TRANSPORT_FLAGS[1:] if getattr(args, k, None) is not None]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags}: SiT's transport flags do not apply to a REPA model (REPA's --path-type "
+                         "linear | cosine does)")
+
+
+def repa_path_type(args, source) -> str:
+    """REPA's interpolant: the run's saved one, else --path-type (default linear)."""
+    if source is not None and source.config is not None:
+        return source.config.repa.repa_path_type
+    from dit_fast.config import REPA_PATH_TYPES
+    path_type = getattr(args, "path_type", None) or "linear"
+    if path_type not in REPA_PATH_TYPES:
+        raise ValueError(f"--path-type {path_type} with --objective repa: REPA's paths are {', '.join(REPA_PATH_TYPES)}")
+    return path_type
+
+
 def _objective_from_flags(args) -> tuple:
     """(objective, TransportConfig) of the flags (a plain weight file, e.g. SiT-XL-2-256x256.pt)."""
     objective = getattr(args, "objective", None) or "diffusion"  # the export has no flow flags
+    if objective == "repa":  # REPA's file: its --path-type is read by repa_path_type
+        _refuse_sit_transport_flags(args)
+        return objective, TransportConfig()
     given = {k: getattr(args, k) for k in _TRANSPORT_FLAGS if getattr(args, k, None) is not None}
     transport = TransportConfig(**given)
     for ok, message in transport_checks(objective, transport):
@@ -230,8 +282,10 @@ def _from_flags(args) -> tuple:
         value = values.get(name, getattr(args, name))
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    model = model_config_from_args(args, **values, in_channels=model_channels(vae, pixel_channels))
-    return (model, DiffusionConfig(), vae, *_objective_from_flags(args))
+    objective, transport = _objective_from_flags(args)
+    model = model_config_from_args(args, **values, in_channels=model_channels(vae, pixel_channels),
+                                   learn_sigma=objective != "repa")  # REPA's SiT predicts no sigma
+    return model, DiffusionConfig(), vae, objective, transport
 
 
 def resolve_model(args: argparse.Namespace) -> tuple:
@@ -263,12 +317,17 @@ def resolve_sample_config(args: argparse.Namespace) -> tuple:
     if args.cfg_interval is not None and not args.cfg_interval[0] <= args.cfg_interval[1]:
         raise ValueError(f"--cfg-interval LOW HIGH needs LOW <= HIGH, got {args.cfg_interval}")
     flow = _flow_sampling_values(args, objective)
-    resolved = {**flow, "sampler": flow.get("sampler", args.sampler or "ddpm"),
-                "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None}
+    repa = objective == "repa"
+    interval = tuple(args.cfg_interval) if args.cfg_interval else (REPA_CFG_INTERVAL if repa else None)
+    scale = args.cfg_scale if args.cfg_scale is not None else (REPA_CFG_SCALE if repa else args.cfg_default)
+    resolved = {**flow, "sampler": flow.get("sampler", args.sampler or "ddpm"), "cfg_interval": interval,
+                "cfg_scale": scale}
+    if repa:  # REPA guides every channel of its velocity
+        resolved.update(repa_path_type=repa_path_type(args, source), guide_all_channels=True)
     cfg = SampleConfig.from_args(args, model, diffusion, vae=vae, objective=objective, transport=transport,
                                  **resolved)
-    if source is None and objective == "flow":
-        raise ValueError("a flow model needs --ckpt (a flow run, or a SiT checkpoint file such as "
+    if source is None and objective in ("flow", "repa"):
+        raise ValueError(f"a {objective} model needs --ckpt (a {objective} run, or a checkpoint file such as "
                          "SiT-XL-2-256x256.pt); the official names are DiT's diffusion models")
     if source is None:
         check_official_defaults(model.model, model.image_size, model.num_classes, vae)
@@ -287,7 +346,7 @@ def build_sampling_model(model_cfg, weights, device, *, saved: bool = False):
     from dit_fast.checkpoint import load_into_model, load_state_dict
     from dit_fast.models import build_model
 
-    state = load_state_dict(weights)  # reading it first draws no random numbers
+    state = drop_projectors(load_state_dict(weights))  # reading it first draws no random numbers
     overrides = {}
     if not saved:
         # A plain file trained with class_dropout_prob=0 has no null-label row: build it so (it loads,
@@ -303,6 +362,15 @@ def build_sampling_model(model_cfg, weights, device, *, saved: bool = False):
     return model.eval()  # important: class dropout is a training-only behaviour
 
 
+def drop_projectors(state: dict) -> dict:
+    """A REPA checkpoint's DiT/SiT weights: its ``projectors.*`` (training-only) are dropped, said once."""
+    dropped = [k for k in state if k.startswith("projectors.")]
+    if not dropped:
+        return state
+    print(f"Dropped {len(dropped)} REPA projector tensors (projectors.*): sampling needs only the SiT/DiT")
+    return {k: v for k, v in state.items() if not k.startswith("projectors.")}
+
+
 def sampler_of(cfg: SampleConfig, model, *, use_cfg: bool):
     """The sampler a resolved SampleConfig asks for: the diffusion's (--sampler) or, for a flow model,
     SiT's ODE / SDE (--mode and SiT's flags), each with the guidance options."""
@@ -310,6 +378,9 @@ def sampler_of(cfg: SampleConfig, model, *, use_cfg: bool):
     common = dict(cfg_scale=cfg.cfg_scale, num_classes=cfg.model.num_classes, use_cfg=use_cfg,
                   precision=cfg.precision, guide_all_channels=cfg.guide_all_channels,
                   cfg_interval=cfg.cfg_interval)
+    if cfg.objective == "repa":
+        return build_sampler(model, cfg.repa_path_type, method=f"repa-{cfg.mode.lower()}",
+                             num_steps=cfg.num_sampling_steps, heun=cfg.heun, **common)
     if cfg.objective != "flow":
         return build_sampler(model, build_diffusion(cfg), method=cfg.sampler, **common)
     from dit_fast.transport import create_transport

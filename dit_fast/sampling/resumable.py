@@ -76,6 +76,8 @@ def sample_settings(cfg, weights: Path, world_size: int, device) -> dict:
         settings["cfg_interval"] = list(cfg.cfg_interval)
     if cfg.objective == "flow":
         settings.update({k: getattr(cfg, k) for k in _FLOW_SETTINGS}, transport=cfg.transport.__dict__)
+    if cfg.objective == "repa":
+        settings.update(objective="repa", mode=cfg.mode, heun=cfg.heun, repa_path_type=cfg.repa_path_type)
     vae = Path(str(cfg.vae)).expanduser()
     settings.update(world_size=world_size, device=torch.device(device).type, seeding="per-batch-v2",
                     diffusion=json.loads(json.dumps(cfg.diffusion.__dict__)),
