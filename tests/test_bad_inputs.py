@@ -36,6 +36,7 @@ def files(tmp_path_factory):
     (base / "list.json").write_text("[1, 2]")
     (base / "stage4.json").write_text(json.dumps({"zero_optimization": {"stage": 4}}))
     write_digits_features(base / "feat12", 12)
+    write_digits_features(base / "feat16", 16)  # REPA's sizes, but no images beside the latents
     (base / "images" / "cat").mkdir(parents=True)
     (base / "junk.pt").write_bytes(b"junk bytes, not a torch file" * 4)
     torch.save({"pos_embed": torch.zeros(3)}, base / "wrong_shape.pt")
@@ -154,6 +155,14 @@ TRAIN_CASES = [
     ("unknown flow prediction", T("--objective", "flow", "--prediction", "x0"), "--prediction must be one of"),
     ("unknown flow loss weight", T("--objective", "flow", "--loss-weight", "huber"), "--loss-weight must be"),
     ("flow train eps out of range", T("--objective", "flow", "--train-eps", "0.7"), "--train-eps"),
+    ("repa image size off DINOv2's grid", T("--repa"), "must be a multiple of 16"),
+    ("repa unknown encoder type", T("--repa", "--enc-type", "clip-vit-b"), "--enc-type must be"),
+    ("repa gets SiT's path name", T("--repa", "--path-type", "Linear"), "(REPA's)"),
+    ("repa unknown weighting", T("--repa", "--weighting", "beta"), "--weighting must be one of"),
+    ("repa negative coefficient", T("--repa", "--proj-coeff", "-1"), "--proj-coeff must be >= 0"),
+    ("repa flags without --repa", T("--encoder-depth", "4"), "REPA's flags need --repa"),
+    ("repa on latents without images", T("--repa", "--features-path", "{base}/feat16", "--image-size", "16"),
+     "extract_features.py --keep-images"),
 ]
 
 EXTRACT_CASES = [
@@ -205,6 +214,11 @@ SAMPLE_CASES = [
      "--diffusion-form must be one of"),
     ("unknown ODE solver", SP("--objective", "flow", "--sampling-method", "rk99"), "not an ODE solver"),
     ("flow model without --ckpt", SP("--objective", "flow", ckpt=None), "needs --ckpt"),
+    ("REPA model without --ckpt", SP("--objective", "repa", ckpt=None), "needs --ckpt"),
+    ("SiT sampler flag on a REPA model", SP("--objective", "repa", "--diffusion-form", "sigma"),
+     "do not apply to a REPA model"),
+    ("SiT path on a REPA model", SP("--objective", "repa", "--path-type", "GVP"), "REPA's paths"),
+    ("Heun on REPA's SDE", SP("--objective", "repa", "--sampling-method", "heun"), "REPA's ODE sampler takes"),
     ("empty guidance interval", SP("--cfg-interval", "800", "200"), "LOW <= HIGH"),
 ]
 SAMPLE_DDP_CASES = [
