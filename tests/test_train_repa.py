@@ -1,0 +1,157 @@
+"""train.py --repa: REPA's objective in the real training step, checkpoints, resume and sampling.
+
+Data: 11 small images through extract_features.py --keep-images with a tiny AutoencoderKL (32 px ->
+4 x 16 x 16 latents); encoder: a tiny random DINOv2 saved with save_pretrained (32 px -> 28 px input
+-> 2 x 2 patch tokens, as many as DiT-S/8 makes of a 16 x 16 latent). Nothing is downloaded.
+
+In process: the projector receives gradients and the encoder none, inside TrainStep. Two CPU ranks
+(ZeRO-2, bf16) through the real launcher: a run killed mid-step and resumed reproduces the
+uninterrupted run's losses, alignment losses and every checkpoint tensor (DiT, projector, their
+optimizer state, EMA, RNG) bit for bit; sample.py --ckpt RUN samples it with no sampling flag, and a
+REPA-layout checkpoint file (DiT keys + projectors.* + args) gives the same images with the
+projector dropped. Cost: three 4-step launches, ~25 s each on 2 cores.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+from tests.test_repa_encoder import save_tiny  # noqa: E402
+from tests.test_train_faults import COMMON, FAULT, assert_same_checkpoint, ckpt_names  # noqa: E402
+from tests.test_train_launch import launch, losses, ok, run_dir_of  # noqa: E402
+from tests.vae_helpers import save_tiny_vae  # noqa: E402
+
+MODEL = ["--model", "DiT-S/8", "--depth", "2", "--hidden-size", "64", "--num-heads", "4",
+         "--image-size", "32", "--num-classes", "3"]
+
+
+@pytest.fixture(scope="module")
+def repa_inputs(tmp_path_factory):
+    """(features dir with images, tiny VAE dir, tiny encoder dir)."""
+    import extract_features
+    base = tmp_path_factory.mktemp("repa")
+    rng = np.random.default_rng(0)
+    for i in range(11):
+        folder = base / "images" / ("cat", "dog", "eel")[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40 + i, 36, 3), dtype=np.uint8)).save(folder / f"i{i}.png")
+    vae = save_tiny_vae(base / "vae")
+    encoder = save_tiny(base / "encoder")
+    assert extract_features.main(["--data-path", str(base / "images"), "--features-path", str(base / "feat"),
+                                  "--image-size", "32", "--vae", str(vae), "--keep-images", "--shard-size", "4",
+                                  "--batch-size", "3", "--num-workers", "0"]) == 0
+    return base / "feat", vae, encoder
+
+
+def repa_cfg(feat, vae, encoder):
+    import train
+    args = train.build_parser().parse_args([
+        *MODEL, "--features-path", str(feat), "--vae", str(vae), "--global-batch-size", "4", "--num-workers", "0",
+        "--repa", "--encoder", str(encoder), "--encoder-depth", "1", "--projector-dim", "32", "--lr", "1e-2"])
+    from dit_fast.config import config_from_args
+    from dit_fast.train.loop import prepare
+    cfg = config_from_args(args)
+    assert cfg.train.objective == "repa" and cfg.model.learn_sigma is False
+    resolved, ds_config, info = prepare(cfg)
+    return resolved, ds_config, info
+
+
+def test_projector_gets_gradients_the_encoder_none_inside_the_step(repa_inputs):
+    from dit_fast.distributed import init_distributed
+    from dit_fast.train.data import build_loader
+    from dit_fast.train.engine import build_engine
+    from dit_fast.train.step import TrainStep
+    cfg, ds_config, info = repa_cfg(*repa_inputs)
+    ctx = init_distributed(use_deepspeed=True)
+    engine, ema = build_engine(cfg, ds_config, ctx.device, 0, 1)
+    step = TrainStep.from_config(cfg, engine, ema, ctx.device)
+    module = engine.module
+    assert type(module).__name__ == "REPAModel" and len(module.dit.blocks) == 2
+    got = {}
+    projector_names = [n for n, _ in module.named_parameters() if n.startswith("projectors.")]
+    for name, p in module.named_parameters():
+        if name in projector_names:
+            p.register_hook(lambda g, name=name: got.__setitem__(name, g.float().abs().sum().item()))
+    encoder = step.objective.encoder
+    enc_before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    proj_before = {k: v.float().clone() for k, v in module.projectors.state_dict().items()}
+    loader, order = build_loader(info, cfg, 0, 1, ctx.device)
+    order.set_epoch(0)
+    x, y, images = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)
+    step.optimizer_step(iter([(x, y, images)]))
+    assert sorted(got) == sorted(projector_names) and all(v > 0 for v in got.values()), got
+    assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
+    assert all(torch.equal(enc_before[k], v) for k, v in encoder.state_dict().items())
+    assert any(not torch.equal(proj_before[k], v.float()) for k, v in module.projectors.state_dict().items())
+    assert step.objective.extra_metrics(1)["proj_loss"] < 0        # -cosine, averaged
+    engine.destroy()
+
+
+@pytest.mark.slow
+def test_two_rank_repa_run_killed_and_resumed_is_bit_exact_and_samples(tmp_path, repa_inputs, capsys):
+    feat, vae, encoder = repa_inputs
+    short = [*COMMON[:COMMON.index("--max-steps")], "--max-steps", "4", "--ckpt-every", "2",
+             *COMMON[COMMON.index("--deepspeed_config"):]]
+    args = [*short, *MODEL, "--features-path", str(feat), "--vae", str(vae), "--global-batch-size", "4",
+            "--keep-last", "0", "--repa", "--encoder", str(encoder), "--encoder-depth", "1",
+            "--projector-dim", "32", "--weighting", "lognormal"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ok(launch([*args, "--results-dir", str(ref_dir)]))
+    reference = run_dir_of(ref_dir)
+    log = (reference / "log.txt").read_text()
+    assert "Projector Parameters: " in log
+    assert all(", Proj Loss: " in line for line in log.splitlines() if "Train Loss: " in line)
+    ref = losses(reference)
+    ref_proj = proj_losses(reference)
+    assert [s for s, _ in ref] == [1, 2, 3, 4] and all(p < 0 for p in ref_proj)
+    saved = json.loads((reference / "config.json").read_text())
+    assert saved["train"]["objective"] == "repa" and saved["repa"]["weighting"] == "lognormal"
+
+    proc = launch([*args, "--results-dir", str(run_dir)], env={FAULT: "kill:step.mid:3"})
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    run = run_dir_of(run_dir)
+    assert ckpt_names(run) == ["step-0000002"]
+    ok(launch([*args, "--results-dir", str(run_dir), "--resume", "auto"]))
+    assert losses(run) == ref and proj_losses(run) == ref_proj
+    final = run / "checkpoints/step-0000004"
+    assert_same_checkpoint(reference / "checkpoints/step-0000004", final)  # DiT, projector, optimizer, EMA, RNG
+
+    ema_file = torch.load(final / "ema-0000004.pt", weights_only=True)
+    assert not any(k.startswith(("projectors.", "dit.")) for k in ema_file["ema"])      # a plain SiT
+    assert sorted(ema_file["ema_extra"]) == [f"projectors.0.{i}.{w}" for i in (0, 2, 4) for w in ("bias", "weight")]
+    check_sampling(run, ema_file, tmp_path, capsys)
+
+
+def proj_losses(run: Path) -> list:
+    return [r["proj_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def check_sampling(run: Path, ema_file: dict, tmp_path: Path, capsys) -> None:
+    """sample.py --ckpt RUN with no sampling flag: REPA's SDE, 250 steps, 1.8 on [0, 0.7]; a REPA
+    checkpoint file of the same weights (projectors.* beside the SiT keys, REPA's args) gives the
+    same images, its projector dropped with one line."""
+    from dit_fast.sampling.grid import main as sample_main
+    labels = ["--class-labels", "0", "1", "2"]
+    capsys.readouterr()
+    from_run = sample_main(["--ckpt", str(run), *labels, "--out", str(tmp_path / "run.png")])
+    printed = capsys.readouterr().out
+    for line in ("sample.sampler = 'repa-sde'", "sample.num_sampling_steps = 250", "sample.cfg_scale = 1.8",
+                 "sample.cfg_interval = (0.0, 0.7)", "sample.repa_path_type = 'linear'"):
+        assert line in printed
+    assert torch.isfinite(from_run["images"]).all()
+    repa_layout = {"ema": {**ema_file["ema"], **ema_file["ema_extra"]}, "steps": 4,
+                   "args": argparse.Namespace(encoder_depth=1, projector_embed_dims="24")}
+    torch.save(repa_layout, tmp_path / "repa.pt")
+    config = json.loads((run / "config.json").read_text())
+    from_file = sample_main(["--ckpt", str(tmp_path / "repa.pt"), "--objective", "repa", *MODEL,
+                             "--vae", config["data"]["vae"], *labels, "--out", str(tmp_path / "file.png")])
+    assert "Dropped 6 REPA projector tensors" in capsys.readouterr().out
+    torch.testing.assert_close(from_file["images"], from_run["images"], rtol=0, atol=0)
