@@ -217,7 +217,7 @@ def sample_digits(model, args, device: torch.device, run_dir: Path | None = None
 
 def _process(args, run_dir: Path | None) -> tuple:
     """(diffusion or transport, sampler method, flow options) the demo samples with."""
-    if args.objective != "flow":
+    if getattr(args, "objective", "diffusion") != "flow":  # callers' Namespaces may predate the flag
         from .diffusion import create_diffusion
         return create_diffusion(str(args.num_sampling_steps)), args.sampler, {}
     import dataclasses
