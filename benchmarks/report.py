@@ -152,9 +152,19 @@ def markdown(results: list[dict], meta: dict) -> str:
             f"| {_fmt(r.get('images_per_s'), '.1f')} | {mem} "
             f"| {_fmt(None if r.get('mfu') is None else 100 * r['mfu'], '.2f', '%')} "
             f"| {_fmt(r.get('ratio'), '.2f', 'x')} | {_fmt(r.get('ratio_sdpa'), '.2f', 'x')} | {_status(r)} |")
+        if r.get("encoder_s") is not None:
+            lines.append(encoder_line(r, cuda))
     lines += ["", "train.py command of each row (data paths are placeholders):", ""]
     lines += [f"- {r['key']}: `{r['command']}`" for r in results if r.get("command")]
     return "\n".join(lines)
+
+
+def encoder_line(r: dict, cuda: bool) -> str:
+    """The REPA row's frozen encoder as its own line: its forward's time per step and share of the step."""
+    blanks = "| - " * (7 if cuda else 6)
+    return (f"| ↳ of which the frozen encoder's forward (no grad{', bf16 autocast' if cuda else ''}) | - | - | - | - "
+            f"| - | - | - {blanks}| {1e3 * r['encoder_s']:.2f} ms/step = {100 * r['encoder_share']:.1f}% of the step; "
+            f"weights {_fmt_mb(r['encoder_weights_mb'])} MB, forward peak {_fmt_mb(r['encoder_forward_peak_mb'])} MB |")
 
 
 def _status(r: dict) -> str:

@@ -29,6 +29,7 @@ import importlib.util
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +73,11 @@ ROWS: tuple[RowConfig, ...] = (
     RowConfig("selective_compile", "selective ckpt + compile (inductor adaLN)", (*_SEL_MP, "--compile")),
     RowConfig("selective_compile_fused", "selective ckpt + compile + fused adaLN",
               (*_SEL_MP, "--compile", "--fused-adaln")),
+    # REPA against its own baseline (the tiny CPU model takes patch 8 there: REPA aligns token by token)
+    RowConfig("repa_base", "REPA's baseline: ckpt + bf16 + features, no --repa", _CKPT_MP, tiny_patch=8),
+    RowConfig("repa", "REPA: repa_base + --repa (frozen DINOv2: B/14, tiny on CPU; projector)",
+              (*_CKPT_MP, "--repa", "--encoder", "<encoder>", "--encoder-depth", "<depth>", "--projector-dim",
+               "<projector>"), tiny_patch=8),
 )
 ROW_KEYS = tuple(r.key for r in ROWS)
 BASELINES = ("original_math", "original_sdpa")
@@ -196,10 +202,16 @@ def row_flags(row: RowConfig, args) -> list[str]:
 
 def train_argv(row: RowConfig, args) -> list[str]:
     """The full train.py argument list of a row (the data paths are placeholders)."""
-    model = ["--model", "DiT-S/2", *TINY_FLAGS] if args.model == "tiny" else ["--model", args.model]
+    tiny = args.model == "tiny"
+    model = ["--model", f"DiT-S/{row.tiny_patch}", *TINY_FLAGS] if tiny else ["--model", args.model]
     data = (["--features-path", "<latents>"] if row.pre_extracted else ["--data-path", "<images>", "--vae", "ema"])
     return [*model, "--image-size", str(args.image_size), "--num-classes", str(args.num_classes),
-            "--global-batch-size", str(args.batch), "--global-seed", str(args.seed), *data, *row_flags(row, args)]
+            "--global-batch-size", str(args.batch), "--global-seed", str(args.seed), *data,
+            *[_TINY_REPA[f] if tiny and f in _TINY_REPA else _REPA.get(f, f) for f in row_flags(row, args)]]
+
+
+# REPA's block 8 and projector width 2048 (of SiT-XL's 1152); the tiny model's: block 1, width 2 x 64.
+_REPA, _TINY_REPA = {"<depth>": "8", "<projector>": "2048"}, {"<depth>": "1", "<projector>": "128"}
 
 
 def train_command(row: RowConfig, args) -> str:
@@ -217,6 +229,9 @@ def row_config(row: RowConfig, args):
         cfg.train.deepspeed_config = str(ROOT / cfg.train.deepspeed_config)
     cfg.model.in_channels = 4                       # latents (SD VAE or the tiny one: 4 channels)
     cfg.model.input_size = latent_size(args)
+    if cfg.train.objective == "repa":               # a random DINOv2 of the right size, built once
+        from repa_encoder import encoder_folder
+        cfg.repa.encoder = str(encoder_folder(args.model == "tiny", Path(tempfile.gettempdir()) / "dit_fast_encoders"))
     return cfg
 
 
@@ -269,6 +284,10 @@ def run_row(row: RowConfig, args) -> dict:
     try:
         state = build_state(cfg, lambda: build_vae(args), shape, args.num_classes, args.seed)
         result.update(measure(state, args.device, args.steps, args.warmup))
+        if state.encoder_call is not None:
+            from repa_encoder import measure_encoder
+            result.update(measure_encoder(state.encoder_call, state.encoder, args.device, args.steps,
+                                          result["mean_step_s"]))
     except torch.cuda.OutOfMemoryError:
         result["status"] = "OOM"
     except Exception as err:  # one row's failure must not lose the others

@@ -65,7 +65,7 @@ def test_every_row_is_a_train_py_command_whose_config_says_what_the_row_says():
         if row.key in expect:
             assert tuple(got[f] for f in fields) == expect[row.key], row.key
         command = table.train_command(row, args)
-        assert command.startswith("deepspeed --num_gpus 1 train.py --model DiT-S/2 ")
+        assert command.startswith(f"deepspeed --num_gpus 1 train.py --model DiT-S/{row.tiny_patch} ")
         assert ("--features-path" in command) == row.pre_extracted
     fp16 = table.row_config(next(r for r in table.ROWS if r.key == "ckpt_mp"), _args("--mp-dtype", "fp16"))
     assert fp16.train.precision == "fp16"
@@ -127,6 +127,24 @@ def test_one_row_end_to_end(tmp_path):
         assert math.isfinite(row[field]) and row[field] > 0
     assert meta["reference_rows"] == {"ratio": None, "ratio_sdpa": None} and row["ratio"] is None
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_repa_row_reports_its_encoder_as_its_own_line(tmp_path):
+    """The REPA row runs train.py's step with --repa (encoder inside it) beside its own baseline; the
+    encoder's forward gets a line of its own: time per step, share of the step, memory."""
+    pytest.importorskip("transformers")
+    args = table.resolve_defaults(table.parse_args(
+        ["--device", "cpu", "--rows", "repa_base,repa", "--batch", "2", "--steps", "1", "--warmup", "0",
+         "--out", str(tmp_path)]))
+    base, repa = table.run_table(args, progress=False)[0]
+    assert base["status"] == repa["status"] == "ok" and "encoder_s" not in base
+    assert "--repa --encoder '<encoder>' --encoder-depth 1 --projector-dim 128" in repa["command"]
+    assert 0 < repa["encoder_s"] < repa["mean_step_s"] and 0 < repa["encoder_share"] < 1
+    assert repa["encoder_weights_mb"] > 0 and repa["encoder_forward_peak_mb"] > 0
+    text = report.markdown([base, repa], _fake_meta({"ratio": None, "ratio_sdpa": None}))
+    line = next(x for x in text.splitlines() if "frozen encoder's forward" in x)
+    assert line.count("|") == next(x for x in text.splitlines() if x.startswith("| row |")).count("|")
+    assert f"{100 * repa['encoder_share']:.1f}% of the step" in line
 
 
 def _fake_meta(reference):

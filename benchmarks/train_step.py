@@ -33,12 +33,15 @@ class RowConfig:
     label: str
     flags: tuple = ()
     pre_extracted: bool = True     # --features-path (latents) or --data-path (VAE on the fly)
+    tiny_patch: int = 2            # the tiny CPU model's patch (REPA's token grid needs 8 on the tiny VAE)
 
 
 @dataclass
 class TrainState:
     step_fn: object
     objects: list = field(default_factory=list)  # everything to free after the row
+    encoder_call: object = None    # REPA rows: the frozen encoder's forward on the row's batch
+    encoder: object = None
 
 
 def build_state(cfg, vae_builder, data_shape: tuple, num_classes: int, seed: int = 0) -> TrainState:
@@ -63,8 +66,16 @@ def build_state(cfg, vae_builder, data_shape: tuple, num_classes: int, seed: int
     if vae is not None:
         data = data.clamp_(-1, 1)  # images in [-1, 1]
     labels = torch.randint(0, num_classes, (n,), device=device, generator=g)
-    batches = itertools.repeat((data, labels))
-    return TrainState(lambda: step.optimizer_step(batches), [engine, ema, vae, data, labels, step])
+    from dit_fast.train.objective import needs_images
+    if not needs_images(cfg):
+        batches = itertools.repeat((data, labels))
+        return TrainState(lambda: step.optimizer_step(batches), [engine, ema, vae, data, labels, step])
+    side = cfg.model.image_size   # REPA: the uint8 images beside the latents, resident too
+    images = torch.randint(0, 256, (n, 3, side, side), device=device, generator=g).to(torch.uint8)
+    batches = itertools.repeat((data, labels, images))
+    encoder = step.objective.encoder.to(device)
+    return TrainState(lambda: step.optimizer_step(batches), [engine, ema, vae, data, labels, step, images],
+                      encoder_call=lambda: encoder(images), encoder=encoder)
 
 
 def free_state(state: TrainState | None) -> None:
