@@ -85,6 +85,16 @@ class Sampler:
         raise NotImplementedError
 
 
+def first_channels(channels: int):
+    """``make_step`` for samplers whose step reads the model's first ``channels`` output channels
+    (a learned-sigma DiT's variance half is dropped; a REPA SiT has no other)."""
+    def make_step(model_call):
+        def leading(x, t, y):
+            return model_call(x, t, y)[:, :channels]
+        return leading
+    return make_step
+
+
 def with_progress(steps: Iterable, progress: bool, total: Optional[int] = None) -> Iterable:
     """``steps``, behind a tqdm bar when ``progress``."""
     if not progress:

@@ -26,20 +26,23 @@ def _solver(name: str):
     return factory
 
 
-def _flow(mode: str):
-    def factory(guidance, transport, *, clip_denoised=False, eta=0.0, **options):
+def _without_ddpm_options(build, what: str):
+    """A factory for a sampler that has its own options but not ddpm/ddim's eta and clip_denoised."""
+    def factory(guidance, diffusion, *, clip_denoised=False, eta=0.0, **options):
         if eta or clip_denoised:
-            raise ValueError("eta and clip_denoised are options of ddpm/ddim, not of a flow sampler")
-        return FlowSampler(guidance, transport, mode=mode, **options)
+            raise ValueError(f"eta and clip_denoised are options of ddpm/ddim, not of {what}")
+        return build(guidance, diffusion, **options)
     return factory
+
+
+def _flow(mode: str):
+    return _without_ddpm_options(lambda g, transport, **kw: FlowSampler(g, transport, mode=mode, **kw),
+                                 "a flow sampler")
 
 
 def _repa(mode: str):
-    def factory(guidance, path_type, *, clip_denoised=False, eta=0.0, **options):
-        if eta or clip_denoised:
-            raise ValueError("eta and clip_denoised are options of ddpm/ddim, not of REPA's samplers")
-        return RepaSampler(guidance, path_type, mode=mode, **options)
-    return factory
+    return _without_ddpm_options(lambda g, path_type, **kw: RepaSampler(g, path_type, mode=mode, **kw),
+                                 "REPA's samplers")
 
 
 REPA_METHODS = ("repa-sde", "repa-ode")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Sampler
+from .base import Sampler, first_channels
 from .guidance import Guidance
 
 MODES = ("ODE", "SDE")
@@ -53,15 +53,8 @@ class FlowSampler(Sampler):
         if mode not in MODES:
             raise ValueError(f"--mode must be ODE or SDE, got {mode!r}")
         self.name, self.mode, self.num_steps = mode.lower(), mode, num_steps
-        C = guidance.model.in_channels
-
-        def make_step(model_call):
-            def model_output(x, t, y):
-                """The transport's model function: the first C channels (SiT drops learned sigma)."""
-                return model_call(x, t, y)[:, :C]
-            return model_output
-
-        super().__init__(guidance, transport, make_step)
+        # The transport's model function: the first C channels (SiT drops the learned sigma).
+        super().__init__(guidance, transport, first_channels(guidance.model.in_channels))
         sampler = TransportSampler(transport)
         if mode == "ODE":
             method = sampling_method or ODE_DEFAULT_METHOD

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from .base import Sampler, with_progress
+from .base import Sampler, first_channels, with_progress
 from .guidance import Guidance
 
 PATH_TYPES = ("linear", "cosine")
@@ -81,14 +81,7 @@ class RepaSampler(Sampler):
         if heun and mode == "SDE":
             raise ValueError("heun is an option of REPA's ODE sampler, not of its SDE sampler")
         guidance.guide_all_channels = True  # REPA guides the whole velocity
-        C = guidance.model.in_channels
-
-        def make_step(model_call):
-            def velocity(x, t, y):
-                return model_call(x, t, y)[:, :C]
-            return velocity
-
-        super().__init__(guidance, path_type, make_step)
+        super().__init__(guidance, path_type, first_channels(guidance.model.in_channels))
         self.name, self.mode, self.path_type = f"repa-{mode.lower()}", mode, path_type
         self.num_steps, self.heun = num_steps, heun
         self.times = time_grid(mode, num_steps)
