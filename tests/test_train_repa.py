@@ -155,3 +155,23 @@ def check_sampling(run: Path, ema_file: dict, tmp_path: Path, capsys) -> None:
                              "--vae", config["data"]["vae"], *labels, "--out", str(tmp_path / "file.png")])
     assert "Dropped 6 REPA projector tensors" in capsys.readouterr().out
     torch.testing.assert_close(from_file["images"], from_run["images"], rtol=0, atol=0)
+
+
+def test_image_folder_training_hands_repa_the_crop_of_its_own_pixels(repa_inputs):
+    """--data-path with --repa: each item's uint8 image is the crop (and flip of that epoch) the
+    model's pixels were made from, one file read for both."""
+    from dit_fast.data import ImageFolder, pixels_to_tensor
+    from dit_fast.train.data import EpochKeyedWithImages
+    folder = ImageFolder(Path(repa_inputs[0]).parent / "images", 32, random_flip=True, seed=3)
+    view = EpochKeyedWithImages(folder)
+    flipped = 0
+    for epoch in (0, 1):
+        for i in range(len(folder)):
+            x, label, image = view[(i, epoch)]
+            folder.set_epoch(epoch)
+            want_x, want_label = folder[i]
+            assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+            assert torch.equal(x, want_x) and label == want_label
+            assert torch.equal(pixels_to_tensor(image.permute(1, 2, 0).numpy()), x)
+            flipped += folder.flip_decision(i)
+    assert 0 < flipped < 2 * len(folder)
