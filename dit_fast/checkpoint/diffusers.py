@@ -1,4 +1,6 @@
-"""Our DiT state dict <-> diffusers' DiTTransformer2DModel layout (the hub's facebook/DiT-XL-2-256).
+"""Our DiT state dict <-> diffusers' DiTTransformer2DModel layout (the hub's facebook/DiT-XL-2-256):
+the name mapping, reading a diffusers transformer, its config. The pipeline export that writes
+this layout is dit_fast.checkpoint.export.
 
 The two layouts hold the same numbers under other names and shapes:
 
@@ -33,6 +35,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from .safe_io import read_safetensors, safe_torch_load
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -109,7 +113,7 @@ def to_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torc
 
 def from_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """DiTTransformer2DModel's state dict -> ours, without ``pos_embed`` (a fixed sin-cos table that
-    the diffusers layout does not store; ``load_diffusers_into`` takes the model's own).
+    the diffusers layout does not store; ``fit_to_model`` adds the model's own).
 
     Raises DiffusersFormatError when the per-block embedders differ (naming the block and tensor)
     or a key is unknown.
@@ -145,11 +149,6 @@ def from_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, to
     if unknown:
         raise DiffusersFormatError(f"keys the DiT layout has no place for: {unknown[:8]}")
     return out
-
-
-def is_diffusers_state_dict(state: Mapping) -> bool:
-    """True for a diffusers DiT layout (its blocks are ``transformer_blocks.*``)."""
-    return any(k.startswith("transformer_blocks.") for k in state)
 
 
 def transformer_config(model) -> dict:
@@ -233,12 +232,7 @@ def read_transformer_dir(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but none of {', '.join(WEIGHTS_NAMES)}")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(weights), device="cpu")
-    else:
-        from dit_fast.checkpoint import safe_torch_load
-        state = safe_torch_load(weights)
+    state = read_safetensors(weights) if weights.suffix == ".safetensors" else safe_torch_load(weights)
     return config, state
 
 
@@ -277,8 +271,7 @@ def read_diffusers_weights(path) -> DiffusersStateDict:
         config, state = read_transformer_dir(folder)
         source = str(folder / CONFIG_NAME)
     else:
-        from safetensors.torch import load_file
-        config, state, source = None, load_file(str(path), device="cpu"), str(path)
+        config, state, source = None, read_safetensors(path), str(path)
     return DiffusersStateDict(from_diffusers_state_dict(state), config, source)
 
 
@@ -288,14 +281,6 @@ def fit_to_model(state: DiffusersStateDict, model) -> dict[str, torch.Tensor]:
     if state.config is not None:
         check_config_fits(state.config, model, source=state.source)
     return {**state, "pos_embed": model.pos_embed.detach().clone()}
-
-
-def load_diffusers_into(model, path) -> torch.nn.Module:
-    """Load a diffusers DiT transformer (a folder, a pipeline folder with transformer/, or a bare
-    .safetensors in that layout) into our ``model`` strictly; returns ``model``."""
-    from dit_fast.checkpoint import load_into_model
-
-    return load_into_model(model, fit_to_model(read_diffusers_weights(path), model))
 
 
 def use_original_timestep_frequencies(transformer) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dit_fast import checkpoint as ckpt
+from dit_fast.checkpoint import official as ckpt
 from dit_fast.checkpoint import (
     OFFICIAL_CHECKPOINTS,
     CheckpointError,

@@ -1,13 +1,14 @@
-"""Our DiT <-> diffusers' DiTTransformer2DModel (dit_fast.diffusers_format) and the export CLI
-(dit_fast.export_diffusers): CPU, tiny models, fp32."""
+"""Our DiT <-> diffusers' DiTTransformer2DModel (dit_fast.checkpoint.diffusers), reading it through the
+public loader, and the pipeline export (dit_fast.checkpoint.export): CPU, tiny models, fp32."""
 import json
 
 import pytest
 import torch
 
-from dit_fast import diffusers_format as fmt
-from dit_fast.diffusers_format import DiffusersFormatError
-from dit_fast.export_diffusers import main as export
+from dit_fast.checkpoint import diffusers as fmt
+from dit_fast.checkpoint import load_into_model, load_state_dict
+from dit_fast.checkpoint.diffusers import DiffusersFormatError
+from dit_fast.checkpoint.export import main as export
 from dit_fast.models import DiT
 
 diffusers = pytest.importorskip("diffusers")
@@ -105,7 +106,7 @@ def test_export_folder_loads_in_diffusers_and_imports_back(tmp_path, capsys):
     theirs = diffusers.DiTTransformer2DModel.from_pretrained(str(out / "transformer")).eval()
     fmt.use_original_timestep_frequencies(theirs)
     fresh = DiT(**SMALL).eval()
-    fmt.load_diffusers_into(fresh, out)                       # the pipeline folder finds transformer/
+    load_into_model(fresh, load_state_dict(out))              # the pipeline folder finds transformer/
     x, t, y = _inputs(model)
     with torch.no_grad():
         assert _rel(theirs(x, timestep=t, class_labels=y).sample, model(x, t, y)) <= 1e-5
@@ -116,7 +117,7 @@ def test_export_folder_loads_in_diffusers_and_imports_back(tmp_path, capsys):
     assert all(map(fmt.is_diffusers_checkpoint, (out, out / "transformer", weights)))
     assert not any(map(fmt.is_diffusers_checkpoint, (tmp_path / "ema.pt", tmp_path / "ours.safetensors")))
     bare = DiT(**SMALL).eval()                                 # a bare .safetensors in the hub layout
-    fmt.load_diffusers_into(bare, weights)
+    load_into_model(bare, load_state_dict(weights))
     assert all(torch.equal(a, b) for a, b in zip(bare.state_dict().values(), model.state_dict().values()))
 
 
@@ -124,9 +125,9 @@ def test_import_refuses_a_config_that_does_not_fit(tmp_path):
     out = tmp_path / "export"
     export(["--ckpt", str(_ckpt(tmp_path)), "--out", str(out), "--no-check", *SMALL_FLAGS])
     with pytest.raises(DiffusersFormatError, match="num_embeds_ada_norm=10 .*--num-classes has 12"):
-        fmt.load_diffusers_into(DiT(**{**SMALL, "num_classes": 12}), out / "transformer")
+        load_into_model(DiT(**{**SMALL, "num_classes": 12}), load_state_dict(out / "transformer"))
     with pytest.raises(DiffusersFormatError, match="num_attention_heads=4 .*--num-heads/--model has 2"):
-        fmt.load_diffusers_into(DiT(**{**SMALL, "num_heads": 2}), out / "transformer")
+        load_into_model(DiT(**{**SMALL, "num_heads": 2}), load_state_dict(out / "transformer"))
 
 
 def test_export_is_atomic_and_errors_are_clear(tmp_path):
