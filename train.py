@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     a("--resume", type=str, default=None, metavar="PATH|auto",
       help="a checkpoints/step-NNNNNNN dir, or auto: newest under --results-dir")
+    a("--init-from", type=str, default=None, metavar="PATH|OFFICIAL_NAME",
+      help="start a new run from these weights (EMA/.pt/.safetensors file, run or step dir, diffusers "
+           "folder, DiT-XL-2-256x256.pt): fresh optimizer, step 0; other --num-classes/--image-size allowed")
+    a("--keep-labels", action="store_true",
+      help="with --init-from and another --num-classes: keep the label rows of the classes both have")
     a("--keep-last", type=int, default=2, help="checkpoints kept (0 = all)")
     a("--ema-decay", type=float, default=0.9999)
     a("--collective-timeout", type=float, default=600.0, metavar="SECONDS",

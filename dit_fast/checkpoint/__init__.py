@@ -8,6 +8,8 @@
                   directory stands for
     diffusers.py  our DiT <-> diffusers' DiTTransformer2DModel layout (names, config, reading)
     loading.py    load_state_dict (every source above), normalize_keys, load_into_model (strict)
+    init_from.py  train.py --init-from: fit a trained model's weights into a new model (other
+                  classes, other image size), naming every tensor not carried over
     export.py     the diffusers DiTPipeline export (export_diffusers.py is its script)
 
 Training run directories themselves (atomic step directories, resume) are dit_fast.train.run_dir.
