@@ -78,6 +78,14 @@ def _params(names: Mapping[str, str]):
             yield f"{ours}.{leaf}", f"{theirs}.{leaf}"
 
 
+def _renamed(depth: int):
+    """(our key, diffusers key) of every tensor that only changes its name (both directions use it)."""
+    yield from _params(_TOP_LINEARS)
+    for i in range(depth):
+        for ours, theirs in _params(_BLOCK_LINEARS):
+            yield f"blocks.{i}.{ours}", f"transformer_blocks.{i}.{theirs}"
+
+
 def to_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our DiT state dict (original names) -> DiTTransformer2DModel's state dict.
 
@@ -88,14 +96,11 @@ def to_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torc
     depth = _depth_of(state, "blocks.")
     out: dict[str, torch.Tensor] = {}
     used = {"pos_embed"}
-    for ours, theirs in _params(_TOP_LINEARS):
+    for ours, theirs in _renamed(depth):
         out[theirs] = state[ours]
         used.add(ours)
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
-        for ours, theirs in _params(_BLOCK_LINEARS):
-            out[dst + theirs] = state[src + ours]
-            used.add(src + ours)
         for leaf in ("weight", "bias"):  # qkv rows are [q; k; v] (Attention reshapes to (3, H, d))
             q, k, v = state[f"{src}attn.qkv.{leaf}"].chunk(3, dim=0)
             for name, part in zip("qkv", (q, k, v)):
@@ -123,14 +128,11 @@ def from_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, to
         raise DiffusersFormatError("no transformer_blocks.* keys: not a diffusers DiT transformer")
     out: dict[str, torch.Tensor] = {}
     used = set()
-    for ours, theirs in _params(_TOP_LINEARS):
+    for ours, theirs in _renamed(depth):
         out[ours] = state[theirs]
         used.add(theirs)
     for i in range(depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
-        for ours, theirs in _params(_BLOCK_LINEARS):
-            out[dst + ours] = state[src + theirs]
-            used.add(src + theirs)
         for leaf in ("weight", "bias"):
             parts = [state[f"{src}attn1.to_{n}.{leaf}"] for n in "qkv"]
             out[f"{dst}attn.qkv.{leaf}"] = torch.cat(parts, dim=0)

@@ -29,8 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import fsync_dir, fsync_tree
-from ..checkpoint.run_files import (STEP_DIR, TRAIN_STATE, ema_file_name, is_complete,  # noqa: F401
-                                    list_checkpoints, step_dir_name)
+from ..checkpoint.run_files import TRAIN_STATE, ema_file_name, list_checkpoints, step_dir_name
 from ..checkpoint.safe_io import atomic_save, safe_torch_load
 from ..config import Config
 from ..distributed import broadcast_from_rank0

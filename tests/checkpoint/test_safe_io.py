@@ -1,6 +1,7 @@
-"""A weights / EMA file with a malicious pickle is refused on every path that loads one, before
-its payload runs (the payload would create a file: the file must not exist afterwards); a file
-that is merely broken is named as such (empty, truncated, not a checkpoint), not as unsafe."""
+"""dit_fast.checkpoint.safe_io. A weights / EMA file with a malicious pickle is refused on every path
+that loads one, before its payload runs (the payload would create a file: the file must not exist
+afterwards); a file that is merely broken is named as such (empty, truncated, not a checkpoint), not as
+unsafe; atomic_save leaves the old file or the complete new one."""
 import os
 import re
 from pathlib import Path
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dit_fast.checkpoint import (CheckpointError, UnsafeCheckpointError, load_state_dict,
+from dit_fast.checkpoint import (CheckpointError, UnsafeCheckpointError, atomic_save, load_state_dict,
                                  safe_torch_load)
+from tests.checkpoint.tiny_weights import tiny_state
 
 
 class Payload:
@@ -87,3 +89,55 @@ def test_broken_files_name_the_real_cause(tmp_path, content, says):
     with pytest.raises(CheckpointError, match=re.escape(says)) as err:
         safe_torch_load(path)
     assert not isinstance(err.value, UnsafeCheckpointError)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"weight": torch.zeros(1), "payload": _Evil(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError, match="arbitrary Python objects") as info:
+        load_state_dict(tmp_path / "evil.pt")
+    assert "NOT loaded" in str(info.value) and "system" in str(info.value)
+    assert not marker.exists()  # the payload never ran
+
+
+def test_not_a_checkpoint_is_clear(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="Could not read .*junk.pt: it is not a torch checkpoint"):
+        load_state_dict(tmp_path / "junk.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(CheckpointError, match="Could not read .*junk.safetensors"):
+        load_state_dict(tmp_path / "junk.safetensors")
+
+
+# --------------------------------------------------------------------------- saving
+
+def test_atomic_save_failure_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"model": tiny_state(0)}, path)
+    old = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"model": tiny_state(1)}, path)
+    assert path.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # temp file removed
+
+
+def test_atomic_save_replaces_and_creates_dirs(tmp_path):
+    path = tmp_path / "run" / "checkpoints" / "0000100.pt"
+    atomic_save({"step": 1}, path)
+    atomic_save({"step": 2}, path)
+    assert safe_torch_load(path) == {"step": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["0000100.pt"]
