@@ -22,5 +22,4 @@ from .safe_io import SAFE_GLOBALS, CheckpointError, UnsafeCheckpointError, atomi
 __all__ = [
     "OFFICIAL_CHECKPOINTS", "SAFE_GLOBALS", "CheckpointError", "UnsafeCheckpointError", "atomic_save",
     "download_official", "is_official_name", "load_into_model", "load_state_dict", "normalize_keys",
-    "official_checkpoint_name", "resolve_official", "safe_torch_load",
-]
+    "official_checkpoint_name", "resolve_official", "safe_torch_load"]

@@ -42,8 +42,7 @@ def load_state_dict(path_or_name, prefer_ema: bool = True) -> dict[str, torch.Te
         raise FileNotFoundError(
             f"No checkpoint at {path}. Pass a .pt/.pth/.bin/.safetensors file, a training run or "
             f"step directory, a diffusers DiT transformer folder, or one of the official names: "
-            f"{', '.join(OFFICIAL_CHECKPOINTS)}."
-        )
+            f"{', '.join(OFFICIAL_CHECKPOINTS)}.")
     if path.suffix == ".safetensors":
         state = read_safetensors(path)
     else:
@@ -63,8 +62,7 @@ def _pick_state_dict(obj, prefer_ema: bool, path: Path) -> Mapping:
     raise CheckpointError(
         f"{path} is neither a state dict nor a training checkpoint with one of the entries "
         f"{', '.join(repr(k) for k in order)}; its top-level keys are: "
-        f"{_truncate(sorted(map(str, obj)), 20)}."
-    )
+        f"{_truncate(sorted(map(str, obj)), 20)}.")
 
 
 def normalize_keys(state: Mapping, source="state dict") -> dict[str, torch.Tensor]:
@@ -107,8 +105,7 @@ def load_into_model(model: torch.nn.Module, state_dict: Mapping, hint: str | Non
     wrong = sorted(
         f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(own[own_by_name[k]].shape)}"
         for k in given
-        if k in own_by_name and given[k].shape != own[own_by_name[k]].shape
-    )
+        if k in own_by_name and given[k].shape != own[own_by_name[k]].shape)
     if missing or unexpected or wrong:
         raise CheckpointError(_mismatch_message(model, missing, unexpected, wrong, hint))
     model.load_state_dict({own_by_name[k]: v for k, v in given.items()}, strict=True)
@@ -118,8 +115,7 @@ def load_into_model(model: torch.nn.Module, state_dict: Mapping, hint: str | Non
 def _mismatch_message(model, missing, unexpected, wrong, hint) -> str:
     lines = [
         f"The checkpoint does not fit the {type(model).__name__} model: {len(missing)} missing, "
-        f"{len(unexpected)} unexpected and {len(wrong)} wrong-shape keys."
-    ]
+        f"{len(unexpected)} unexpected and {len(wrong)} wrong-shape keys."]
     for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if items:
             lines.append(f"  {title} ({len(items)}): {_truncate(items, 12)}")

@@ -17,8 +17,7 @@ from .safe_io import CheckpointError
 # Official DiT weights: name -> path under the base URL (as facebookresearch/DiT's download.py).
 OFFICIAL_CHECKPOINTS = {
     "DiT-XL-2-256x256.pt": "DiT-XL-2-256x256.pt",
-    "DiT-XL-2-512x512.pt": "DiT-XL-2-512x512.pt",
-}
+    "DiT-XL-2-512x512.pt": "DiT-XL-2-512x512.pt"}
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 BASE_URL_ENV = "DIT_FAST_BASE_URL"
 CACHE_DIR_ENV = "DIT_FAST_CACHE"
@@ -33,8 +32,7 @@ def official_checkpoint_name(image_size: int) -> str:
     if name not in OFFICIAL_CHECKPOINTS:
         raise ValueError(
             f"There is no official DiT checkpoint for image size {image_size}; official sizes are "
-            f"256 and 512 ({', '.join(OFFICIAL_CHECKPOINTS)}). Train your own and pass --ckpt PATH."
-        )
+            f"256 and 512 ({', '.join(OFFICIAL_CHECKPOINTS)}). Train your own and pass --ckpt PATH.")
     return name
 
 
@@ -59,8 +57,7 @@ def download_official(name: str, cache_dir=None, base_url=None) -> Path:
     if name not in OFFICIAL_CHECKPOINTS:
         raise ValueError(
             f"Unknown official DiT checkpoint {name!r}; valid names: "
-            f"{', '.join(OFFICIAL_CHECKPOINTS)}. For any other file pass its path (--ckpt PATH)."
-        )
+            f"{', '.join(OFFICIAL_CHECKPOINTS)}. For any other file pass its path (--ckpt PATH).")
     target = _cache_dir(cache_dir) / name
     if target.is_file():
         return target
@@ -93,8 +90,7 @@ def _download(url: str, target: Path) -> None:
                     bar.update(len(chunk))
             if expected is not None and received != expected:
                 raise CheckpointError(
-                    f"the download was cut off after {received} of {expected} bytes"
-                )
+                    f"the download was cut off after {received} of {expected} bytes")
 
     atomic_write(target, write)
 

@@ -18,9 +18,14 @@ class Tiny(nn.Module):
         self.register_buffer("pos_embed", torch.zeros(1, 5, width))
 
 
-def tiny_state(seed=0, width=4):
+def seeded(seed: int, build):
+    """``build()`` right after seeding torch's global RNG (module initialisers draw from it)."""
     torch.manual_seed(seed)
-    return Tiny(width).state_dict()
+    return build()
+
+
+def tiny_state(seed=0, width=4):
+    return seeded(seed, lambda: Tiny(width)).state_dict()
 
 
 def assert_same(a, b):
@@ -31,12 +36,10 @@ def assert_same(a, b):
 
 def perturbed_dit(seed=0, **overrides):
     """A perturbed DiT (adaLN-Zero would output zeros) with the fixed sin-cos pos_embed intact."""
-    torch.manual_seed(seed)
-    model = DiT(**{**SMALL, **overrides})
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.add_(torch.randn_like(p) * 0.1)
+    model = seeded(seed, lambda: DiT(**{**SMALL, **overrides}))
+    for name, p in model.named_parameters():
+        if name != "pos_embed":
+            p.detach().add_(torch.randn_like(p) * 0.1)  # in place, outside autograd
     return model.eval()
 
 
