@@ -3,6 +3,7 @@
     deepspeed train.py --deepspeed_config configs/deepspeed/zero2.json --model DiT-XL/2 \\
         --features-path /data/in1k-latents
     torchrun --nproc_per_node 8 train.py ...       # also works; so does plain `python train.py ...`
+    deepspeed train.py ... --num-classes 37 --init-from DiT-XL-2-256x256.pt   # fine-tune: a new run
 
 Many nodes (passwordless ssh; --results-dir and the data on a filesystem all nodes share, since
 every rank writes its shard of each checkpoint into the same directory):

@@ -73,6 +73,11 @@ def sample_ddp_main(argv):
     return sample_ddp.cli(argv)
 
 
+def export_main(argv):
+    from dit_fast.checkpoint.export import cli
+    return cli(argv)
+
+
 def demo_main(argv):
     from dit_fast import demo
     return demo.cli(argv)
@@ -207,6 +212,14 @@ SAMPLE_DDP_CASES = [
     ("batch not an int", S("--per-proc-batch-size", "x"), "invalid int value"),
     ("negative seed", S("--global-seed", "-1"), "--global-seed must be >= 0"),
 ]
+EXPORT_TINY = SAMPLE_TINY[:-4]  # the tiny checkpoint's model flags, without the sampling ones
+EXPORT_CASES = [
+    ("checkpoint missing", E(*EXPORT_TINY, "--ckpt", "{base}/nope.pt", "--out", "x"), "No checkpoint"),
+    ("checkpoint of another shape", E(*EXPORT_TINY, "--ckpt", "{wrong}", "--out", "x"), "does not fit"),
+    ("out exists", E(*EXPORT_TINY, "--ckpt", "{tiny}", "--out", "{outdir}"), "--overwrite"),
+    ("unknown scheduler", E(*EXPORT_TINY, "--ckpt", "{tiny}", "--out", "x", "--scheduler", "fast"),
+     "invalid choice"),
+]
 DEMO_CASES = [
     ("size not divisible", E("--image-size", "9"), "divisible"),
     ("zero patch", E("--patch-size", "0"), "--patch-size must be positive"),
@@ -221,6 +234,7 @@ CASES = ([("train.py", train_main, *c) for c in TRAIN_CASES]
          + [("extract_features.py", extract_main, *c) for c in EXTRACT_CASES]
          + [("sample.py", sample_main, *c) for c in SAMPLE_CASES]
          + [("sample_ddp.py", sample_ddp_main, *c) for c in SAMPLE_DDP_CASES]
+         + [("export_diffusers.py", export_main, *c) for c in EXPORT_CASES]
          + [("dit_fast.demo", demo_main, *c) for c in DEMO_CASES])
 
 

@@ -125,3 +125,21 @@ def test_what_cannot_carry_over_names_the_tensor(tmp_path, change, tensor):
     atomic_save(_tiny(0).state_dict(), tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match=re.escape(tensor)):
         plan_init_from(tmp_path / "w.pt", DiT(**{**SMALL, "input_size": 8, "num_classes": 10, **change}), 10)
+
+
+def test_a_diffusers_folder_is_a_source(tmp_path):
+    """The hub layout (config.json + diffusion_pytorch_model.safetensors) fine-tunes like our own files;
+    its config may name other classes and sizes (the shapes decide, tensor by tensor)."""
+    from safetensors.torch import save_file
+
+    from dit_fast.checkpoint import diffusers as fmt
+    old = _tiny(0)
+    folder = tmp_path / "hub" / "transformer"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(fmt.transformer_config(old)))
+    save_file(fmt.to_diffusers_state_dict(old.state_dict()), str(folder / "diffusion_pytorch_model.safetensors"))
+    new = _tiny(1, input_size=16, num_classes=3)
+    apply_init_from(new, tmp_path / "hub", keep_labels=True, log=lambda _: None)
+    assert torch.equal(new.blocks[1].attn.qkv.weight, old.blocks[1].attn.qkv.weight)
+    assert torch.equal(new.y_embedder.embedding_table.weight[[0, 1, 2, 3]],
+                       old.y_embedder.embedding_table.weight[[0, 1, 2, 10]])
