@@ -68,10 +68,8 @@ def folder_name(cfg) -> str:
 
 def resolve_checkpoint_path(spec: str) -> Path:
     """The file (or folder) --ckpt names; official names resolve to the cached download."""
-    from dit_fast.checkpoint import OFFICIAL_CHECKPOINTS, download_official
-    path = Path(spec).expanduser()
-    if spec in OFFICIAL_CHECKPOINTS and not path.exists():
-        return download_official(spec)
+    from dit_fast.checkpoint import resolve_official
+    path = resolve_official(spec)
     if not path.exists():
         raise FileNotFoundError(f"--ckpt {spec!r} does not exist")
     return path

@@ -3,6 +3,7 @@
     deepspeed train.py --deepspeed_config configs/deepspeed/zero2.json --model DiT-XL/2 \\
         --features-path /data/in1k-latents
     torchrun --nproc_per_node 8 train.py ...       # also works; so does plain `python train.py ...`
+    deepspeed train.py ... --num-classes 37 --init-from DiT-XL-2-256x256.pt   # fine-tune: a new run
 
 Many nodes (passwordless ssh; --results-dir and the data on a filesystem all nodes share, since
 every rank writes its shard of each checkpoint into the same directory):
@@ -63,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     a("--resume", type=str, default=None, metavar="PATH|auto",
       help="a checkpoints/step-NNNNNNN dir, or auto: newest under --results-dir")
+    a("--init-from", type=str, default=None, metavar="PATH|OFFICIAL_NAME",
+      help="start a new run from these weights (EMA/.pt/.safetensors file, run or step dir, diffusers "
+           "folder, DiT-XL-2-256x256.pt): fresh optimizer, step 0; other --num-classes/--image-size allowed")
+    a("--keep-labels", action="store_true",
+      help="with --init-from and another --num-classes: keep the label rows of the classes both have")
     a("--keep-last", type=int, default=2, help="checkpoints kept (0 = all)")
     a("--ema-decay", type=float, default=0.9999)
     a("--collective-timeout", type=float, default=600.0, metavar="SECONDS",

@@ -155,8 +155,8 @@ def check_sampling_inputs(cfg) -> None:
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.ckpt is not None:
-        from dit_fast.checkpoint import OFFICIAL_CHECKPOINTS
-        if cfg.ckpt not in OFFICIAL_CHECKPOINTS and not Path(cfg.ckpt).expanduser().exists():
+        from dit_fast.checkpoint import OFFICIAL_CHECKPOINTS, is_official_name
+        if not is_official_name(cfg.ckpt) and not Path(cfg.ckpt).expanduser().exists():
             raise FileNotFoundError(f"No checkpoint at {cfg.ckpt} (--ckpt); pass a checkpoint file "
                                     f"or one of {', '.join(OFFICIAL_CHECKPOINTS)}")
     check_vae_spec(cfg.vae)

@@ -22,7 +22,7 @@ from ..distributed import (broadcast_from_rank0, deepspeed_uses_cuda, env_world,
                            init_distributed)
 from ..faults import maybe_fault, poison
 from .data import build_loader, open_training_data, set_data_epoch
-from .engine import build_deepspeed_config, build_engine, seed_everything
+from .engine import build_deepspeed_config, build_engine, build_model, seed_everything
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
 from .resume import check_resume_spec, resolve_resume
 from .run_dir import load_training_checkpoint, make_run_dir, save_training_checkpoint
@@ -46,7 +46,8 @@ def prepare(cfg: Config):
     """All input checks that need no process group: DeepSpeed JSON vs flags, backends, the data vs
     the model, --resume and --results-dir. Nothing is created here (no group, no run dir).
 
-    Returns (ds_config, data_info). Raises before any step with a message naming the bad input.
+    Returns (ds_config, data_info, init_plan): init_plan is --init-from's checked weights, or None.
+    Raises before any step with a message naming the bad input.
     """
     _, world_size, _ = env_world()
     on_gpu = deepspeed_uses_cuda()
@@ -62,7 +63,20 @@ def prepare(cfg: Config):
     info = open_training_data(cfg)
     cfg.model.in_channels, cfg.model.input_size = info.in_channels, info.input_size
     _check_data_fits(cfg, len(info.dataset), info.input_size, world_size)
-    return ds_config, info
+    return ds_config, info, _plan_init_from(cfg)
+
+
+def _plan_init_from(cfg: Config):
+    """--init-from: read the source and check every tensor against this run's model (built on the
+    meta device: shapes only) before the process group or the run directory exist."""
+    if cfg.train.keep_labels and not cfg.train.init_from:
+        raise ValueError("--keep-labels needs --init-from (it says which label rows of that checkpoint to keep)")
+    if not cfg.train.init_from:
+        return None
+    from ..checkpoint.init_from import plan_init_from
+    with torch.device("meta"):
+        shapes = build_model(cfg)
+    return plan_init_from(cfg.train.init_from, shapes, cfg.model.num_classes, cfg.train.keep_labels)
 
 
 def _check_data_fits(cfg: Config, items: int, input_size: int, world_size: int) -> None:
@@ -92,7 +106,7 @@ def _check_backends(cfg: Config, device_type: str) -> None:
 
 def train(cfg: Config) -> Position:
     """Run (or resume) training as configured. Collective: every rank calls it."""
-    ds_config, info = prepare(cfg)
+    ds_config, info, init_plan = prepare(cfg)
     ctx = init_distributed(use_deepspeed=True, timeout_s=cfg.train.collective_timeout)
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     # Rank 0 alone looks (and repairs an interrupted publish); its choice, or its error, reaches all.
@@ -107,7 +121,14 @@ def train(cfg: Config) -> Position:
         logger.info(f"Experiment directory: {run_dir}  (world size {world})")
         logger.info("Config:\n" + format_config(cfg))
         logger.info("DeepSpeed config: " + json.dumps(ds_config, sort_keys=True))
-    engine, ema = build_engine(cfg, ds_config, device, rank, world)
+    if choice.path is not None:  # a resumed run continues its own weights, not --init-from's
+        init_plan = None
+    if rank == 0 and init_plan is not None:
+        logger.info(f"--init-from {init_plan.source}: {len(init_plan.full)} tensors loaded; a new run "
+                    "(step 0, fresh optimizer, EMA = the loaded weights)")
+        for note in init_plan.notes:
+            logger.info(f"--init-from: {note}")
+    engine, ema = build_engine(cfg, ds_config, device, rank, world, init_plan=init_plan)
     if rank == 0:
         n_params = sum(p.numel() for p in ema.model.parameters())
         logger.info(f"DiT Parameters: {n_params:,}")
