@@ -52,8 +52,8 @@ class BasicConv2d(nn.Module):
         self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=1e-3)
 
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+    def forward(self, inp):
+        return F.relu(self.bn(self.conv(inp)))
 
 
 def _row(cin, cout):  # a (1, 3) or (1, 7) kernel: same-size padding along the width only
@@ -69,10 +69,10 @@ def _avg_pool_same(x):
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
-def _run(x, *units):
+def _run(inp, *units):
     for unit in units:
-        x = unit(x)
-    return x
+        inp = unit(inp)
+    return inp
 
 
 class Mixed35(nn.Module):
@@ -87,10 +87,10 @@ class Mixed35(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
         self.branch_pool = BasicConv2d(cin, pool_out, 1)
 
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), _run(x, self.branch5x5_1, self.branch5x5_2),
-                          _run(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          self.branch_pool(_avg_pool_same(x))], 1)
+    def forward(self, inp):
+        return torch.cat([self.branch1x1(inp), _run(inp, self.branch5x5_1, self.branch5x5_2),
+                          _run(inp, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          self.branch_pool(_avg_pool_same(inp))], 1)
 
 
 class Reduce35(nn.Module):
@@ -103,10 +103,10 @@ class Reduce35(nn.Module):
         self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x),
-                          _run(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+    def forward(self, inp):
+        return torch.cat([self.branch3x3(inp),
+                          _run(inp, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+                          F.max_pool2d(inp, 3, stride=2)], 1)
 
 
 class Mixed17(nn.Module):
@@ -129,8 +129,8 @@ class Mixed17(nn.Module):
                      self.branch7x7dbl_4, self.branch7x7dbl_5),
                 self.branch_pool(_avg_pool_same(x))]
 
-    def forward(self, x):
-        return torch.cat(self.branches(x), 1)
+    def forward(self, inp):
+        return torch.cat(self.branches(inp), 1)
 
 
 class Reduce17(nn.Module):
@@ -142,11 +142,11 @@ class Reduce17(nn.Module):
         self.branch7x7x3_1, self.branch7x7x3_2 = BasicConv2d(cin, 192, 1), _row(192, 192)(7)
         self.branch7x7x3_3, self.branch7x7x3_4 = _col(192, 192)(7), BasicConv2d(192, 192, 3, stride=2)
 
-    def forward(self, x):
-        return torch.cat([_run(x, self.branch3x3_1, self.branch3x3_2),
-                          _run(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
+    def forward(self, inp):
+        return torch.cat([_run(inp, self.branch3x3_1, self.branch3x3_2),
+                          _run(inp, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
                                self.branch7x7x3_4),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+                          F.max_pool2d(inp, 3, stride=2)], 1)
 
 
 class Mixed8(nn.Module):
@@ -165,11 +165,11 @@ class Mixed8(nn.Module):
         self.branch3x3dbl_3a, self.branch3x3dbl_3b = _row(384, 384)(3), _col(384, 384)(3)
         self.branch_pool = BasicConv2d(cin, 192, 1)
 
-    def forward(self, x):
-        a = self.branch3x3_1(x)
-        b = _run(x, self.branch3x3dbl_1, self.branch3x3dbl_2)
-        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool_same(x)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
+    def forward(self, inp):
+        a = self.branch3x3_1(inp)
+        b = _run(inp, self.branch3x3dbl_1, self.branch3x3dbl_2)
+        pooled = F.max_pool2d(inp, 3, stride=1, padding=1) if self.max_pool else _avg_pool_same(inp)
+        return torch.cat([self.branch1x1(inp), self.branch3x3_2a(a), self.branch3x3_2b(a),
                           self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pooled)], 1)
 
 

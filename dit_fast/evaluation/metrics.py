@@ -42,18 +42,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"mismatched statistics: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / "
                          f"{sigma2.shape}")
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
+    root = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(root).all():
         warnings.warn(f"sqrtm(S1 S2) is singular: adding {SINGULAR_OFFSET} to both covariances' diagonals")
         offset = np.eye(len(sigma1)) * SINGULAR_OFFSET
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAGINARY_TOLERANCE):
-            raise ValueError(f"sqrtm(S1 S2) has an imaginary component of {np.abs(covmean.imag).max():.3g}: "
+        root = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(root):
+        if not np.allclose(np.diagonal(root).imag, 0, atol=IMAGINARY_TOLERANCE):
+            raise ValueError(f"sqrtm(S1 S2) has an imaginary component of {np.abs(root.imag).max():.3g}: "
                              "the covariances are not positive semi-definite")
-        covmean = covmean.real
+        root = root.real
     gap = mu1 - mu2
-    return float(gap @ gap + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(gap @ gap + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(root))
 
 
 def inception_score(probs, split_size: int = 5000) -> float:
@@ -69,11 +69,11 @@ def inception_score(probs, split_size: int = 5000) -> float:
     if split_size < 1:
         raise ValueError(f"split_size must be >= 1, got {split_size}")
     p = p.astype(np.promote_types(p.dtype, np.float32), copy=False)
-    scores = []
+    per_split = []
     for start in range(0, len(p), split_size):
         part = p[start:start + split_size]
         marginal = np.mean(part, axis=0, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0)
-        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
-    return float(np.mean(scores))
+        per_split.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return float(np.mean(per_split))
