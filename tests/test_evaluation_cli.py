@@ -101,6 +101,18 @@ def test_reference_statistics_in_the_file_are_used(batches, tmp_path, frechet_ca
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # both files' features, in --cache-dir
 
 
+def test_statistics_only_reference_gives_fid_without_precision(batches, tmp_path, frechet_calls, capsys,
+                                                                one_torch_thread):
+    base, weights = batches["base"], str(batches["weights"])
+    ref = tmp_path / "stats.npz"  # e.g. the old --fid-ref files: mu and sigma, no images
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    out = evaluate.main([str(ref), str(base / "samples_a.npz"), "--inception-weights", weights, "--no-cache",
+                         "--json", str(tmp_path / "m.json")])
+    assert "fid" in out and "sfid" not in out and "precision" not in out and len(frechet_calls) == 1
+    assert "statistics only" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "stats.npz"]  # --no-cache: no cache file
+
+
 def _listing(root: Path):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 

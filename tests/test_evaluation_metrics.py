@@ -172,3 +172,40 @@ def test_adm_fp16_falls_back_to_fp32_when_fp16_overflows():
     u = torch.full((3, 64), 100.0)  # ||u||^2 = 640,000 > fp16's 65,504
     v = torch.rand(4, 64) * 100
     torch.testing.assert_close(pairwise_sq_distances(u, v, "adm-fp16"), pairwise_sq_distances(u, v, "fp32"))
+
+
+# --- features gathered across ranks --------------------------------------------------------------------
+
+def _local_features(rank):
+    rng = np.random.default_rng(rank)
+    n = 3 + rank  # unequal shares
+    return [rng.random((n, w), dtype=np.float32) for w in (2048, 2023, 1008)]
+
+
+def _gather_worker(rank, port, results):
+    import os
+    from datetime import timedelta
+    import torch.distributed as dist
+    from dit_fast.evaluation import Features, gather_features
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    gathered = gather_features(Features(*_local_features(rank)))
+    results.put((rank, gathered.arrays()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gather_features_concatenates_every_rank_in_rank_order():
+    import torch.multiprocessing as mp
+    from dit_fast.distributed import free_port
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_gather_worker, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in range(2))
+    for p in procs:
+        p.join(timeout=60)
+    for rank in (0, 1):
+        for name, a, b in zip(("pool", "spatial", "logits"), _local_features(0), _local_features(1)):
+            np.testing.assert_array_equal(got[rank][name], np.concatenate([a, b]), err_msg=name)
