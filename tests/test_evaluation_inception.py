@@ -56,7 +56,9 @@ def test_features_equal_torch_fidelity_on_the_same_weights(fidelity, weights, on
     images = np.random.default_rng(0).integers(0, 256, (2, 37, 53, 3), dtype=np.uint8)  # odd, non-square
     with torch.inference_mode():
         pool, logits = theirs(torch.from_numpy(images).permute(0, 3, 1, 2))
-    ours = FeatureExtractor(weights, device="cpu")(images)
+    extractor = FeatureExtractor(weights, device="cpu")
+    ours = extractor(images)
+    np.testing.assert_array_equal(extractor(torch.from_numpy(images)).pool, ours.pool)  # tensors in too
     assert pool.abs().mean() > 0.1 and pool.std() > 0.01  # the random weights give live features
     want_spatial = spatial["x"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # TF's NHWC flattening
     for name, got, want in (("pool", ours.pool, pool), ("spatial", ours.spatial, want_spatial),
@@ -91,5 +93,8 @@ def test_extractor_weights_missing_and_foreign_state_dicts(tmp_path):
 def test_extractor_rejects_non_uint8(tmp_path):
     weights = tmp_path / "w.pth"
     torch.save(random_inception(1).state_dict(), weights)
+    extractor = FeatureExtractor(weights, device="cpu")
     with pytest.raises(ValueError, match="uint8"):
-        FeatureExtractor(weights, device="cpu")(np.zeros((1, 8, 8, 3), np.float32))
+        extractor(np.zeros((1, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        extractor(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))  # channels first

@@ -106,8 +106,10 @@ class FeatureExtractor:
         return self._digest
 
     def __call__(self, images) -> Features:
-        """Features of one batch of uint8 images (N, H, W, 3), numpy or torch."""
-        x = torch.as_tensor(np.asarray(images)).to(self.device)
+        """Features of one batch of uint8 images (N, H, W, 3): numpy, or a torch tensor on any device
+        (samples decoded on the GPU stay there)."""
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+        x = x.to(self.device)
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected uint8 images (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
         with torch.inference_mode(), _full_fp32_convolutions():
