@@ -35,12 +35,10 @@ def evaluate_features(sample: Features, ref: Optional[Features], ref_stats: Opti
     mu_s/sigma_s.
     """
     stats = dict(ref_stats or {})
-    if ref is not None:
-        stats.setdefault("mu", None), stats.setdefault("mu_s", None)
-        if stats["mu"] is None:
-            stats["mu"], stats["sigma"] = statistics(ref.pool)
-        if stats["mu_s"] is None:
-            stats["mu_s"], stats["sigma_s"] = statistics(ref.spatial)
+    if ref is not None and "mu" not in stats:
+        stats["mu"], stats["sigma"] = statistics(ref.pool)
+    if ref is not None and "mu_s" not in stats:
+        stats["mu_s"], stats["sigma_s"] = statistics(ref.spatial)
     metrics = {"inception_score": inception_score(sample.probs(), split_size),
                "fid": frechet_distance(*statistics(sample.pool), stats["mu"], stats["sigma"])}
     if stats.get("mu_s") is not None:
