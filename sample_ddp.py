@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--fid-ref", type=str, default=None,
-                        help="reference statistics .npz (mu, sigma): report FID when pytorch-fid and its "
-                             "Inception weights are available locally")
+                        help="reference .npz (mu, sigma, or images): report FID (ADM's Inception, see "
+                             "evaluate.py) when its weights file is available locally")
     return parser
 
 
@@ -213,7 +213,7 @@ def _sample_all(cfg, input_size: int, rank: int, world_size: int, device) -> dic
               f"{cfg.image_size}, 3)].")
         result["npz"] = npz
         if cfg.fid_ref:
-            from dit_fast.fid import fid_from_npz
+            from dit_fast.evaluation import fid_from_npz
             result["fid"] = fid_from_npz(npz, cfg.fid_ref, device=device)
         print("Done.")
     barrier(world_size)

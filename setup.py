@@ -10,6 +10,9 @@ EXTRAS = {
     "vae": ["diffusers"],
     "train": ["deepspeed"],
     "demo": ["scikit-learn"],
+    # evaluate.py: scipy's sqrtm for FID. torch-fidelity is NOT a dependency (our own Inception port;
+    # tests compare with it from a private folder, see the Makefile)
+    "eval": ["scipy"],
     "flow": ["torchdiffeq"],
     "repa": ["transformers"],
     "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy"]}
@@ -24,6 +27,7 @@ setup(name="dit-fast", version="0.1.0",
           "dit_fast.checkpoint",
           "dit_fast.data",
           "dit_fast.diffusion",
+          "dit_fast.evaluation",
           "dit_fast.export_diffusers",
           "dit_fast.repa",
           "dit_fast.train",
