@@ -17,6 +17,7 @@ setup(name="dit-fast", version="0.1.0",
       description="Fast, faithful DiT (Scalable Diffusion Models with Transformers): Triton kernels, "
                   "DeepSpeed, torch.compile",
       python_requires=">=3.10",
-      packages=["dit_fast", "dit_fast.data", "dit_fast.diffusion", "dit_fast.train", "dit_fast_kernels"],
+      packages=["dit_fast", "dit_fast.data", "dit_fast.diffusion", "dit_fast.sampling", "dit_fast.train",
+                "dit_fast_kernels"],
       package_dir={"dit_fast_kernels": "kernels/dit_fast_kernels"},
       install_requires=REQUIRES, extras_require=EXTRAS)

@@ -149,8 +149,8 @@ def test_sampler_step_is_the_diffusions_own_step(kind):
     model, diffusion = _tiny_model(), create_diffusion("5")
     sampler = build_sampler(model, diffusion, method=kind, cfg_scale=3.0, num_classes=10)
     torch.manual_seed(4)
-    z, labels = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
-    x, y = torch.cat([z, z]), torch.tensor([3, 7, 10, 10])
+    z = torch.randn(2, 4, 8, 8)
+    x, y = torch.cat([z, z]), torch.tensor([3, 7, 10, 10])  # labels [3, 7] and the null label twice
     noise = torch.randn_like(x)
     t = sampler.step_indices(4)[2]  # the third step: an intermediate t
     assert t.tolist() == [2] * 4
