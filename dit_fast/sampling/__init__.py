@@ -17,9 +17,12 @@
 
 Extension points. A new sampling method (a flow-matching ODE/SDE sampler for SiT, ...) subclasses
 ``base.Sampler`` (``_run`` = its loop, ``_warmup_args`` = one call of its compiled step) and adds one
-entry to ``build.METHODS``; no DDPM code changes. A guidance interval (``cfg_interval=(low, high)``:
-one unguided forward outside the interval) is a ``Guidance`` whose call picks the guided or the
-unguided forward per step: the samplers only ever call ``self.guidance``.
+entry to ``build.METHODS``; no DDPM code changes. Guidance is only ever applied through
+``Guidance.__call__`` (every sampler's model call), so a guidance interval (``cfg_interval=(low, high)``:
+one unguided forward on the conditional half outside the interval) is a ``Guidance`` subclass whose
+call reads a host-side "guided" flag; the flag is set per step on the host from the step's trained
+timestep (``diffusion.schedule.model_timesteps``, a CPU tensor: no sync), which each loop already
+iterates, and the two variants compile to two static graphs. Not built yet.
 """
 from .base import Sampler
 from .build import ANCESTRAL, METHODS, SAMPLERS, build_sampler, decode
