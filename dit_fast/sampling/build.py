@@ -13,6 +13,12 @@ from .solvers import SOLVERS, SolverSampler
 ANCESTRAL = ("ddpm", "ddim")  # ours, bit-identical to the original; SOLVERS come from diffusers
 
 
+def _ancestral(name: str):
+    def factory(guidance, diffusion, *, clip_denoised=False, eta=0.0):
+        return AncestralSampler(guidance, diffusion, method=name, clip_denoised=clip_denoised, eta=eta)
+    return factory
+
+
 def _solver(name: str):
     def factory(guidance, diffusion, *, clip_denoised=False, eta=0.0):
         if eta or clip_denoised:
@@ -21,11 +27,8 @@ def _solver(name: str):
     return factory
 
 
-METHODS = {
-    **{name: (lambda name: lambda guidance, diffusion, **kw: AncestralSampler(
-        guidance, diffusion, method=name, **kw))(name) for name in ANCESTRAL},
-    **{name: _solver(name) for name in SOLVERS},
-}
+# --sampler name -> factory(guidance, diffusion, *, clip_denoised, eta) -> Sampler
+METHODS = {**{name: _ancestral(name) for name in ANCESTRAL}, **{name: _solver(name) for name in SOLVERS}}
 SAMPLERS = tuple(METHODS)
 
 
