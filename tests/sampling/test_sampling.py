@@ -179,6 +179,16 @@ def test_no_sampling_module_computes_schedule_coefficients():
     assert not offenders, offenders
 
 
+def test_no_test_imports_the_sampling_scripts():
+    """sample.py / sample_ddp.py are one call of dit_fast.sampling.{grid,fid_set}.cli: tests import the
+    library (importing the scripts would run them)."""
+    import re
+    from pathlib import Path
+    tests = Path(__file__).resolve().parents[1]
+    script = re.compile(r"^\s*(import (sample|sample_ddp)\b|from (sample|sample_ddp) import)", re.M)
+    assert not [p.name for p in tests.rglob("*.py") if script.search(p.read_text())]
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="divisible by 16"):
         sample_size(100, 8, 2)
