@@ -5,7 +5,7 @@
     python benchmarks/sampler_table.py --xl-timing --compile --precision bf16   # GPU: DiT-XL/2 img/s
 
 Quality mode reuses the demo end to end: the model trained by ``python -m dit_fast.demo`` (an
-existing ``--demo-dir`` run is reused; otherwise the demo is run once), dit_fast.sampling.Sampler
+existing ``--demo-dir`` run is reused; otherwise the demo is run once), dit_fast.sampling.build_sampler
 for every sampler, and dit_fast.scoring.DigitScorer (an independent classifier's accuracy and the
 Fréchet distance of its features). Every row samples the same x_T and labels. NFE counts model
 forward passes (one batched CFG forward each; Heun: 2 x steps - 1).
@@ -80,7 +80,7 @@ def parse_rows(spec: str) -> list[tuple[str, int]]:
 
 def scheduler_label(name: str) -> str:
     """What a sampler name maps to, for the table."""
-    from dit_fast.solvers import SOLVERS
+    from dit_fast.sampling.solvers import SOLVERS
 
     if name in SOLVERS:
         cls, extra = SOLVERS[name]
@@ -110,11 +110,11 @@ def quality_row(model, name: str, steps: int, zs: dict, labels, scorer, args) ->
     """One sampler on the demo model, for every seed's x_T in ``zs``: accuracy and Fréchet distance
     (mean and per seed), NFE, seconds (mean over the seeds; compilation apart)."""
     from dit_fast.diffusion import create_diffusion
-    from dit_fast.sample_files import to_uint8_hwc
-    from dit_fast.sampling import Sampler, timed
+    from dit_fast.sampling.images import to_uint8_hwc
+    from dit_fast.sampling import build_sampler, timed
 
     # One grey channel + learned variance: guide the noise channel only, as the demo does.
-    sampler = Sampler(model, create_diffusion(str(steps)), sampler=name, cfg_scale=args.cfg_scale,
+    sampler = build_sampler(model, create_diffusion(str(steps)), method=name, cfg_scale=args.cfg_scale,
                       num_classes=10, precision=args.precision, guide_all_channels=True)
     compile_s = sampler.compile(next(iter(zs.values())).shape) if args.compile else 0.0
     accuracy, frechet, seconds = [], [], []
@@ -170,7 +170,7 @@ def run_xl_timing(args, device) -> tuple[list[dict], dict]:
     from dit_fast.checkpoint import load_into_model, load_state_dict
     from dit_fast.diffusion import create_diffusion
     from dit_fast.models import DiT_models
-    from dit_fast.sampling import Sampler, timed
+    from dit_fast.sampling import build_sampler, timed
 
     model = DiT_models[args.timing_model](input_size=32).to(device).eval()
     if args.model_ckpt:
@@ -180,7 +180,7 @@ def run_xl_timing(args, device) -> tuple[list[dict], dict]:
     labels = torch.randint(0, 1000, (args.batch,), generator=g, device=device)
     rows = []
     for name, steps in args.rows:
-        sampler = Sampler(model, create_diffusion(str(steps)), sampler=name, cfg_scale=args.cfg_scale,
+        sampler = build_sampler(model, create_diffusion(str(steps)), method=name, cfg_scale=args.cfg_scale,
                           num_classes=1000, precision=args.precision)
         compile_s = sampler.compile(z.shape) if args.compile else 0.0
         with torch.no_grad():

@@ -209,9 +209,8 @@ def train_command(row: RowConfig, args) -> str:
 
 def row_config(row: RowConfig, args):
     """train.py's parser and config builder on the row's flags: the Config train(cfg) would get."""
-    import train as train_cli
-
     from dit_fast.config import config_from_args
+    from dit_fast.train import cli as train_cli
     cfg = config_from_args(train_cli.build_parser().parse_args(train_argv(row, args)))
     if cfg.train.deepspeed_config and not os.path.isabs(cfg.train.deepspeed_config):
         cfg.train.deepspeed_config = str(ROOT / cfg.train.deepspeed_config)
@@ -227,7 +226,7 @@ def switches(cfg) -> dict:
     ckpt_name = ckpt if isinstance(ckpt, str) else {0.0: "no", 1.0: "full"}.get(float(ckpt), f"{ckpt:g}")
     zero = Path(t.deepspeed_config).stem if t.deepspeed_config else "zero0"  # configs/deepspeed/zeroN*.json
     return {"grad_ckpt": ckpt_name, "precision": t.precision, "pre_extracted": cfg.data.features_path is not None,
-            "attn_backend": m.attn_backend, "fused_adaln": bool(m.fused_adaln), "compile": t.compile,
+            "attn_backend": m.attn_backend, "fused_adaln": m.adaln_backend == "triton", "compile": t.compile,
             "zero_stage": int(zero[4]) if zero[:4] == "zero" and zero[4:5].isdigit() else None}
 
 
@@ -243,7 +242,7 @@ def unavailable_reason(row: RowConfig, cfg, device: torch.device) -> str | None:
     ok, why = dispatch.attn_backend_status(cfg.model.attn_backend, device)
     if not ok:
         return f"attention backend {cfg.model.attn_backend!r} unavailable: {why}"
-    if cfg.model.fused_adaln:
+    if cfg.model.adaln_backend != "torch":
         from dit_fast_kernels import triton_status
         ok, why = triton_status(device)
         if not ok:
@@ -320,9 +319,9 @@ def run_table(args: argparse.Namespace, progress: bool = True) -> tuple[list[dic
 
 
 def _run_rows(args, rows: list[RowConfig], progress: bool) -> tuple[list[dict], dict]:
-    from dit_fast.train.engine import build_model
+    from dit_fast.models import build_model
     math_cfg = row_config(ROWS[0], args)
-    flops_fwd = forward_flops_per_image(lambda: build_model(math_cfg), math_cfg.model.input_size)
+    flops_fwd = forward_flops_per_image(lambda: build_model(math_cfg.model), math_cfg.model.input_size)
     peaks = PeakTable(args.device)
     meta = report.metadata(args, math_cfg.model.input_size, flops_fwd, train_flops_per_image(flops_fwd),
                            peaks.info(), vae_note(args))

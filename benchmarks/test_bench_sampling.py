@@ -22,7 +22,7 @@ import torch
 
 from dit_fast.diffusion import create_diffusion
 from dit_fast.models import DiT, DiT_models
-from dit_fast.sampling import Sampler, default_compile_mode
+from dit_fast.sampling import build_sampler, default_compile_mode
 
 FULL_STEPS = 250
 MEASURED_STEPS = 10
@@ -47,8 +47,8 @@ def _sync(device: torch.device) -> None:
 
 def _run(benchmark, model, device, batch, latent, steps, impl, precision, rounds):
     """Time Sampler.sample over `steps` respaced steps; returns seconds per step."""
-    sampler = Sampler(model, create_diffusion(str(steps)), cfg_scale=4.0, num_classes=1000,
-                      precision=precision)
+    sampler = build_sampler(model, create_diffusion(str(steps)), cfg_scale=4.0, num_classes=1000,
+                            precision=precision)
     shape = (batch, model.in_channels, latent, latent)
     compile_s = sampler.compile(shape, mode=default_compile_mode(device)) if impl == "compile" else 0.0
     g = torch.Generator(device).manual_seed(0)

@@ -57,8 +57,9 @@ class ModelConfig:
     """Override the named model's head count; None keeps the name's."""
     attn_backend: str = "sdpa"
     """Attention backend (see dit_fast.dispatch): sdpa | math | triton | flash_attn | xformers | auto."""
-    fused_adaln: bool = False
-    """Use the fused (Triton) adaLN-modulated LayerNorm / gated residual kernels."""
+    adaln_backend: str = "torch"
+    """adaLN ops (see dit_fast.dispatch): torch (the original's) | triton (fused kernels) | auto;
+    --fused-adaln is its alias for triton."""
     grad_checkpointing: float | str = 0.0
     """Fraction of blocks (0..1) whose activations are recomputed in backward (1.0 = all), or
     "selective": every block, keeping each fc2 output (the costliest recompute per byte)."""
@@ -281,6 +282,9 @@ def config_from_dict(d: dict) -> Config:
     sections = {}
     for name, cls in _SECTIONS.items():
         values = dict(d.get(name, {}))
+        if name == "model" and "fused_adaln" in values:  # configs saved before adaln_backend
+            from .dispatch import adaln_backend_name
+            values.setdefault("adaln_backend", adaln_backend_name(values.pop("fused_adaln")))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -309,16 +313,62 @@ def load_config(path: str | os.PathLike) -> Config:
     return config_from_dict(json.loads(Path(path).read_text()))
 
 
+# Flags that define the model (shared by train.py, sample.py, sample_ddp.py, the export, the demo).
+MODEL_FLAG_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000}
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *, defaults: bool = True,
+                    show_size_overrides: bool = True, model_choices: bool = True) -> None:
+    """--model, --image-size, --num-classes, --depth/--hidden-size/--num-heads and the speed switches
+    --attn-backend / --fused-adaln, with DiT's names.
+
+    ``defaults=False`` leaves the model-defining flags at None, so a caller that reads the model from
+    a saved config can tell a flag that was given from one that was not. ``model_choices=False``
+    leaves an unknown --model to validate_config (train.py's message names the choices too).
+    """
+    from .models import DiT_models
+
+    def default(name):
+        return MODEL_FLAG_DEFAULTS[name] if defaults else None
+
+    a = parser.add_argument
+    a("--model", type=str, choices=list(DiT_models.keys()) if model_choices else None, default=default("model"),
+      help=f"name in dit_fast.models.DiT_models (default {MODEL_FLAG_DEFAULTS['model']})")
+    a("--image-size", type=int, default=default("image_size"),
+      help=f"pixels; divisible by 8 x patch (VAE) or by the patch size (--vae none) "
+           f"(default {MODEL_FLAG_DEFAULTS['image_size']})")
+    a("--num-classes", type=int, default=default("num_classes"),
+      help=f"class labels (default {MODEL_FLAG_DEFAULTS['num_classes']})")
+    size_help = "custom-size model: override the {}" if show_size_overrides else None
+    for flag, what in (("--depth", "depth"), ("--hidden-size", "width"), ("--num-heads", "heads")):
+        a(flag, type=int, default=None, help=size_help.format(what) if size_help else argparse.SUPPRESS)
+    a("--attn-backend", type=str, default="sdpa",
+      help="sdpa | math | triton | flash_attn | xformers | auto (dit_fast.dispatch)")
+    adaln = parser.add_mutually_exclusive_group()
+    adaln.add_argument("--adaln-backend", choices=("torch", "triton", "auto"), default="torch",
+                       help="adaLN ops: torch (the original's), triton (fused kernels) or auto")
+    adaln.add_argument("--fused-adaln", dest="adaln_backend", action="store_const", const="triton",
+                       help="the fused Triton adaLN kernels (= --adaln-backend triton)")
+
+
+def model_config_from_args(args: argparse.Namespace, **resolved) -> ModelConfig:
+    """The ModelConfig of parsed model flags (None-valued flags keep the defaults), plus ``resolved``
+    values (in_channels, input_size, learn_sigma, ...) computed by the caller."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return ModelConfig(**{**values, **resolved})
+
+
 @dataclass
 class SampleConfig:
-    """sample.py / sample_ddp.py: how images are drawn (flag names as in DiT's scripts)."""
+    """sample.py / sample_ddp.py: which model and how images are drawn (flag names as in DiT's scripts)."""
 
-    model: str = "DiT-XL/2"
-    """Name in dit_fast.models.DiT_models."""
-    image_size: int = 256
-    """Output side in pixels; the model input is image_size // VAE downsampling (8), or image_size with vae none."""
-    num_classes: int = 1000
-    """Classes of the model; the null label used by guidance is num_classes itself."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model (read from the run's saved config when --ckpt is one of our runs)."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """The trained diffusion (schedule, steps); sampling respaces it to num_sampling_steps."""
+    vae: str = "mse"
+    """ema | mse | a local diffusers directory | none (pixel space)."""
     cfg_scale: float = 4.0
     """Guidance scale (sample.py: 4.0, always the CFG forward; sample_ddp.py: 1.5, no CFG at 1.0)."""
     num_sampling_steps: int = 250
@@ -326,17 +376,8 @@ class SampleConfig:
     sampler: str = "ddpm"
     """ddpm (ancestral, as the original), ddim (eta 0), or a diffusers solver: dpm-solver++, unipc, euler, heun."""
     ckpt: Optional[str] = None
-    """Checkpoint path or official name; None: the official DiT-XL/2 checkpoint for image_size."""
-    vae: str = "mse"
-    """ema | mse | a local diffusers directory | none (pixel space)."""
-    in_channels: int = 3
-    """Image channels of a pixel-space (vae none) model."""
-    depth: Optional[int] = None
-    """Override the named model's depth (a custom-size model trained with train.py --depth)."""
-    hidden_size: Optional[int] = None
-    """Override the named model's width (train.py --hidden-size)."""
-    num_heads: Optional[int] = None
-    """Override the named model's head count (train.py --num-heads)."""
+    """A run dir, a checkpoints/step-NNNNNNN dir, a checkpoint file or an official name; None: the
+    official DiT-XL/2 checkpoint for image_size."""
     guide_all_channels: bool = False
     """Guide every input channel; default: the first three, as the original (needed for 1-2 channel models)."""
     compile: bool = False
@@ -345,10 +386,6 @@ class SampleConfig:
     """torch.compile mode; None: reduce-overhead (CUDA graphs) on CUDA, default on CPU."""
     precision: str = "fp32"
     """fp32 | bf16 | fp16: autocast of the model call only; the diffusion math stays fp32."""
-    attn_backend: str = "sdpa"
-    """Attention backend (dit_fast.dispatch)."""
-    fused_adaln: bool = False
-    """Fused adaLN kernels (dit_fast.dispatch)."""
     tf32: bool = True
     """TF32 matmuls on CUDA (the original turns them on)."""
     device: Optional[str] = None
@@ -371,7 +408,10 @@ class SampleConfig:
     """sample_ddp.py: reference statistics (.npz with mu, sigma) for an optional in-process FID."""
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SampleConfig":
-        """The config of a sample.py / sample_ddp.py command line (flags a script lacks keep defaults)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+    def from_args(cls, args: argparse.Namespace, model: ModelConfig,
+                  diffusion: Optional[DiffusionConfig] = None, **resolved) -> "SampleConfig":
+        """The config of a sample.py / sample_ddp.py command line with its resolved model (flags a
+        script lacks keep defaults; ``resolved`` overrides parsed values, e.g. the saved VAE)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"model", "diffusion"}
+        values = {k: v for k, v in vars(args).items() if k in names}
+        return cls(model=model, diffusion=diffusion or DiffusionConfig(), **{**values, **resolved})

@@ -7,7 +7,7 @@
 2. trains a small class-conditional DiT through ``train.py`` and its DeepSpeed engine (the command
    users run on GPUs; on a GPU machine the same command trains on the GPU);
 3. loads the exported EMA weights and samples every class with classifier-free guidance through
-   dit_fast.sampling.Sampler (the sampler behind sample.py);
+   dit_fast.sampling.build_sampler (the sampler behind sample.py);
 4. scores the samples with a classifier trained on the real digits (dit_fast.scoring): the share
    recognised as their class, and a Fréchet distance in that classifier's feature space.
 """
@@ -161,19 +161,12 @@ def run_training(cmd: list[str], max_steps: int, threads: int) -> list[str]:
 
 def find_run(results_dir: Path) -> tuple[Path, Path]:
     """(run dir, EMA weights of its last checkpoint) of the single run under results_dir."""
-    from .train.run_dir import ema_file_name, list_checkpoints
+    from .sampling.run_source import resolve_ckpt
 
     runs = sorted(p for p in results_dir.iterdir() if (p / "checkpoints").is_dir())
     if not runs:
         raise FileNotFoundError(f"train.py left no run with checkpoints under {results_dir}")
-    checkpoints = list_checkpoints(runs[-1] / "checkpoints")
-    if not checkpoints:
-        raise FileNotFoundError(f"no complete checkpoint under {runs[-1] / 'checkpoints'}")
-    step, ckpt = checkpoints[-1]
-    ema = ckpt / ema_file_name(step)
-    if not ema.is_file():
-        raise FileNotFoundError(f"{ema} is missing: the checkpoint has no exported EMA weights")
-    return runs[-1], ema
+    return runs[-1], resolve_ckpt(str(runs[-1])).weights  # its newest complete checkpoint's EMA file
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -184,9 +177,8 @@ def load_ema_model(run_dir: Path, ema_path: Path, device: torch.device) -> torch
     from .models import build_model
 
     m = load_config(run_dir / "config.json").model
-    model = build_model(m.model, depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads,
-                        input_size=m.input_size, in_channels=m.in_channels,
-                        num_classes=m.num_classes, learn_sigma=m.learn_sigma)
+    # Speed switches of the run (e.g. Triton kernels) are not needed to sample its digits.
+    model = build_model(m, attn_backend="sdpa", adaln_backend="torch", grad_checkpointing=0.0)
     load_into_model(model, load_state_dict(ema_path, prefer_ema=True))
     return model.to(device).eval()
 
@@ -194,15 +186,15 @@ def load_ema_model(run_dir: Path, ema_path: Path, device: torch.device) -> torch
 def sample_digits(model, args, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
     """samples_per_class images of each class (class-major order) in [-1, 1]: (N, 1, S, S), labels."""
     from .diffusion import create_diffusion
-    from .sampling import Sampler
+    from .sampling import build_sampler
 
     torch.manual_seed(args.seed)
     labels = torch.arange(10).repeat_interleave(args.samples_per_class)  # (N,)
     z = torch.randn(len(labels), model.in_channels, args.image_size, args.image_size)
     # One grey channel with a learned variance: the output is [eps, variance], so the original's
     # "first three channels" would also extrapolate the variance weight; guide the noise channel only.
-    sampler = Sampler(model, create_diffusion(str(args.num_sampling_steps)), cfg_scale=args.cfg_scale,
-                      num_classes=10, use_cfg=True, sampler=args.sampler, guide_all_channels=True)
+    sampler = build_sampler(model, create_diffusion(str(args.num_sampling_steps)), method=args.sampler,
+                            cfg_scale=args.cfg_scale, num_classes=10, use_cfg=True, guide_all_channels=True)
     samples = sampler.sample(z.to(device), labels.to(device), progress=True)
     return samples.clamp(-1, 1).cpu(), labels.numpy()
 
@@ -211,7 +203,7 @@ def save_grid(samples: torch.Tensor, per_class: int, path: Path, scale: int) -> 
     """One row per class, upscaled (nearest) so a person can see the digits."""
     from PIL import Image
 
-    from .sample_files import grid_to_uint8, make_grid, save_png
+    from .sampling.images import grid_to_uint8, make_grid, save_png
 
     grid = grid_to_uint8(make_grid(samples, nrow=per_class, padding=1, normalize=True,
                                    value_range=(-1, 1), pad_value=0.5))
@@ -239,7 +231,7 @@ def main(argv=None) -> dict:
     """Run the demo; returns the metrics written to metrics.json."""
     from .data.digits import write_digits_features
     from .atomic import atomic_write, atomic_write_text
-    from .sample_files import to_uint8_hwc
+    from .sampling.images import to_uint8_hwc
     from .scoring import DigitScorer
 
     args = build_parser().parse_args(argv)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("dit_fast")
 
 ATTN_BACKENDS = ("auto", "sdpa", "math", "triton", "flash_attn", "xformers")
-ADALN_BACKENDS = ("torch", "triton")
+ADALN_BACKENDS = ("auto", "torch", "triton")
 _logged: set[str] = set()
 MEASURED = "benchmarks/results/2026-11-26-h200-run2/kernels.json"  # what the auto choices rest on
 
@@ -75,24 +75,24 @@ def check_attn_backend_name(name: str) -> str:
 _TRUE_WORDS, _FALSE_WORDS = ("true", "1"), ("false", "0")
 
 
-def check_adaln_flag(fused) -> bool | str:
-    """``fused_adaln`` normalised to True (Triton kernels), False (torch ops, as the original) or "auto".
-
-    Bool-like values (1 / 0, "true" / "false", "1" / "0") become bools, so that 0 means False
-    everywhere (``0 in (True, False)`` holds, but ``0 is False`` does not); anything else
-    raises ValueError.
+def adaln_backend_name(value) -> str:
+    """The adaLN backend "torch" (the original's ops), "triton" (fused kernels) or "auto" for
+    ``adaln_backend=`` -- and the one place its public alias ``fused_adaln`` (True / False / "auto",
+    1 / 0, "true" / "false") is mapped: True -> "triton", False -> "torch". Anything else raises
+    ValueError. (0 means off everywhere: ``0 in (True, False)`` holds, but ``0 is False`` does not.)
     """
-    if isinstance(fused, bool):
-        return fused
-    if isinstance(fused, int) and fused in (0, 1):
-        return bool(fused)
-    if isinstance(fused, str):
-        word = fused.strip().lower()
-        if word == "auto":
-            return "auto"
+    if isinstance(value, bool):
+        return "triton" if value else "torch"
+    if isinstance(value, int) and value in (0, 1):
+        return "triton" if value else "torch"
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ADALN_BACKENDS:
+            return word
         if word in _TRUE_WORDS or word in _FALSE_WORDS:
-            return word in _TRUE_WORDS
-    raise ValueError(f"fused_adaln must be True, False or 'auto' (or 1 / 0, 'true' / 'false'), got {fused!r}")
+            return "triton" if word in _TRUE_WORDS else "torch"
+    raise ValueError(f"adaln_backend must be 'torch', 'triton' or 'auto' (its alias fused_adaln must be True, "
+                     f"False or 'auto', or 1 / 0, 'true' / 'false'), got {value!r}")
 
 
 def resolve_attn_backend(name: str, device) -> str:
@@ -101,12 +101,13 @@ def resolve_attn_backend(name: str, device) -> str:
     return _cached(key, _resolve_attn)
 
 
-def resolve_adaln_backend(fused, device) -> str:
-    """'triton' or 'torch' for the adaLN ops; raises if the Triton kernels were asked for and can't run.
+def resolve_adaln_backend(backend, device) -> str:
+    """'triton' or 'torch' for the adaLN ops of ``adaln_backend`` (or its alias fused_adaln); raises if
+    the Triton kernels were asked for and can't run.
 
     ``auto`` depends on whether the call is being traced by torch.compile (part of the cache key).
     """
-    key = ("adaln", check_adaln_flag(fused), torch.device(device).type, os.environ.get("TRITON_INTERPRET", "0"),
+    key = ("adaln", adaln_backend_name(backend), torch.device(device).type, os.environ.get("TRITON_INTERPRET", "0"),
            torch.compiler.is_compiling())
     return _cached(key, _resolve_adaln)
 
@@ -136,11 +137,12 @@ def _resolve_attn(name: str, device_type: str, interpret: str) -> str:
     return name
 
 
-def _resolve_adaln(fused, device_type: str, interpret: str, compiling: bool = False) -> str:
-    if fused is False:
+def _resolve_adaln(backend, device_type: str, interpret: str, compiling: bool = False) -> str:
+    backend = adaln_backend_name(backend)
+    if backend == "torch":
         return "torch"
     ok, reason = _triton_status(torch.device(device_type))
-    if fused == "auto":
+    if backend == "auto":
         if compiling:
             choice, why = "torch", "under torch.compile inductor's fusion beat the fused backward"
         else:
@@ -149,8 +151,8 @@ def _resolve_adaln(fused, device_type: str, interpret: str, compiling: bool = Fa
         _log_once(f"dit_fast: fused adaLN auto -> {choice} on {device_type} ({why}; {MEASURED})")
         return choice
     if not ok:
-        raise RuntimeError(f"fused_adaln=True (--fused-adaln) was asked for but the Triton kernels can't run: "
-                           f"{reason}. Use fused_adaln=False instead.")
+        raise RuntimeError(f"adaln_backend='triton' (--fused-adaln) was asked for but the Triton kernels can't "
+                           f"run: {reason}. Use adaln_backend='torch' (fused_adaln=False) instead.")
     return "triton"
 
 
@@ -230,7 +232,7 @@ def gated_residual_norm(x, gate, y, shift, scale, eps: float, backend: str, out_
 
 
 __all__ = [
-    "ATTN_BACKENDS", "ADALN_BACKENDS", "attn_backend_status", "check_attn_backend_name", "check_adaln_flag",
+    "ATTN_BACKENDS", "ADALN_BACKENDS", "attn_backend_status", "check_attn_backend_name", "adaln_backend_name",
     "resolve_attn_backend", "resolve_adaln_backend", "attention", "attention_math", "modulate",
     "modulated_layer_norm", "gated_residual", "gated_residual_norm",
 ]

@@ -86,17 +86,17 @@ class ModulatedLayerNorm(nn.Module):
     """LayerNorm without its own affine map, followed by adaLN's x * (1 + scale) + shift.
 
     There are no parameters (shift and scale are regressed from the conditioning), so adding this module
-    changes no state-dict key. ``fused`` picks the Triton kernels (see dit_fast.dispatch).
+    changes no state-dict key. ``backend`` "torch" | "triton" | "auto" picks the ops (dit_fast.dispatch).
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, fused=False):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, backend="torch"):
         super().__init__()
         self.normalized_shape = (hidden_size,)
         self.eps = float(eps)
-        self.fused = dispatch.check_adaln_flag(fused)
+        self.backend = dispatch.adaln_backend_name(backend)
 
     def _backend(self, device: torch.device) -> str:
-        return dispatch.resolve_adaln_backend(self.fused, device)
+        return dispatch.resolve_adaln_backend(self.backend, device)
 
     def forward(self, x, shift, scale):                          # (N, T, D), (N, D), (N, D) -> (N, T, D)
         return dispatch.modulated_layer_norm(x, shift, scale, self.eps, self._backend(x.device),
@@ -108,7 +108,7 @@ class ModulatedLayerNorm(nn.Module):
                                             gemm_input_dtype(x))
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, fused={self.fused}"
+        return f"{self.normalized_shape}, eps={self.eps}, backend={self.backend}"
 
 
 def gemm_input_dtype(x: torch.Tensor):
@@ -123,10 +123,9 @@ def gemm_input_dtype(x: torch.Tensor):
     return None
 
 
-def gated_residual(x, gate, y, fused) -> torch.Tensor:
-    """adaLN-Zero's residual x + gate * y; (N, T, D), (N, D), (N, T, D). Triton when ``fused`` says so."""
-    backend = dispatch.resolve_adaln_backend(fused, x.device)
-    return dispatch.gated_residual(x, gate, y, backend)
+def gated_residual(x, gate, y, backend) -> torch.Tensor:
+    """adaLN-Zero's residual x + gate * y; (N, T, D), (N, D), (N, T, D). Triton when ``backend`` says so."""
+    return dispatch.gated_residual(x, gate, y, dispatch.resolve_adaln_backend(backend, x.device))
 
 
 def keep_outputs_of_matmuls_over(k: int):

@@ -5,8 +5,8 @@ the model sizes of Table 1.
 Plain single-device PyTorch. Module and parameter names, and the order of every random draw of the
 initialisation, are those of the published checkpoints' code: DiT-XL-2-256x256.pt and DiT-XL-2-512x512.pt
 load with ``strict=True``, and a seeded constructor gives the same initial weights. Speed switches keep
-the numbers up to floating-point tolerance: ``attn_backend`` (see dit_fast.dispatch), ``fused_adaln``
-(Triton adaLN kernels) and ``grad_checkpointing`` (activation checkpointing of some or all blocks).
+the numbers up to floating-point tolerance: ``attn_backend`` (see dit_fast.dispatch), ``adaln_backend``
+(the Triton adaLN kernels; ``fused_adaln`` is its documented alias) and ``grad_checkpointing`` (activation checkpointing of some or all blocks).
 """
 from __future__ import annotations
 
@@ -87,12 +87,12 @@ class DiTBlock(Module):
     shift and scale for each LayerNorm and a gate for each residual branch (zero at init)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
-                 attn_backend: str = "sdpa", fused_adaln=False):
+                 attn_backend: str = "sdpa", adaln_backend: str = "torch"):
         super().__init__()
         D = hidden_size
-        self.norm1 = ModulatedLayerNorm(D, eps=1e-6, fused=fused_adaln)
+        self.norm1 = ModulatedLayerNorm(D, eps=1e-6, backend=adaln_backend)
         self.attn = Attention(D, num_heads=num_heads, qkv_bias=True, backend=attn_backend)
-        self.norm2 = ModulatedLayerNorm(D, eps=1e-6, fused=fused_adaln)
+        self.norm2 = ModulatedLayerNorm(D, eps=1e-6, backend=adaln_backend)
         self.mlp = Mlp(in_features=D, hidden_features=int(D * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.grad_checkpointing = False
@@ -112,16 +112,16 @@ class DiTBlock(Module):
         attn_out = self.attn(self.norm1(x, attn_shift, attn_scale))        # (N, T, D)
         # x += attn_gate * attn_out, and the MLP's modulated norm of the new x, in one pass when fused.
         x, mlp_in = self.norm2.residual_norm(x, attn_gate, attn_out, mlp_shift, mlp_scale)
-        return gated_residual(x, mlp_gate, self.mlp(mlp_in), self.norm2.fused)
+        return gated_residual(x, mlp_gate, self.mlp(mlp_in), self.norm2.backend)
 
 
 class FinalLayer(Module):
     """Modulated LayerNorm, then a linear map of each token to its patch: p * p * out_channels values."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, fused_adaln=False):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaln_backend: str = "torch"):
         super().__init__()
         D = hidden_size
-        self.norm_final = ModulatedLayerNorm(D, eps=1e-6, fused=fused_adaln)
+        self.norm_final = ModulatedLayerNorm(D, eps=1e-6, backend=adaln_backend)
         self.linear = nn.Linear(D, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
 
@@ -138,14 +138,18 @@ class DiT(Module):
     the noise, then the variance interpolation values. Labels run over ``num_classes``; the null label
     of guidance is ``num_classes`` itself (an unconditional model: ``num_classes=1``, labels 0).
     Speed only, the numbers unchanged: ``attn_backend`` ("sdpa", "math", "triton", "flash_attn",
-    "xformers", "auto"), ``fused_adaln`` (True/False/"auto"), ``grad_checkpointing`` (True/False, "selective", or the
+    "xformers", "auto"), ``adaln_backend`` ("torch", "triton", "auto"; or its alias ``fused_adaln``
+    True/False/"auto"), ``grad_checkpointing`` (True/False, "selective", or the
     fraction of blocks, counted from the first, to checkpoint).
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, *,
-                 attn_backend: str = "sdpa", fused_adaln=False, grad_checkpointing=0.0):
+                 attn_backend: str = "sdpa", adaln_backend: str = "torch", fused_adaln=None,
+                 grad_checkpointing=0.0):
         super().__init__()
+        from dit_fast.dispatch import adaln_backend_name
+        adaln_backend = adaln_backend_name(adaln_backend if fused_adaln is None else fused_adaln)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1 (use 1 for an unconditional model), got {num_classes}")
         self.learn_sigma, self.num_classes = learn_sigma, num_classes
@@ -159,9 +163,9 @@ class DiT(Module):
         n_tokens = self.x_embedder.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend=attn_backend, fused_adaln=fused_adaln)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend=attn_backend, adaln_backend=adaln_backend)
             for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, fused_adaln=fused_adaln)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaln_backend=adaln_backend)
         self.reset_parameters()
         self.set_grad_checkpointing(grad_checkpointing)
 
@@ -198,15 +202,6 @@ class DiT(Module):
         for index, block in enumerate(self.blocks):
             block.grad_checkpointing = index < n_checkpointed
             block.checkpoint_policy = policy
-
-    def set_backends(self, attn_backend: str | None = None, fused_adaln=None) -> None:
-        """Switch the attention backend and/or the fused adaLN kernels of a built model."""
-        from dit_fast import dispatch
-        for module in self.modules():
-            if attn_backend is not None and isinstance(module, Attention):
-                module.backend = dispatch.check_attn_backend_name(attn_backend)
-            if fused_adaln is not None and isinstance(module, ModulatedLayerNorm):
-                module.fused = dispatch.check_adaln_flag(fused_adaln)
 
     # -- forward --
 
@@ -317,12 +312,20 @@ def patch_size_of(name: str) -> int:
     return int(name.rsplit("/", 1)[1])
 
 
-def build_model(name: str, *, depth=None, hidden_size=None, num_heads=None, **kwargs) -> DiT:
-    """DiT_models[name](**kwargs) with a clear error for an unknown name. ``depth`` / ``hidden_size`` /
-    ``num_heads`` (None: the named size) override the size for custom models, keeping the patch size."""
-    _check_name(name)
-    if depth is None and hidden_size is None and num_heads is None:
-        return DiT_models[name](**kwargs)
-    named_depth, named_width, named_heads = _SIZES[name[len("DiT-"):].split("/")[0]]
-    return DiT(depth=depth or named_depth, hidden_size=hidden_size or named_width,
-               num_heads=num_heads or named_heads, patch_size=patch_size_of(name), **kwargs)
+def build_model(cfg, **overrides) -> DiT:
+    """The DiT of a resolved ``ModelConfig`` (dit_fast.config; ``in_channels`` and ``input_size`` set):
+    the one builder of training, sampling, export and the demo. ``depth`` / ``hidden_size`` /
+    ``num_heads`` (None: the named size) override the size for custom models, keeping the patch
+    size; ``overrides`` replace constructor arguments (e.g. ``class_dropout_prob=0.0``)."""
+    _check_name(cfg.model)
+    if cfg.in_channels is None or cfg.input_size is None:
+        raise ValueError(f"the model config of {cfg.model} is not resolved: in_channels="
+                         f"{cfg.in_channels}, input_size={cfg.input_size} (derived from the data / VAE)")
+    named_depth, named_width, named_heads = _SIZES[cfg.model[len("DiT-"):].split("/")[0]]
+    kwargs = dict(input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                  learn_sigma=cfg.learn_sigma, class_dropout_prob=cfg.class_dropout_prob,
+                  attn_backend=cfg.attn_backend, adaln_backend=cfg.adaln_backend,
+                  grad_checkpointing=cfg.grad_checkpointing, depth=cfg.depth or named_depth,
+                  hidden_size=cfg.hidden_size or named_width, num_heads=cfg.num_heads or named_heads,
+                  patch_size=patch_size_of(cfg.model))
+    return DiT(**{**kwargs, **overrides})

@@ -43,6 +43,12 @@ def vae_downsample(spec) -> int:
     return 8
 
 
+def model_channels(spec, pixel_channels: int = 3) -> int:
+    """Channels the DiT sees for ``--vae spec``: the image's ``pixel_channels`` in pixel space, else the
+    SD VAEs' 4 latent channels (the one place this is decided: a later autoencoder config says it)."""
+    return pixel_channels if is_pixel_space(spec) else 4
+
+
 class VAEError(RuntimeError):
     """The VAE could not be found or loaded."""
 

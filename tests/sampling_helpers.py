@@ -14,8 +14,13 @@ TINY_FLAGS = ["--model", TINY_MODEL, "--depth", "2", "--hidden-size", "32", "--n
 
 def build_tiny(**kwargs):
     """The tiny DiT (patch 2, depth 2, width 32, 2 heads) with DiT's other constructor arguments."""
+    import dataclasses
+
+    from dit_fast.config import ModelConfig
     from dit_fast.models import build_model
-    return build_model(TINY_MODEL, **TINY_SIZE, **kwargs)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(model=TINY_MODEL, **TINY_SIZE, **{k: v for k, v in kwargs.items() if k in fields})
+    return build_model(cfg, **{k: v for k, v in kwargs.items() if k not in fields})
 
 
 def save_tiny_checkpoint(path, *, input_size: int, in_channels: int = 3, num_classes: int = 10,

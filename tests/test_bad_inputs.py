@@ -54,22 +54,22 @@ def files(tmp_path_factory):
 
 
 def train_main(argv):
-    import train
-    return train.main(argv)
+    from dit_fast.train.cli import main
+    return main(argv)
 
 
 def extract_main(argv):
-    import extract_features
-    return extract_features.main(argv)
+    from dit_fast.data.extract_cli import main
+    return main(argv)
 
 
 def sample_main(argv):
-    import sample
+    from dit_fast.sampling import grid as sample
     return sample.cli(argv)
 
 
 def sample_ddp_main(argv):
-    import sample_ddp
+    from dit_fast.sampling import fid_set as sample_ddp
     return sample_ddp.cli(argv)
 
 

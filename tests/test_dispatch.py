@@ -6,18 +6,19 @@ from dit_fast import dispatch
 
 
 @pytest.mark.parametrize("value, want", [
-    (True, True), (False, False), (1, True), (0, False), ("auto", "auto"), ("AUTO", "auto"),
-    ("true", True), ("False", False), ("1", True), ("0", False), (" TRUE ", True),
+    ("torch", "torch"), ("triton", "triton"), ("Triton", "triton"), ("auto", "auto"), ("AUTO", "auto"),
+    # the fused_adaln alias, mapped in this one place
+    (True, "triton"), (False, "torch"), (1, "triton"), (0, "torch"),
+    ("true", "triton"), ("False", "torch"), ("1", "triton"), ("0", "torch"), (" TRUE ", "triton"),
 ])
-def test_adaln_flag_is_normalised(value, want):
-    got = dispatch.check_adaln_flag(value)
-    assert got == want and type(got) is type(want)
+def test_adaln_backend_and_its_fused_adaln_alias_are_normalised(value, want):
+    assert dispatch.adaln_backend_name(value) == want
 
 
 @pytest.mark.parametrize("value", [2, -1, 0.0, 1.0, None, "maybe", "yes", "", [True]])
 def test_adaln_flag_rejects_the_rest(value):
-    with pytest.raises(ValueError, match="fused_adaln must be"):
-        dispatch.check_adaln_flag(value)
+    with pytest.raises(ValueError, match="adaln_backend must be .*fused_adaln must be"):
+        dispatch.adaln_backend_name(value)
 
 
 def test_zero_turns_the_triton_path_off(monkeypatch):

@@ -4,6 +4,7 @@ import importlib
 import pytest
 import torch
 
+from dit_fast.config import ModelConfig
 from dit_fast.models import DiT, DiT_models, build_model
 
 
@@ -190,7 +191,7 @@ def test_wrong_input_size_and_unknown_model_have_clear_errors():
     with pytest.raises(ValueError, match="built for inputs of size"):
         small()(torch.randn(1, 4, 16, 16), torch.tensor([1]), torch.tensor([1]))
     with pytest.raises(ValueError, match="unknown model"):
-        build_model("DiT-XXL/2")
+        build_model(ModelConfig(model="DiT-XXL/2", in_channels=4, input_size=8))
 
 
 def test_missing_backend_raises_clearly(monkeypatch):

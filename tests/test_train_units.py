@@ -13,14 +13,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train as train_cli  # noqa: E402
 from dit_fast.config import (Config, config_from_args, config_from_dict, config_to_dict,  # noqa: E402
                              format_config, load_config, save_config)
+from dit_fast.train import cli as train_cli  # noqa: E402
 from dit_fast.train.resume import config_differences, resolve_resume  # noqa: E402
 from dit_fast.train.run_dir import (capture_rng, check_same_model,  # noqa: E402
                                        prune_checkpoints, recover_checkpoints,
                                        restore_rng)
-from dit_fast.train.data import ResumableShardSampler  # noqa: E402
+from dit_fast.train.data import ShardOrder  # noqa: E402
 from dit_fast.train.ema import EMA  # noqa: E402
 from dit_fast.train.engine import DeepSpeedConfigError, build_deepspeed_config  # noqa: E402
 
@@ -46,6 +46,31 @@ def parse(*extra):
 
 
 # ------------------------------------------------------------------ config
+
+def test_configs_saved_before_adaln_backend_still_load():
+    """config.json / train_state configs written by earlier code hold model.fused_adaln (a bool)."""
+    old = config_to_dict(Config())
+    for flag, backend in ((True, "triton"), (False, "torch"), ("auto", "auto")):
+        model = {k: v for k, v in old["model"].items() if k != "adaln_backend"}
+        cfg = config_from_dict({**old, "model": {**model, "fused_adaln": flag}})
+        assert cfg.model.adaln_backend == backend
+    assert parse("--features-path", "x", "--fused-adaln").model.adaln_backend == "triton"
+    assert parse("--features-path", "x", "--adaln-backend", "auto").model.adaln_backend == "auto"
+
+
+def test_prepare_resolves_a_copy_and_never_writes_the_users_config(digits8, tmp_path):
+    """Derived values (channels and latent side from the data, the micro batch) go into the resolved
+    config, computed once; the config the user built stays as given."""
+    import copy
+
+    from dit_fast.train.loop import prepare
+    cfg = parse("--features-path", str(digits8), "--global-batch-size", "8", "--results-dir", str(tmp_path))
+    before = copy.deepcopy(cfg)
+    resolved, ds_config, _, init_plan = prepare(cfg)
+    assert cfg == before and cfg.model.in_channels is None and cfg.train.micro_batch_size is None
+    assert (resolved.model.in_channels, resolved.model.input_size, resolved.train.micro_batch_size) == (1, 8, 8)
+    assert ds_config["train_micro_batch_size_per_gpu"] == 8 and init_plan is None  # no --init-from
+
 
 def test_config_round_trip_and_flags(tmp_path):
     cfg = parse("--features-path", "x", "--grad-checkpointing", "--local_rank=1", "--lr", "3e-4",
@@ -154,7 +179,7 @@ def test_bad_inputs_fail_before_any_step(tmp_path, digits8, capsys):
 
 def test_sampler_shards_are_disjoint_reproducible_and_resumable():
     world, n, mb = 3, 50, 4
-    samplers = [ResumableShardSampler(n, r, world, mb, seed=7, with_flips=True) for r in range(world)]
+    samplers = [ShardOrder(n, r, world, mb, seed=7, with_flips=True) for r in range(world)]
     for s in samplers:
         s.set_epoch(2)
     epoch = [list(s) for s in samplers]

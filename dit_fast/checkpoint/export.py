@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..solvers import SOLVERS
+from ..sampling.solvers import SOLVERS
 from . import diffusers as diffusers_format
 from .loading import load_into_model, load_state_dict
 
@@ -40,22 +40,19 @@ EXACT_TOLERANCE = 1e-5  # relative error of the exported transformer (fp32) agai
 def build_parser() -> argparse.ArgumentParser:
     """The export's flags: sample.py's model flags plus --out, --scheduler, --class-names."""
     from ..cli import OneLineParser
-    from ..models import DiT_models
+    from ..config import add_model_flags
 
     p = OneLineParser(prog="export_diffusers.py", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--ckpt", required=True, help="our checkpoint (.pt/.safetensors, training or EMA) or an official name")
+    a("--ckpt", required=True, help="a train.py run dir (model flags come from its saved config), a "
+      "checkpoints/step-NNNNNNN dir or its EMA file, our checkpoint (.pt/.safetensors) or an official name")
     a("--out", required=True, help="the pipeline folder to write")
-    a("--model", choices=list(DiT_models), default="DiT-XL/2")
-    a("--image-size", type=int, default=256)
-    a("--num-classes", type=int, default=1000)
-    a("--vae", default="mse", help="ema | mse | a local diffusers VAE dir | none (no vae/ is written)")
-    a("--in-channels", type=int, default=3, help="image channels with --vae none")
-    a("--depth", type=int, default=None)
-    a("--hidden-size", type=int, default=None)
-    a("--num-heads", type=int, default=None)
+    add_model_flags(p, defaults=False)
+    a("--vae", default=None, help="ema | mse | a local diffusers VAE dir | none (no vae/ is written); default mse")
+    a("--in-channels", type=int, default=None, help="image channels with --vae none (3)")
     a("--learn-sigma", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(vae_default="mse")
     a("--scheduler", choices=SCHEDULERS, default="dpm-solver++", help="the pipeline's default scheduler")
     a("--class-names", default=None,
       help="id2label: a text file (one name per line, line i = class i) or an ImageFolder root "
@@ -66,20 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_model(args):
-    """(our DiT from the flags, as sample.py builds it, with the checkpoint's weights, fp32, eval;
-    the sin-cos positional table the model computed at init, before the checkpoint overwrote it)."""
-    from dit_fast.models import build_model as build_named
-    from dit_fast.sample_cli import model_input_size
-    from dit_fast.vae import is_pixel_space
+    """(our DiT from the flags or the run's saved config, as sample.py builds it, with the
+    checkpoint's weights, fp32, eval; the sin-cos positional table the model computed at init,
+    before the checkpoint overwrote it). Fills ``args`` with the resolved model values."""
+    from dit_fast.models import build_model as build_dit
+    from dit_fast.sampling.flags import resolve_model
 
-    input_size = model_input_size(args.model, args.image_size, args.vae)
-    in_channels = args.in_channels if is_pixel_space(args.vae) else 4
-    model = build_named(args.model, input_size=input_size, num_classes=args.num_classes,
-                        in_channels=in_channels, learn_sigma=args.learn_sigma, depth=args.depth,
-                        hidden_size=args.hidden_size, num_heads=args.num_heads)
+    m, _, vae, source = resolve_model(args)
+    args.model, args.image_size, args.num_classes, args.vae = m.model, m.image_size, m.num_classes, vae
+    args.in_channels, args.learn_sigma = m.in_channels, m.learn_sigma
+    model = build_dit(m, attn_backend="sdpa", adaln_backend="torch")
     table = model.pos_embed.detach().clone()
-    load_into_model(model, load_state_dict(args.ckpt), hint="the checkpoint does not fit the model flags "
-                    "(--model, --image-size, --num-classes, --vae/--in-channels, --depth/--hidden-size/"
+    load_into_model(model, load_state_dict(source.weights), hint="the checkpoint does not fit the model "
+                    "flags (--model, --image-size, --num-classes, --vae/--in-channels, --depth/--hidden-size/"
                     "--num-heads, --learn-sigma)")
     return model.float().eval(), table
 
@@ -112,7 +108,7 @@ def read_class_names(spec, num_classes: int) -> dict | None:
 def scheduler_files(name: str, learn_sigma: bool) -> dict:
     """The scheduler_config.json of ``name`` on DiT's training schedule (1000 linear betas)."""
     from dit_fast.diffusion import create_diffusion
-    from dit_fast.solvers import scheduler_config
+    from dit_fast.sampling.solvers import scheduler_config
 
     diffusion = create_diffusion("", learn_sigma=learn_sigma)
     if name == "ddim":

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from .samplers import SamplingMixin
+from .steps import SamplingMixin
 from .schedules import Schedule, at, schedule_from_betas
 
 
@@ -86,7 +86,8 @@ class GaussianDiffusion(SamplingMixin):
     or, with a learned variance, (N, 2C, ...); a tuple (output, extra) is accepted too.
     """
 
-    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, model_timesteps=None):
+    def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, model_timesteps=None,
+                 base_betas=None):
         if not isinstance(model_mean_type, ModelMeanType) or model_mean_type is ModelMeanType.PREVIOUS_X:
             raise ValueError(f"model_mean_type must be ModelMeanType.EPSILON or START_X, got {model_mean_type!r} "
                              "(DiT's sampler does not handle PREVIOUS_X)")
@@ -101,6 +102,8 @@ class GaussianDiffusion(SamplingMixin):
             raise ValueError(f"betas must lie in (0, 1]; got min {betas.min():g}, max {betas.max():g}")
         self.model_mean_type, self.model_var_type, self.loss_type = model_mean_type, model_var_type, loss_type
         self.num_timesteps = len(betas)
+        # The trained process's betas (before any respacing): diffusers' solvers are built from them.
+        self.base_betas = betas if base_betas is None else np.array(base_betas, np.float64)
         self.schedule = schedule_from_betas(betas, model_timesteps)   # host copy, the source of truth
         self._schedules = {self.schedule.betas.device: self.schedule}
 

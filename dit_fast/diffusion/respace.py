@@ -100,7 +100,9 @@ def space_timesteps(num_timesteps: int, section_counts) -> set:
 class SpacedDiffusion(GaussianDiffusion):
     """The diffusion over the kept timesteps ``use_timesteps`` of a process given by ``betas``.
 
-    ``timestep_map[k]`` is the original timestep of step k, and the model is always called with it.
+    ``timestep_map[k]`` (the original's name; ``schedule.model_timesteps`` on the device) is the original
+    timestep of step k, and the model is always called with it. ``base_betas`` keeps the trained
+    process's betas, so a solver can be built on it for any schedule.
     """
 
     def __init__(self, use_timesteps: Iterable[int], **kwargs):
@@ -116,4 +118,5 @@ class SpacedDiffusion(GaussianDiffusion):
         self.timestep_map = sorted(self.use_timesteps)
         abar_kept = np.cumprod(1.0 - base_betas)[self.timestep_map]
         abar_before = np.concatenate([[1.0], abar_kept[:-1]])
-        super().__init__(betas=1 - abar_kept / abar_before, model_timesteps=self.timestep_map, **kwargs)
+        super().__init__(betas=1 - abar_kept / abar_before, model_timesteps=self.timestep_map,
+                         base_betas=base_betas, **kwargs)

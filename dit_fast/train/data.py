@@ -28,7 +28,7 @@ class DataInfo:
 
 
 class _KeyedView(torch.utils.data.Dataset):
-    """A dataset seen through compound keys (i, extra): the sampler hands the extra to the wrapper."""
+    """A dataset seen through compound keys (i, extra): the ShardOrder hands the extra to the wrapper."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -57,7 +57,7 @@ class EpochKeyed(_KeyedView):
         return self.dataset[i]
 
 
-class ResumableShardSampler(torch.utils.data.Sampler):
+class ShardOrder(torch.utils.data.Sampler):
     """Per-rank micro-batches of one epoch, optionally starting after ``skip_batches``.
 
     Rank r takes positions r, r + W, r + 2W, ... of a seeded permutation (DistributedSampler's
@@ -171,13 +171,13 @@ def _check_label_list(labels, num_classes: int, source: str) -> None:
 
 
 def build_loader(info: DataInfo, cfg: Config, rank: int, world_size: int, device: torch.device):
-    """DataLoader + its sampler; the loader never draws from the global torch RNG."""
+    """DataLoader + its ShardOrder (the batch order); the loader never draws from the global torch RNG."""
     micro = cfg.train.micro_batch_size
     per_epoch = not info.has_flips and hasattr(info.dataset, "set_epoch")
-    sampler = ResumableShardSampler(len(info.dataset), rank, world_size, micro,
+    order = ShardOrder(len(info.dataset), rank, world_size, micro,
                                     cfg.train.global_seed, with_flips=info.has_flips,
                                     with_epoch=per_epoch)
-    if sampler.batches_per_epoch() < cfg.train.grad_accum:
+    if order.batches_per_epoch() < cfg.train.grad_accum:
         raise ValueError(
             f"{len(info.dataset)} items give rank {rank} fewer than one optimizer step per epoch "
             f"(micro batch {micro} x grad accumulation {cfg.train.grad_accum}); lower "
@@ -191,15 +191,15 @@ def build_loader(info: DataInfo, cfg: Config, rank: int, world_size: int, device
     # gloo/DeepSpeed threads hold locks is how an epoch start can hang); a worker that still
     # delivers nothing within --collective-timeout raises instead of idling.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers,
+        dataset, batch_sampler=order, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         timeout=cfg.train.collective_timeout if workers > 0 else 0,
         generator=torch.Generator().manual_seed(cfg.train.global_seed))
-    return loader, sampler
+    return loader, order
 
 
-def set_data_epoch(info: DataInfo, sampler: ResumableShardSampler, epoch: int, skip: int) -> None:
+def set_data_epoch(info: DataInfo, order: ShardOrder, epoch: int, skip: int) -> None:
     """Select ``epoch``'s order (and ImageFolder's flips), skipping ``skip`` micro-batches."""
-    sampler.set_epoch(epoch, skip)
+    order.set_epoch(epoch, skip)
     if hasattr(info.dataset, "set_epoch"):
         info.dataset.set_epoch(epoch)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..config import PRECISION_DTYPES, Config
+from ..models import build_model
 from .ema import EMA
 
 # Keys train.py injects into the DeepSpeed JSON (one source of truth: the command line).
@@ -33,15 +34,15 @@ class DeepSpeedConfigError(ValueError):
 
 # ---------------------------------------------------------------- DeepSpeed config
 
-def resolve_batch(cfg: Config, world_size: int) -> None:
-    """Fill cfg.train.micro_batch_size; global batch must be micro x accumulation x world."""
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    """The per-rank micro batch; the global batch must be micro x accumulation x world."""
     t = cfg.train
     per_step = world_size * t.grad_accum
     if t.global_batch_size % per_step:
         raise ValueError(
             f"--global-batch-size {t.global_batch_size} is not divisible by world size "
             f"{world_size} x --grad-accum {t.grad_accum} = {per_step}")
-    t.micro_batch_size = t.global_batch_size // per_step
+    return t.global_batch_size // per_step
 
 
 def load_deepspeed_json(path: str | None) -> dict:
@@ -66,12 +67,12 @@ def load_deepspeed_json(path: str | None) -> dict:
 
 
 def build_deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The ZeRO-knobs JSON plus the injected batch, precision and clipping; contradictions raise."""
-    resolve_batch(cfg, world_size)
+    """The ZeRO-knobs JSON plus the injected batch, precision and clipping; contradictions raise.
+    ``cfg`` is only read (the resolved config holds the micro batch: loop.prepare)."""
     t, src = cfg.train, cfg.train.deepspeed_config or "<default>"
     user = load_deepspeed_json(t.deepspeed_config)
     injected = {"train_batch_size": t.global_batch_size,
-                "train_micro_batch_size_per_gpu": t.micro_batch_size,
+                "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
                 "gradient_accumulation_steps": t.grad_accum,
                 "gradient_clipping": float(cfg.optim.grad_clip)}
     for key, value in injected.items():
@@ -122,17 +123,6 @@ def offloads_optimizer(ds_config: dict) -> bool:
 
 
 # ---------------------------------------------------------------- model, optimizer, engine
-
-def build_model(cfg: Config) -> torch.nn.Module:
-    """The single-device DiT from cfg.model (in_channels / input_size already resolved)."""
-    from .. import models
-    m = cfg.model
-    kwargs = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                  learn_sigma=m.learn_sigma, class_dropout_prob=m.class_dropout_prob,
-                  attn_backend=m.attn_backend, fused_adaln=m.fused_adaln,
-                  grad_checkpointing=m.grad_checkpointing)
-    return models.build_model(m.model, depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads, **kwargs)
-
 
 def apply_compile(model: torch.nn.Module) -> None:
     """torch.compile each block in place (parameter names unchanged: no _orig_mod. prefix)."""
@@ -189,7 +179,7 @@ def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, 
     # seed is global_seed * world_size); ZeRO-3 partitions these local copies without a broadcast.
     seed_everything(cfg.train.global_seed * world)
     with torch.device(device) if init_on_device else contextlib.nullcontext():
-        model = build_model(cfg)
+        model = build_model(cfg.model)
     if init_plan is not None:
         from ..checkpoint.init_from import apply_init_plan
         apply_init_plan(model, init_plan)

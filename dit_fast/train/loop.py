@@ -11,6 +11,7 @@ global_seed * world_size + r.
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..distributed import (broadcast_from_rank0, deepspeed_uses_cuda, env_world,
                            init_distributed)
 from ..faults import maybe_fault, poison
 from .data import build_loader, open_training_data, set_data_epoch
-from .engine import build_deepspeed_config, build_engine, build_model, seed_everything
+from .engine import build_deepspeed_config, build_engine, micro_batch_size, seed_everything
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
 from .resume import check_resume_spec, resolve_resume
 from .run_dir import load_training_checkpoint, make_run_dir, save_training_checkpoint
@@ -46,8 +47,11 @@ def prepare(cfg: Config):
     """All input checks that need no process group: DeepSpeed JSON vs flags, backends, the data vs
     the model, --resume and --results-dir. Nothing is created here (no group, no run dir).
 
-    Returns (ds_config, data_info, init_plan): init_plan is --init-from's checked weights, or None.
-    Raises before any step with a message naming the bad input.
+    Returns (resolved, ds_config, data_info, init_plan): ``resolved`` is a copy of ``cfg`` with the
+    derived values filled in once (model in_channels / input_size from the data, the micro batch); it
+    is what the run uses, prints and saves. ``cfg`` itself is never written. ``init_plan`` is
+    --init-from's weights, checked against the resolved model, or None. Raises before any step with a
+    message naming the bad input.
     """
     _, world_size, _ = env_world()
     on_gpu = deepspeed_uses_cuda()
@@ -61,21 +65,24 @@ def prepare(cfg: Config):
     check_resume_spec(cfg.train.resume)
     ds_config = build_deepspeed_config(cfg, world_size)
     info = open_training_data(cfg)
-    cfg.model.in_channels, cfg.model.input_size = info.in_channels, info.input_size
-    _check_data_fits(cfg, len(info.dataset), info.input_size, world_size)
-    return ds_config, info, _plan_init_from(cfg)
+    resolved = copy.deepcopy(cfg)
+    resolved.model.in_channels, resolved.model.input_size = info.in_channels, info.input_size
+    resolved.train.micro_batch_size = micro_batch_size(cfg, world_size)
+    _check_data_fits(resolved, len(info.dataset), info.input_size, world_size)
+    return resolved, ds_config, info, _plan_init_from(resolved)
 
 
 def _plan_init_from(cfg: Config):
-    """--init-from: read the source and check every tensor against this run's model (built on the
-    meta device: shapes only) before the process group or the run directory exist."""
+    """--init-from: read the source and check every tensor against this run's resolved model (built
+    on the meta device: shapes only) before the process group or the run directory exist."""
     if cfg.train.keep_labels and not cfg.train.init_from:
         raise ValueError("--keep-labels needs --init-from (it says which label rows of that checkpoint to keep)")
     if not cfg.train.init_from:
         return None
     from ..checkpoint.init_from import plan_init_from
+    from ..models import build_model
     with torch.device("meta"):
-        shapes = build_model(cfg)
+        shapes = build_model(cfg.model)
     return plan_init_from(cfg.train.init_from, shapes, cfg.model.num_classes, cfg.train.keep_labels)
 
 
@@ -94,19 +101,19 @@ def _check_data_fits(cfg: Config, items: int, input_size: int, world_size: int) 
 
 
 def _check_backends(cfg: Config, device_type: str) -> None:
-    """An unknown or unavailable --attn-backend / --fused-adaln fails here, not after the group,
+    """An unknown or unavailable --attn-backend / --adaln-backend (--fused-adaln) fails here, not after the group,
     the run directory and config.json exist."""
     from ..dispatch import resolve_adaln_backend, resolve_attn_backend
     try:
         resolve_attn_backend(cfg.model.attn_backend, device_type)
-        resolve_adaln_backend(cfg.model.fused_adaln, device_type)
+        resolve_adaln_backend(cfg.model.adaln_backend, device_type)
     except RuntimeError as err:  # dispatch says "asked for but unavailable" with a RuntimeError
         raise ValueError(str(err)) from err
 
 
 def train(cfg: Config) -> Position:
     """Run (or resume) training as configured. Collective: every rank calls it."""
-    ds_config, info, init_plan = prepare(cfg)
+    cfg, ds_config, info, init_plan = prepare(cfg)  # from here on the resolved config
     ctx = init_distributed(use_deepspeed=True, timeout_s=cfg.train.collective_timeout)
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     # Rank 0 alone looks (and repairs an interrupted publish); its choice, or its error, reaches all.
@@ -148,8 +155,8 @@ class TrainLoop:
         self.cfg, self.engine, self.ema, self.info = cfg, engine, ema, info
         self.device, self.run_dir, self.logger = device, run_dir, logger
         self.rank, self.world, _ = env_world()
-        self.loader, self.sampler = build_loader(info, cfg, self.rank, self.world, device)
-        self.steps_per_epoch = self.sampler.batches_per_epoch() // cfg.train.grad_accum
+        self.loader, self.order = build_loader(info, cfg, self.rank, self.world, device)
+        self.steps_per_epoch = self.order.batches_per_epoch() // cfg.train.grad_accum
         self.vae = info.vae.to(device) if info.vae is not None else None
         self.train_step = TrainStep.from_config(cfg, engine, ema, device, self.vae)
         self.diffusion = self.train_step.diffusion
@@ -206,7 +213,7 @@ class TrainLoop:
         stats = LogStats(self.device)
         last_saved = self.pos.step if self.resumed else -1
         while not self._done():
-            set_data_epoch(self.info, self.sampler, self.pos.epoch,
+            set_data_epoch(self.info, self.order, self.pos.epoch,
                            self.pos.step_in_epoch * t.grad_accum)
             batches = iter(self.loader)
             while self.pos.step_in_epoch < self.steps_per_epoch and not self._done():

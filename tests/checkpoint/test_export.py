@@ -90,7 +90,7 @@ def test_dit_pipeline_runs_the_export_and_matches_our_sampler(tmp_path):
     """A 1000-class square latent model with a tiny VAE: DiTPipeline.from_pretrained(DIR) runs,
     and with the original timestep frequencies it gives our DPM-Solver++ samples."""
     from dit_fast.diffusion import create_diffusion
-    from dit_fast.sampling import Sampler
+    from dit_fast.sampling import build_sampler
     from dit_fast.vae import load_vae
     from tests.vae_helpers import save_tiny_vae
 
@@ -115,7 +115,7 @@ def test_dit_pipeline_runs_the_export_and_matches_our_sampler(tmp_path):
 
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))  # DiTPipeline's x_T
     # DiTPipeline guides all latent channels (not the original's first three).
-    sampler = Sampler(model, create_diffusion("3"), sampler="dpm-solver++", cfg_scale=2.0, num_classes=1000,
+    sampler = build_sampler(model, create_diffusion("3"), method="dpm-solver++", cfg_scale=2.0, num_classes=1000,
                       guide_all_channels=True)
     ours = (load_vae(str(vae_dir)).decode(sampler.sample(z, torch.tensor(labels))) / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(images, ours, rtol=1e-4, atol=1e-5)

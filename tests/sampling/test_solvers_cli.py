@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-import sample
-import sample_ddp
+from dit_fast.sampling import grid as sample
+from dit_fast.sampling import fid_set as sample_ddp
 from tests.sampling_helpers import TINY_FLAGS, save_tiny_checkpoint
 
 pytest.importorskip("diffusers")

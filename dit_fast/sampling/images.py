@@ -1,4 +1,4 @@
-"""Writing samples to disk: the PNG grid of sample.py, the PNGs and .npz of sample_ddp.py.
+"""Writing samples to disk: the PNG grid of sample.py, the PNG folder and .npz of sample_ddp.py.
 (Reading training images is dit_fast.data.image_folder.)
 
 `make_grid` / `save_image` reproduce torchvision.utils' functions of the same names (the original
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import atomic_write
+from dit_fast.atomic import atomic_write
 
 
 def make_grid(tensor: torch.Tensor, nrow: int = 8, padding: int = 2, normalize: bool = False,

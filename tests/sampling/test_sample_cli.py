@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import sample
-import sample_ddp
+from dit_fast.sampling import grid as sample
+from dit_fast.sampling import fid_set as sample_ddp
 from tests.sampling_helpers import REPO, TINY_FLAGS, build_tiny, save_tiny_checkpoint
 
 SIZE, CLASSES = 8, 10
@@ -119,18 +119,18 @@ def test_ddp_single_process_npz_and_resume(ckpt, tmp_path, monkeypatch):
     assert np.array_equal(arr[3], _png(full["folder"] / "000003.png"))
 
     # A crash after 5 PNGs, then a rerun: the same images as the uninterrupted run.
-    import dit_fast.sample_files
-    real_save, saved = dit_fast.sample_files.save_png, []
+    import dit_fast.sampling.resumable as resumable
+    real_save, saved = resumable.save_png, []
 
     def crashing_save(array, path):
         if len(saved) == 5:
             raise KeyboardInterrupt("simulated crash")
         saved.append(path)
         real_save(array, path)
-    monkeypatch.setattr(sample_ddp, "save_png", crashing_save)
+    monkeypatch.setattr(resumable, "save_png", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         sample_ddp.main(_ddp_args(ckpt, tmp_path / "b", "--cfg-scale", "1.5"))
-    monkeypatch.setattr(sample_ddp, "save_png", real_save)
+    monkeypatch.setattr(resumable, "save_png", real_save)
     resumed = sample_ddp.main(_ddp_args(ckpt, tmp_path / "b", "--cfg-scale", "1.5"))
     assert np.array_equal(np.load(resumed["npz"])["arr_0"], arr)
 
@@ -187,7 +187,7 @@ def test_custom_size_grey_model_with_guide_all_channels(tmp_path):
     """A model trained with train.py --depth/--hidden-size/--num-heads samples through the same flags;
     with one channel, --guide-all-channels guides the noise only (the default also guides the variance)."""
     from dit_fast.models import DiT
-    from sample import main
+    from dit_fast.sampling.grid import main
 
     torch.manual_seed(0)
     model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)

@@ -1,14 +1,14 @@
-"""Sampler (dit_fast.sampling), the sampling CLIs' checks (dit_fast.sample_cli) and sample writers
-(dit_fast.sample_files): CPU, tiny shapes."""
+"""The samplers (dit_fast.sampling), the sampling CLIs' checks (dit_fast.sampling.flags) and sample writers
+(dit_fast.sampling.images): CPU, tiny shapes."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dit_fast.diffusion import create_diffusion
-from dit_fast.sample_files import make_grid, save_image, to_uint8_hwc, write_npz_from_pngs, save_png
-from dit_fast.sample_cli import check_class_labels, check_official_defaults, sample_size
-from dit_fast.sampling import Sampler, build_step_tables
+from dit_fast.sampling.images import make_grid, save_image, to_uint8_hwc, write_npz_from_pngs, save_png
+from dit_fast.sampling.flags import check_class_labels, check_official_defaults, sample_size
+from dit_fast.sampling import build_sampler
 from tests.sampling_helpers import build_tiny
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -103,7 +103,7 @@ def test_eager_sampler_is_bitwise_the_diffusion_loop(kind, use_cfg):
         ref = loop(fn, x.shape, x, clip_denoised=False, model_kwargs=kwargs)
     ref_next = torch.randn(4)
     torch.manual_seed(1)
-    sampler = Sampler(model, diffusion, cfg_scale=4.0, num_classes=10, use_cfg=use_cfg, sampler=kind)
+    sampler = build_sampler(model, diffusion, cfg_scale=4.0, num_classes=10, use_cfg=use_cfg, method=kind)
     ours = sampler.sample(z, labels)
     assert torch.equal(ours, ref.chunk(2)[0] if use_cfg else ref)
     assert torch.equal(torch.randn(4), ref_next)
@@ -117,13 +117,13 @@ def test_fixed_variance_model_matches_loop():
     with torch.no_grad():
         ref = diffusion.p_sample_loop(model.forward, z.shape, z, clip_denoised=True, model_kwargs=dict(y=labels))
     torch.manual_seed(2)
-    ours = Sampler(model, diffusion, num_classes=10, use_cfg=False, clip_denoised=True).sample(z, labels)
+    ours = build_sampler(model, diffusion, num_classes=10, use_cfg=False, clip_denoised=True).sample(z, labels)
     assert torch.equal(ours, ref)
 
 
 def test_generator_makes_batches_independent_of_global_rng():
     model, diffusion = _tiny_model(), create_diffusion("4")
-    sampler = Sampler(model, diffusion, num_classes=10)
+    sampler = build_sampler(model, diffusion, num_classes=10)
     z, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
     a = sampler.sample(z, labels, generator=torch.Generator().manual_seed(7))
     torch.randn(100)  # moving the global RNG must not matter
@@ -135,19 +135,58 @@ def test_generator_makes_batches_independent_of_global_rng():
 def test_bf16_autocasts_the_model_only():
     model, diffusion = _tiny_model(), create_diffusion("4")
     z, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
-    ref = Sampler(model, diffusion, num_classes=10).sample(z, labels, generator=torch.Generator().manual_seed(0))
-    low = Sampler(model, diffusion, num_classes=10, precision="bf16").sample(
+    ref = build_sampler(model, diffusion, num_classes=10).sample(z, labels, generator=torch.Generator().manual_seed(0))
+    low = build_sampler(model, diffusion, num_classes=10, precision="bf16").sample(
         z, labels, generator=torch.Generator().manual_seed(0))
     assert low.dtype == torch.float32
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()
 
 
-def test_step_tables_follow_the_respacing():
-    diffusion = create_diffusion("5")
-    tab = build_step_tables(diffusion, batch=3, device="cpu")
-    assert tab.t_model.shape == (5, 3) and tab.coefs.shape == (5, 10) and tab.coefs.dtype == torch.float32
-    assert tab.t_model[:, 0].tolist() == sorted(diffusion.timestep_map, reverse=True)
-    assert tab.coefs[:, -1].tolist() == [1, 1, 1, 1, 0]  # no noise on the last step
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_sampler_step_is_the_diffusions_own_step(kind):
+    """One reverse process: the sampler's per-step function equals diffusion.p_sample / ddim_sample
+    with the guided model on the same x, t, labels and noise (bit for bit, eager fp32)."""
+    model, diffusion = _tiny_model(), create_diffusion("5")
+    sampler = build_sampler(model, diffusion, method=kind, cfg_scale=3.0, num_classes=10)
+    torch.manual_seed(4)
+    z = torch.randn(2, 4, 8, 8)
+    x, y = torch.cat([z, z]), torch.tensor([3, 7, 10, 10])  # labels [3, 7] and the null label twice
+    noise = torch.randn_like(x)
+    t = sampler.step_indices(4)[2]  # the third step: an intermediate t
+    assert t.tolist() == [2] * 4
+    ours = sampler.step(x, t, y, noise)
+    step = diffusion.p_sample if kind == "ddpm" else diffusion.ddim_sample
+    with torch.no_grad():
+        ref = step(lambda x_, t_, y: model.forward_with_cfg(x_, t_, y, 3.0), x, t, clip_denoised=False,
+                   model_kwargs={"y": y}, noise=noise)["sample"]
+    assert torch.equal(ours, ref)
+    # ... and the model saw the respaced step's trained timestep value, as the diffusion's own loop.
+    assert diffusion.schedule_on(t.device).model_timesteps[2].item() == diffusion.timestep_map[2]
+
+
+def test_no_sampling_module_computes_schedule_coefficients():
+    """The coefficients live in dit_fast.diffusion only: no sampling module reads a schedule table,
+    builds one from betas or takes a square root / log of alphas itself."""
+    import re
+    from pathlib import Path
+
+    import dit_fast.sampling
+    banned = re.compile(r"alphas_cumprod|posterior_|sqrt_recip|np\.log|torch\.log|cumprod|log_betas|"
+                        r"timestep_map|_SQRT|_COEF")
+    folder = Path(dit_fast.sampling.__file__).parent
+    offenders = [f"{p.name}:{i}: {line.strip()}" for p in sorted(folder.glob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if banned.search(line)]
+    assert not offenders, offenders
+
+
+def test_no_test_imports_the_sampling_scripts():
+    """sample.py / sample_ddp.py are one call of dit_fast.sampling.{grid,fid_set}.cli: tests import the
+    library (importing the scripts would run them)."""
+    import re
+    from pathlib import Path
+    tests = Path(__file__).resolve().parents[1]
+    script = re.compile(r"^\s*(import (sample|sample_ddp)\b|from (sample|sample_ddp) import)", re.M)
+    assert not [p.name for p in tests.rglob("*.py") if script.search(p.read_text())]
 
 
 def test_clear_errors():
@@ -161,10 +200,10 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="--ckpt"):
         check_official_defaults("DiT-S/2", 256, 1000, "ema")
     with pytest.raises(ValueError, match="num_classes|labels"):
-        Sampler(_tiny_model(), create_diffusion("2"), num_classes=10).sample(torch.randn(2, 4, 8, 8),
+        build_sampler(_tiny_model(), create_diffusion("2"), num_classes=10).sample(torch.randn(2, 4, 8, 8),
                                                                              torch.tensor([1]))
     with pytest.raises(ValueError, match="sampler"):
-        Sampler(_tiny_model(), create_diffusion("2"), sampler="euler-ancestral")
+        build_sampler(_tiny_model(), create_diffusion("2"), method="euler-ancestral")
 
 
 # ---------------------------------------------------------------------------------------- GPU
@@ -174,9 +213,9 @@ def test_compiled_cuda_sampler_has_no_host_syncs_and_matches_eager():
     model = build_tiny(input_size=8, in_channels=4, num_classes=10).cuda().eval()
     diffusion = create_diffusion("5")
     z, labels = torch.randn(4, 4, 8, 8, device="cuda"), torch.tensor([1, 2, 3, 4], device="cuda")
-    eager = Sampler(model, diffusion, num_classes=10)
+    eager = build_sampler(model, diffusion, num_classes=10)
     ref = eager.sample(z, labels, generator=torch.Generator("cuda").manual_seed(0))
-    compiled = Sampler(model, diffusion, num_classes=10)
+    compiled = build_sampler(model, diffusion, num_classes=10)
     compiled.compile(z.shape)
     compiled.sample(z, labels)  # any remaining CUDA-graph recording (which synchronises) happens here
     g = torch.Generator("cuda").manual_seed(0)

@@ -1,4 +1,4 @@
-"""diffusers' solvers behind dit_fast.sampling.Sampler (dit_fast.solvers): CPU, tiny model, few steps.
+"""diffusers' solvers behind dit_fast.sampling.build_sampler (dit_fast.sampling.solvers): CPU, tiny model, few steps.
 
 The reference is written here with the diffusers scheduler directly (set_timesteps,
 scale_model_input, step), as diffusers' pipelines drive it, on the same model output."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dit_fast.diffusion import create_diffusion, get_named_beta_schedule
-from dit_fast.sampling import SAMPLERS, Sampler
-from dit_fast.solvers import SOLVERS, base_betas, build_scheduler, scheduler_config
+from dit_fast.sampling import SAMPLERS, build_sampler
+from dit_fast.sampling.solvers import SOLVERS, build_scheduler, scheduler_config
 from tests.conftest import requires_cuda
 from tests.sampling_helpers import build_tiny
 
@@ -76,7 +76,7 @@ def test_solver_matches_the_diffusers_loop_step_for_step(model, name, use_cfg, m
     z, labels = torch.randn(N, C, S, S, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 7])
     ref = _reference_loop(model, name, steps, z, labels, use_cfg)
     seen = _recording(monkeypatch, name)
-    sampler = Sampler(model, create_diffusion(str(steps)), sampler=name, num_classes=10, use_cfg=use_cfg)
+    sampler = build_sampler(model, create_diffusion(str(steps)), method=name, num_classes=10, use_cfg=use_cfg)
     out = sampler.sample(z, labels)
     assert len(seen) == len(ref) == sampler.num_model_evaluations
     for k, (ours, theirs) in enumerate(zip(seen, ref)):
@@ -88,9 +88,9 @@ def test_solver_matches_the_diffusers_loop_step_for_step(model, name, use_cfg, m
 def test_guide_all_channels_reaches_the_model(model):
     z, labels = torch.randn(N, C, S, S, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 9])
     ref = _reference_loop(model, "dpm-solver++", 3, z, labels, True, guide_all_channels=True)[-1]
-    ours = Sampler(model, create_diffusion("3"), sampler="dpm-solver++", num_classes=10,
+    ours = build_sampler(model, create_diffusion("3"), method="dpm-solver++", num_classes=10,
                    guide_all_channels=True).sample(z, labels)
-    three = Sampler(model, create_diffusion("3"), sampler="dpm-solver++", num_classes=10).sample(z, labels)
+    three = build_sampler(model, create_diffusion("3"), method="dpm-solver++", num_classes=10).sample(z, labels)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(ours, three)
 
@@ -99,14 +99,14 @@ def test_compiled_solvers_match_eager(model):
     """The compiled model call (CFG forward + split) gives the eager samples; compile time is apart."""
     z, labels = torch.randn(N, C, S, S, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 2])
     for name in SOLVERS:
-        eager = Sampler(model, create_diffusion("3"), sampler=name, num_classes=10).sample(z, labels)
-        compiled = Sampler(model, create_diffusion("3"), sampler=name, num_classes=10)
+        eager = build_sampler(model, create_diffusion("3"), method=name, num_classes=10).sample(z, labels)
+        compiled = build_sampler(model, create_diffusion("3"), method=name, num_classes=10)
         assert compiled.compile(z.shape) > 0 and compiled.compile_seconds > 0
         # Inductor reorders float ops; 1e-3 as the existing compiled-vs-eager sampler tests.
         torch.testing.assert_close(compiled.sample(z, labels), eager, rtol=1e-3, atol=1e-3, msg=name)
-    conditional = dict(sampler="unipc", num_classes=10, use_cfg=False)  # model.forward, no CFG batch
-    eager = Sampler(model, create_diffusion("3"), **conditional).sample(z, labels)
-    compiled = Sampler(model, create_diffusion("3"), **conditional)
+    conditional = dict(method="unipc", num_classes=10, use_cfg=False)  # model.forward, no CFG batch
+    eager = build_sampler(model, create_diffusion("3"), **conditional).sample(z, labels)
+    compiled = build_sampler(model, create_diffusion("3"), **conditional)
     compiled.compile(z.shape)
     torch.testing.assert_close(compiled.sample(z, labels), eager, rtol=1e-3, atol=1e-3)
 
@@ -115,7 +115,7 @@ def test_model_sees_integer_training_timesteps(model):
     seen = []
     hook = model.t_embedder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
     try:
-        Sampler(model, create_diffusion("3"), sampler="heun", num_classes=10).sample(
+        build_sampler(model, create_diffusion("3"), method="heun", num_classes=10).sample(
             torch.randn(N, C, S, S), torch.tensor([1, 2]))
     finally:
         hook.remove()
@@ -126,12 +126,17 @@ def test_model_sees_integer_training_timesteps(model):
 
 def test_nfe_and_schedule_follow_the_diffusion():
     for name, nfe in (("dpm-solver++", 5), ("unipc", 5), ("euler", 5), ("heun", 9)):
-        assert Sampler(build_tiny(input_size=S, in_channels=C, num_classes=10), create_diffusion("5"),
-                       sampler=name, num_classes=10).num_model_evaluations == nfe
-    # A respaced diffusion still yields its base 1000-step betas, for both named schedules.
+        assert build_sampler(build_tiny(input_size=S, in_channels=C, num_classes=10), create_diffusion("5"),
+                       method=name, num_classes=10).num_model_evaluations == nfe
+    # A respaced diffusion keeps its base 1000-step betas, for any schedule (the solver's trained_betas).
     for schedule in ("linear", "squaredcos_cap_v2"):
         full = get_named_beta_schedule(schedule, 1000)
-        assert np.array_equal(base_betas(create_diffusion("7", noise_schedule=schedule)), full)
+        assert np.array_equal(create_diffusion("7", noise_schedule=schedule).base_betas, full)
+    from dit_fast.diffusion import LossType, ModelMeanType, ModelVarType, SpacedDiffusion
+    odd = np.linspace(1e-3, 3e-2, 50) ** 1.5  # no named schedule: guessing could not recover it
+    spaced = SpacedDiffusion([0, 10, 49], betas=odd, model_mean_type=ModelMeanType.EPSILON,
+                             model_var_type=ModelVarType.LEARNED_RANGE, loss_type=LossType.MSE)
+    assert scheduler_config("unipc", spaced)["trained_betas"] == odd.tolist()
     config = scheduler_config("dpm-solver++", create_diffusion("10", predict_xstart=True))
     assert config["prediction_type"] == "sample" and len(config["trained_betas"]) == 1000
     assert build_scheduler("euler", create_diffusion("10")).timesteps[0] == 999
@@ -141,12 +146,12 @@ def test_clear_errors(monkeypatch):
     assert set(SOLVERS) <= set(SAMPLERS) and {"ddpm", "ddim"} <= set(SAMPLERS)
     tiny = build_tiny(input_size=S, in_channels=C, num_classes=10)
     with pytest.raises(ValueError, match="dpm-solver\\+\\+.*unipc.*euler.*heun"):
-        Sampler(tiny, create_diffusion("2"), sampler="dpm-solver")
+        build_sampler(tiny, create_diffusion("2"), method="dpm-solver")
     with pytest.raises(ValueError, match="eta and clip_denoised .* not of euler"):
-        Sampler(tiny, create_diffusion("2"), sampler="euler", eta=0.5)
+        build_sampler(tiny, create_diffusion("2"), method="euler", eta=0.5)
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
     with pytest.raises(ImportError, match="pip install diffusers"):
-        Sampler(tiny, create_diffusion("2"), sampler="unipc")
+        build_sampler(tiny, create_diffusion("2"), method="unipc")
 
 
 @requires_cuda
@@ -158,8 +163,8 @@ def test_compiled_cuda_solver_adds_no_host_syncs(name):
     torch.manual_seed(0)
     model = build_tiny(input_size=S, in_channels=C, num_classes=10).cuda().eval()
     z, labels = torch.randn(N, C, S, S, device="cuda"), torch.tensor([1, 2], device="cuda")
-    ref = Sampler(model, create_diffusion("4"), sampler=name, num_classes=10).sample(z, labels)
-    compiled = Sampler(model, create_diffusion("4"), sampler=name, num_classes=10)
+    ref = build_sampler(model, create_diffusion("4"), method=name, num_classes=10).sample(z, labels)
+    compiled = build_sampler(model, create_diffusion("4"), method=name, num_classes=10)
     compiled.compile(z.shape)
     compiled.sample(z, labels)  # finishes any CUDA-graph recording (which synchronises)
     torch.cuda.set_sync_debug_mode("error")

@@ -3,9 +3,9 @@ the checkpoint's identity (path, size, mtime, sha256 of its first MiB) and every
 the pixels; a rerun that differs in any of them refuses, listing the differences."""
 import pytest
 
-import sample_ddp
+from dit_fast.sampling import fid_set as sample_ddp
 from tests.sampling_helpers import save_tiny_checkpoint
-from tests.test_sample_cli import CLASSES, SIZE, _ddp_args
+from tests.sampling.test_sample_cli import CLASSES, SIZE, _ddp_args
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,11 +37,11 @@ def test_model_without_null_label_refuses_guidance_but_samples_without(tmp_path)
     import torch
 
     from dit_fast.diffusion import create_diffusion
-    from dit_fast.sampling import Sampler
+    from dit_fast.sampling import build_sampler
     from tests.sampling_helpers import build_tiny
     model = build_tiny(input_size=SIZE, num_classes=CLASSES, in_channels=3, class_dropout_prob=0.0).eval()
     with pytest.raises(ValueError, match="no null label"):
-        Sampler(model, create_diffusion("2"), cfg_scale=4.0, num_classes=CLASSES, use_cfg=True)
+        build_sampler(model, create_diffusion("2"), cfg_scale=4.0, num_classes=CLASSES, use_cfg=True)
     # Through the CLI: the checkpoint's label table has no null row; --cfg-scale 1 still works.
     ckpt = tmp_path / "no_null.pt"
     torch.save(model.state_dict(), ckpt)

@@ -1,0 +1,57 @@
+"""The one construction point of a sampler: ``build_sampler(model, diffusion, method=...)``.
+
+METHODS maps a ``--sampler`` name to a factory ``(guidance, diffusion, **options) -> Sampler``; a
+new method (a flow-matching ODE/SDE sampler, ...) is one more entry, no edit of the others.
+"""
+from __future__ import annotations
+
+from .ancestral import AncestralSampler
+from .base import Sampler
+from .guidance import Guidance
+from .solvers import SOLVERS, SolverSampler
+
+ANCESTRAL = ("ddpm", "ddim")  # ours, bit-identical to the original; SOLVERS come from diffusers
+
+
+def _ancestral(name: str):
+    def factory(guidance, diffusion, *, clip_denoised=False, eta=0.0):
+        return AncestralSampler(guidance, diffusion, method=name, clip_denoised=clip_denoised, eta=eta)
+    return factory
+
+
+def _solver(name: str):
+    def factory(guidance, diffusion, *, clip_denoised=False, eta=0.0):
+        if eta or clip_denoised:
+            raise ValueError(f"eta and clip_denoised are options of ddpm/ddim, not of {name}")
+        return SolverSampler(guidance, diffusion, method=name)
+    return factory
+
+
+# --sampler name -> factory(guidance, diffusion, *, clip_denoised, eta) -> Sampler
+METHODS = {**{name: _ancestral(name) for name in ANCESTRAL}, **{name: _solver(name) for name in SOLVERS}}
+SAMPLERS = tuple(METHODS)
+
+
+def build_sampler(model, diffusion, *, method: str = "ddpm", cfg_scale: float = 4.0,
+                  num_classes: int = 1000, use_cfg: bool = True, precision: str = "fp32",
+                  clip_denoised: bool = False, eta: float = 0.0,
+                  guide_all_channels: bool = False) -> Sampler:
+    """A sampler drawing class-conditional samples of ``model`` under ``diffusion``.
+
+    ``method``: one of SAMPLERS ("ddpm", the original's; "ddim"; diffusers' solvers dpm-solver++,
+    unipc, euler, heun, which run diffusion.num_timesteps solver steps on the base schedule).
+    use_cfg=True runs model.forward_with_cfg on [z, z] with labels [y, num_classes] (what the
+    original sample.py always does); use_cfg=False runs model.forward on z alone. ``precision``:
+    autocast of the model call only (the diffusion math stays fp32).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(SAMPLERS)}")
+    guidance = Guidance(model, num_classes, cfg_scale=cfg_scale, use_cfg=use_cfg,
+                        guide_all_channels=guide_all_channels, precision=precision)
+    return METHODS[method](guidance, diffusion, clip_denoised=clip_denoised, eta=eta)
+
+
+def decode(samples, vae):
+    """Latents -> images in [-1, 1] through the VAE (dit_fast.vae: decode divides by 0.18215);
+    pixel-space samples (vae None) are returned unchanged."""
+    return samples if vae is None else vae.decode(samples)

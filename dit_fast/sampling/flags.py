@@ -1,0 +1,217 @@
+"""What sample.py and sample_ddp.py share around the sampler: their common flags, the model they
+sample (from the run's saved config, or from the flags), the checks of those flags, the model build,
+the device and TF32 choice, and the error handling of the entry point.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Callable, Optional
+
+import torch
+
+from dit_fast.config import (MODEL_FLAG_DEFAULTS, PRECISIONS, DiffusionConfig, SampleConfig,
+                             add_model_flags, model_config_from_args)
+from dit_fast.vae import is_pixel_space, model_channels, vae_downsample
+
+from .build import SAMPLERS
+from .run_source import CkptSource, resolve_ckpt
+
+
+def sample_size(image_size: int, downsample: int, patch_size: int) -> int:
+    """Side of the model's input: image_size // downsample (image_size // 8 with the SD VAEs, as the
+    original; image_size itself in pixel space). ValueError when the size does not divide."""
+    if image_size < 1:
+        raise ValueError(f"--image-size must be positive, got {image_size}")
+    factor = downsample * patch_size
+    if image_size % factor:
+        where = (f"the patch size {patch_size} (pixel space, --vae none)" if downsample == 1
+                 else f"the VAE's downsampling {downsample} x the patch size {patch_size}")
+        raise ValueError(f"--image-size {image_size} must be divisible by {factor}: {where}; e.g. 256 or 512")
+    return image_size // downsample
+
+
+def check_official_defaults(model: str, image_size: int, num_classes: int, vae_spec: str) -> None:
+    """Without --ckpt the official DiT-XL/2 checkpoint is used: the other flags must fit it."""
+    problems = []
+    if model != "DiT-XL/2":
+        problems.append(f"--model {model} (official checkpoints are DiT-XL/2)")
+    if image_size not in (256, 512):
+        problems.append(f"--image-size {image_size} (official sizes are 256 and 512)")
+    if num_classes != 1000:
+        problems.append(f"--num-classes {num_classes} (official models have 1000)")
+    if is_pixel_space(vae_spec):
+        problems.append("--vae none (official models are latent-space models)")
+    if problems:
+        raise ValueError("without --ckpt the official DiT-XL/2 checkpoint is loaded, which does not fit "
+                         + "; ".join(problems) + ". Pass --ckpt PATH to your own checkpoint.")
+
+
+def check_class_labels(labels, num_classes: int) -> None:
+    """Labels must be real classes: num_classes itself is the null (CFG) label."""
+    bad = [c for c in labels if not 0 <= int(c) < num_classes]
+    if bad:
+        raise ValueError(f"class labels {bad} are outside [0, {num_classes - 1}] (--num-classes "
+                         f"{num_classes}; label {num_classes} is reserved for guidance)")
+    if not labels:
+        raise ValueError("give at least one class label")
+
+
+def add_common_flags(parser, *, cfg_default: float, vae_default: str) -> None:
+    """Flags sample.py and sample_ddp.py share (original names and defaults first). The model flags
+    default to None: with --ckpt naming one of our runs they come from its saved config."""
+    add_model_flags(parser, defaults=False)
+    parser.add_argument("--vae", type=str, default=None,
+                        help=f"ema | mse | a local diffusers dir | none (default {vae_default}, or the run's)")
+    parser.add_argument("--cfg-scale", type=float, default=cfg_default)
+    parser.add_argument("--num-sampling-steps", type=int, default=250,
+                        help="respaced steps (ddpm/ddim) or solver steps (the diffusers solvers)")
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="a train.py run dir (its newest checkpoint: model, size, classes, VAE and "
+                             "diffusion come from its saved config), a checkpoints/step-NNNNNNN dir or "
+                             "the EMA file in one, a checkpoint file, a diffusers DiT transformer "
+                             "folder, or an official name (default: the official DiT-XL/2 for --image-size)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                        help="ddpm (the original's), ddim, or diffusers' solvers: dpm-solver++ (2M), "
+                             "unipc, euler, heun (2 model calls per step but the last)")
+    parser.add_argument("--in-channels", type=int, default=None, help="image channels with --vae none (3)")
+    parser.add_argument("--guide-all-channels", action="store_true",
+                        help="guide every channel (default: the first three, as the original)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the per-step function")
+    parser.add_argument("--compile-mode", type=str, default=None,
+                        help='torch.compile mode (default: "reduce-overhead" on CUDA, "default" on CPU)')
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="autocast dtype of the model call; the diffusion math stays fp32")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on CUDA (on by default, as the original)")
+    parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
+    parser.set_defaults(vae_default=vae_default)
+
+
+# Flags that define the model: given beside a run, each must equal the run's saved value.
+_MODEL_FLAGS = ("model", "image_size", "num_classes", "depth", "hidden_size", "num_heads")
+
+
+def _from_saved_run(args, source: CkptSource) -> tuple:
+    """(ModelConfig, DiffusionConfig, vae) of the run ``source`` was saved by; a model flag that
+    contradicts it is a ValueError naming both values."""
+    saved = source.config
+    given = {name: getattr(args, name) for name in _MODEL_FLAGS if getattr(args, name) is not None}
+    given.update({k: v for k, v in (("vae", args.vae), ("in_channels", args.in_channels)) if v is not None})
+    run_values = {**{name: getattr(saved.model, name) for name in _MODEL_FLAGS},
+                  "vae": saved.data.vae, "in_channels": saved.model.in_channels}
+    for name, value in given.items():
+        if name == "in_channels" and not is_pixel_space(run_values["vae"]):
+            continue  # --in-channels only means something in pixel space (as without a run)
+        if value != run_values[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {value} contradicts the checkpoint's saved config ({name} = "
+                             f"{run_values[name]!r} in {source.where}); drop {flag} (it is read from the run)")
+    speed = {"attn_backend": args.attn_backend, "adaln_backend": args.adaln_backend}
+    model = dataclasses.replace(saved.model, grad_checkpointing=0.0, **speed)
+    return model, saved.diffusion, saved.data.vae
+
+
+def _from_flags(args) -> tuple:
+    """(ModelConfig, DiffusionConfig, vae) of the flags (official names, plain weight files)."""
+    values = {name: getattr(args, name) if getattr(args, name) is not None else MODEL_FLAG_DEFAULTS[name]
+              for name in ("model", "image_size", "num_classes")}
+    vae = args.vae if args.vae is not None else args.vae_default
+    pixel_channels = args.in_channels if args.in_channels is not None else 3
+    if pixel_channels < 1:
+        raise ValueError(f"--in-channels must be positive, got {pixel_channels}")
+    for name in ("num_classes", "depth", "hidden_size", "num_heads"):
+        value = values.get(name, getattr(args, name))
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    model = model_config_from_args(args, **values, in_channels=model_channels(vae, pixel_channels))
+    return model, DiffusionConfig(), vae
+
+
+def resolve_model(args: argparse.Namespace) -> tuple:
+    """(ModelConfig with input_size resolved, DiffusionConfig, vae, CkptSource or None) of a command
+    line with add_common_flags' model flags: from the run --ckpt names (its saved config), else from
+    the flags. Shared by sample.py, sample_ddp.py and the export. None: no --ckpt (official)."""
+    from dit_fast.vae import check_vae_spec
+    source = resolve_ckpt(args.ckpt) if args.ckpt is not None else None
+    if source is not None and source.config is not None:
+        return (*_from_saved_run(args, source), source)
+    model, diffusion, vae = _from_flags(args)
+    check_vae_spec(vae)
+    model.input_size = sample_size(model.image_size, vae_downsample(vae), model.patch_size)
+    return model, diffusion, vae, source
+
+
+def resolve_sample_config(args: argparse.Namespace) -> tuple:
+    """(SampleConfig, CkptSource or None) of a sample.py / sample_ddp.py command line."""
+    model, diffusion, vae, source = resolve_model(args)
+    if args.num_sampling_steps < 1:
+        raise ValueError(f"--num-sampling-steps must be positive, got {args.num_sampling_steps}")
+    cfg = SampleConfig.from_args(args, model, diffusion, vae=vae)
+    if source is None:
+        check_official_defaults(model.model, model.image_size, model.num_classes, vae)
+    return cfg, source
+
+
+def build_sampling_model(model_cfg, weights, device, *, saved: bool = False):
+    """The DiT of ``model_cfg`` with ``weights`` (a file, folder or official name), built as the
+    original sample.py does (random init, then .to(device), then the checkpoint, then eval()), so
+    the global RNG is left in the original's state."""
+    from dit_fast.checkpoint import load_into_model, load_state_dict
+    from dit_fast.models import build_model
+
+    state = load_state_dict(weights)  # reading it first draws no random numbers
+    overrides = {}
+    if not saved:
+        # A plain file trained with class_dropout_prob=0 has no null-label row: build it so (it loads,
+        # and sampling without guidance works; the sampler refuses guidance with a clear message).
+        labels = state.get("y_embedder.embedding_table.weight")
+        if labels is not None and labels.shape[0] == model_cfg.num_classes:
+            overrides["class_dropout_prob"] = 0.0
+    model = build_model(model_cfg, **overrides).to(device)
+    m = model_cfg
+    hint = (f"the checkpoint does not fit --model {m.model} --image-size/--num-classes/--in-channels "
+            f"(input_size={m.input_size}, num_classes={m.num_classes}, in_channels={m.in_channels})")
+    load_into_model(model, state, hint=hint)
+    return model.eval()  # important: class dropout is a training-only behaviour
+
+
+def build_diffusion(cfg: SampleConfig):
+    """The trained diffusion of ``cfg`` respaced to its sampling steps."""
+    from dit_fast.diffusion import create_diffusion
+    d = cfg.diffusion
+    return create_diffusion(str(cfg.num_sampling_steps), noise_schedule=d.noise_schedule,
+                            diffusion_steps=d.diffusion_steps, learn_sigma=cfg.model.learn_sigma)
+
+
+def format_sample_config(cfg: SampleConfig) -> str:
+    """The resolved SampleConfig, one ``sample.key = value`` per line (printed at start)."""
+    lines = []
+    for key, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, dict):
+            lines += [f"sample.{key}.{k} = {v!r}" for k, v in value.items()]
+        else:
+            lines.append(f"sample.{key} = {value!r}")
+    return "\n".join(lines)
+
+
+def resolve_device(name: Optional[str], tf32: bool = True) -> torch.device:
+    """The sampling device; on CUDA also applies the TF32 choice (the original turns TF32 on)."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        if tf32:  # cuDNN's TF32 is on by default anyway; sample_ddp.py's --no-tf32 leaves it, as the original
+            torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def run_cli(main: Callable, prog: str, argv=None) -> None:
+    """Run a sampling CLI's ``main``; library errors (bad flags, missing checkpoint or VAE, diffusers
+    missing for a solver) exit with one clear line and exit code 2 instead of a traceback (dit_fast.cli)."""
+    from dit_fast.cli import run_entry
+
+    from .solvers import MissingDiffusersError
+    code = run_entry(main, prog, argv, extra=(MissingDiffusersError,))
+    if code:
+        sys.exit(code)
