@@ -38,6 +38,9 @@ class AncestralSampler(Sampler):
             return out["sample"]
 
         super().__init__(guidance, diffusion, step_fn)
+        # The device copy of the schedule is made here, eagerly: a compiled step then reads it as a
+        # constant instead of tracing the host->device copy into its graph.
+        diffusion.schedule_on(self.device)
         self._indices: dict[int, torch.Tensor] = {}
 
     @property
