@@ -6,7 +6,9 @@
     source.weights   # the file (or diffusers folder) to load
     source.config    # the saved, resolved training Config, or None (official names, plain files)
 
-Shared by sample.py, sample_ddp.py and the export: one answer to "official name or path?".
+Shared by sample.py, sample_ddp.py and the export. Which file a name or a run stands for ("official
+name or path?", "which checkpoint of a run?") is dit_fast.checkpoint's one answer, the same that
+train.py --init-from gets; this module adds the training config saved beside those weights.
 """
 from __future__ import annotations
 
@@ -42,8 +44,6 @@ def _saved_config_of_step(step_dir: Path) -> Config:
 def resolve_ckpt(spec: str) -> CkptSource:
     """--ckpt -> the weights and, for a run dir / step dir / EMA file in a step dir, the saved config.
 
-    Which file a name or a run stands for is dit_fast.checkpoint's one answer (is_official_name,
-    resolve_run_weights); this adds the training config saved beside those weights.
     Raises FileNotFoundError when nothing is there (naming what is accepted).
     """
     from dit_fast.checkpoint import OFFICIAL_CHECKPOINTS, is_official_name, resolve_official
