@@ -35,7 +35,7 @@ MODEL = ["--model", "DiT-S/8", "--depth", "2", "--hidden-size", "64", "--num-hea
 @pytest.fixture(scope="module")
 def repa_inputs(tmp_path_factory):
     """(features dir with images, tiny VAE dir, tiny encoder dir)."""
-    import extract_features
+    from dit_fast.data import extract_cli as extract_features
     base = tmp_path_factory.mktemp("repa")
     rng = np.random.default_rng(0)
     for i in range(11):
@@ -51,15 +51,15 @@ def repa_inputs(tmp_path_factory):
 
 
 def repa_cfg(feat, vae, encoder):
-    import train
-    args = train.build_parser().parse_args([
+    from dit_fast.train import cli
+    args = cli.build_parser().parse_args([
         *MODEL, "--features-path", str(feat), "--vae", str(vae), "--global-batch-size", "4", "--num-workers", "0",
         "--repa", "--encoder", str(encoder), "--encoder-depth", "1", "--projector-dim", "32", "--lr", "1e-2"])
     from dit_fast.config import config_from_args
     from dit_fast.train.loop import prepare
     cfg = config_from_args(args)
     assert cfg.train.objective == "repa" and cfg.model.learn_sigma is False
-    resolved, ds_config, info = prepare(cfg)
+    resolved, ds_config, info, _ = prepare(cfg)
     return resolved, ds_config, info
 
 

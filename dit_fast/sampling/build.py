@@ -18,6 +18,12 @@ from .solvers import SOLVERS, SolverSampler
 ANCESTRAL = ("ddpm", "ddim")  # ours, bit-identical to the original; SOLVERS come from diffusers
 
 
+def _ancestral(name: str):
+    def factory(guidance, diffusion, *, clip_denoised=False, eta=0.0):
+        return AncestralSampler(guidance, diffusion, method=name, clip_denoised=clip_denoised, eta=eta)
+    return factory
+
+
 def _solver(name: str):
     def factory(guidance, diffusion, *, clip_denoised=False, eta=0.0):
         if eta or clip_denoised:
@@ -48,8 +54,7 @@ def _repa(mode: str):
 REPA_METHODS = ("repa-sde", "repa-ode")
 FLOW_METHODS = ("ode", "sde")
 METHODS = {
-    **{name: (lambda name: lambda guidance, diffusion, **kw: AncestralSampler(
-        guidance, diffusion, method=name, **kw))(name) for name in ANCESTRAL},
+    **{name: _ancestral(name) for name in ANCESTRAL},
     **{name: _solver(name) for name in SOLVERS},
     **{name: _flow(name.upper()) for name in FLOW_METHODS},
     **{name: _repa(name.split("-")[1].upper()) for name in REPA_METHODS},
