@@ -103,7 +103,7 @@ def test_the_flow_micro_step_is_sits_loss(flags):
         extra = ["--objective", "flow", *flags] if objective == "flow" else []
         cfg = config_from_args(train_cli.build_parser().parse_args([*tiny, *extra]))
         cfg.model.in_channels, cfg.model.input_size = 4, 8
-        assert cfg.train.objective == objective and cfg.transport.path_type == (flags[1] if flags else "Linear")
+        assert cfg.train.objective == objective and cfg.transport.path_type == (flags[1] if extra[2:] else "Linear")
         torch.manual_seed(0)
         model = build_model(cfg.model)
         x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
