@@ -274,9 +274,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, dest, None)
         if value is not None and not (repa and dest == "path_type"):
             setattr(getattr(cfg, section), name, value)
-    if repa:  # REPA's --path-type (linear | cosine) shares SiT's flag name; its network has no sigma
-        cfg.repa.repa_path_type = getattr(args, "path_type", None) or cfg.repa.repa_path_type
-        cfg.model.learn_sigma = False
+    if repa:  # REPA's --path-type (linear | cosine) shares SiT's flag, whose default is "Linear"
+        path_type = getattr(args, "path_type", None) or cfg.repa.repa_path_type
+        cfg.repa.repa_path_type = "linear" if path_type == "Linear" else path_type
+        cfg.model.learn_sigma = False  # REPA's SiT predicts no sigma
     _check_repa_flags_need_repa(args, repa)
     validate_config(cfg)
     return cfg
@@ -384,18 +385,19 @@ def add_repa_flags(parser: argparse.ArgumentParser) -> None:
       help="repa: t ~ uniform (default) or lognormal")
 
 
-def add_transport_flags(parser: argparse.ArgumentParser) -> None:
-    """--objective and SiT's transport flags, with SiT's names (train.py, sample.py, sample_ddp.py)."""
+def add_transport_flags(parser: argparse.ArgumentParser, *, defaults: bool = False) -> None:
+    """--objective and SiT's transport flags, with SiT's names (train.py, sample.py, sample_ddp.py).
+    ``defaults=False`` leaves them None, so sampling can tell a given flag from the run's value."""
     a = parser.add_argument
-    a("--objective", type=str, default=None, metavar="|".join(OBJECTIVES),
-      help="diffusion (DiT's, the default), flow (SiT's flow matching) or repa (REPA's; train.py --repa); "
+    a("--objective", type=str, default="diffusion" if defaults else None, metavar="|".join(OBJECTIVES),
+      help="diffusion (DiT's), flow (SiT's flow matching) or repa (REPA's; train.py --repa); "
            "sampling a run reads it")
-    a("--path-type", type=str, default=None, metavar="|".join(PATH_TYPES),
-      help="flow: the interpolant (default Linear)")
-    a("--prediction", type=str, default=None, metavar="|".join(PREDICTIONS),
-      help="flow: what the network predicts (default velocity)")
+    a("--path-type", type=str, default="Linear" if defaults else None, metavar="|".join(PATH_TYPES),
+      help="flow: the interpolant")
+    a("--prediction", type=str, default="velocity" if defaults else None, metavar="|".join(PREDICTIONS),
+      help="flow: what the network predicts")
     a("--loss-weight", type=str, default=None, metavar="velocity|likelihood",
-      help="flow: score/noise loss weighting (default none)")
+      help="flow: score/noise loss weighting (None: unweighted)")
     a("--train-eps", type=float, default=None, help="flow: training time margin (default: SiT's)")
     a("--sample-eps", type=float, default=None, help="flow: sampling time margin (default: SiT's)")
 

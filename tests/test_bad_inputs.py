@@ -168,7 +168,7 @@ TRAIN_CASES = [
     ("flow train eps out of range", T("--objective", "flow", "--train-eps", "0.7"), "--train-eps"),
     ("repa image size off DINOv2's grid", T("--repa"), "must be a multiple of 16"),
     ("repa unknown encoder type", T("--repa", "--enc-type", "clip-vit-b"), "--enc-type must be"),
-    ("repa gets SiT's path name", T("--repa", "--path-type", "Linear"), "(REPA's)"),
+    ("repa gets SiT's path name", T("--repa", "--path-type", "GVP"), "(REPA's)"),
     ("repa unknown weighting", T("--repa", "--weighting", "beta"), "--weighting must be one of"),
     ("repa negative coefficient", T("--repa", "--proj-coeff", "-1"), "--proj-coeff must be >= 0"),
     ("repa flags without --repa", T("--encoder-depth", "4"), "REPA's flags need --repa"),

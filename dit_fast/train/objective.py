@@ -9,12 +9,15 @@ channels for a learned-sigma DiT). Each objective draws its own random numbers i
 order (DiT: t = randint on the device, then the noise inside training_losses; SiT: the noise, then
 t on the CPU), so a seeded run reproduces the reference's losses.
 
-Extension point: a new objective is a class with ``loss(model_fn, x, y, images=None) -> (N,)`` plus
-one entry in OBJECTIVES and one value in config.OBJECTIVES; TrainStep is not edited. Optional hooks:
-``check(cfg, data_info)`` (input checks before anything is created), ``wrap_model(cfg, dit)`` (trainable
-modules of its own go INTO the model the engine trains, so the optimizer, ZeRO, the EMA and the
-checkpoint hold them: REPA's projector), ``needs_images`` (the batch carries the uint8 images) and
-``extra_metrics()`` (a dict of running means printed after DiT's log line).
+Extension point: a new objective is a class built from the resolved config with
+``loss(model_fn, x, y, images=None) -> (N,)``, one entry in OBJECTIVES and one value in
+config.OBJECTIVES (its flags in a config section of their own); TrainStep is not edited.
+``model_fn(x, t, y, **kwargs)`` passes kwargs to the model and returns fp32. Optional hooks:
+``check(cfg, data_info)`` (input checks before anything is created), ``wrap_model(cfg, dit)`` (its
+trainable modules go INTO the model the engine wraps, so the optimizer, ZeRO, the EMA and the
+checkpoint hold them: REPA's projector; engine.py calls it), ``needs_images`` (the loader adds each
+item's uint8 image to the batch: train/data.py) and ``extra_metrics(world)`` (running means printed
+after DiT's log line).
 """
 from __future__ import annotations
 

@@ -30,13 +30,12 @@ class TrainStep:
         from .objective import build_objective
         return cls(engine, ema, build_objective(cfg), device, cfg.train.precision, cfg.train.grad_accum, vae)
 
-    def model_fn(self, x, t, y):
+    def model_fn(self, x, t, y, **kwargs):
         """The engine in its precision; t stays as given (an integer timestep or fp32 flow time,
-        never rounded to bf16). A wrapped model's (output, [projections]) comes back in fp32 too."""
-        out = self.engine(x.to(self.dtype), t, y)
-        if isinstance(out, tuple):  # REPAModel: (output, [tokens per projector])
-            return out[0].float(), [z.float() for z in out[1]]
-        return out.float()
+        never rounded to bf16). ``kwargs`` reach the model (``return_hidden_at=`` for REPA's tap);
+        every tensor it returns comes back in fp32, also inside a wrapped model's (output, [projections])."""
+        out = self.engine(x.to(self.dtype), t, y, **kwargs)
+        return _to_fp32(out)
 
     def micro_step(self, x, y, images=None) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)  # (N, C, h, w)
@@ -57,3 +56,10 @@ class TrainStep:
             total += self.micro_step(*next(batches))
         self.ema.update(self.engine)  # the fp32 master weights, every ZeRO stage (ema.py)
         return total
+
+
+def _to_fp32(out):
+    """A tensor, or a tuple / list of them (nested once: REPAModel's (output, [tokens])), in fp32."""
+    if torch.is_tensor(out):
+        return out.float()
+    return type(out)(_to_fp32(o) for o in out)
