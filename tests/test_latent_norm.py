@@ -235,3 +235,22 @@ def test_two_ranks_measure_the_same_statistics(inputs, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "index.json").read_text() == (inputs["channel"] / "index.json").read_text()
+
+
+def test_data_path_training_encodes_with_the_config_normalisation(inputs, tmp_path):
+    """--data-path (encoding on the fly) normalises as extraction does, and the run records it."""
+    from diffusers import AutoencoderKL
+
+    from dit_fast.config import config_from_args
+    from dit_fast.train.loop import prepare
+    argv = [*MODEL, "--data-path", str(inputs["base"] / "images"), "--vae", str(inputs["vae"]),
+            "--results-dir", str(tmp_path / "res")]
+    resolved, _, info = prepare(config_from_args(train_cli.build_parser().parse_args(argv)))
+    assert resolved.data.latent_norm == {"mode": "config", "scale": SCALE, "shift": SHIFT}
+    assert resolved.model.in_channels == CHANNELS
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ae = AutoencoderKL.from_pretrained(str(inputs["vae"])).eval()
+    with torch.no_grad():
+        want = (ae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(1)) - SHIFT) * SCALE
+    torch.testing.assert_close(info.vae.encode(x, generator=torch.Generator().manual_seed(1)), want,
+                               rtol=0, atol=1e-6)
