@@ -46,7 +46,8 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     """Label dropout for classifier-free guidance."""
     in_channels: Optional[int] = None
-    """Latent channels; derived from the data (4 for SD-VAE latents, 3/1 for pixels)."""
+    """Latent channels; derived from the data (the autoencoder config's latent_channels: 4 for the SD
+    VAEs, 16 for SD3/FLUX's; 3/1 for pixels)."""
     input_size: Optional[int] = None
     """Latent (or pixel) side the model sees; derived from image_size and the VAE downsample."""
     depth: Optional[int] = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -62,14 +63,18 @@ class LatentNorm:
         """Channels the statistics are for (None for config mode: any)."""
         return len(self.mean) if self.mode == "channel" else None
 
+    @cached_property
+    def _stats32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as float32 (C, 1, 1) CPU tensors, made once (the dataset reads them per item)."""
+        return tuple(torch.tensor(v, dtype=torch.float64).float().view(-1, 1, 1)
+                     for v in (self.mean, self.std))
+
     def _per_channel(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if z.shape[-3] != len(self.mean):
             raise ValueError(f"latents have {z.shape[-3]} channels, the per-channel statistics "
                              f"{len(self.mean)}")
-        view = (-1, 1, 1)  # (C, 1, 1): broadcasts over (..., C, h, w)
-        mean = torch.tensor(self.mean, dtype=torch.float64).to(z.device, z.dtype).view(view)
-        std = torch.tensor(self.std, dtype=torch.float64).to(z.device, z.dtype).view(view)
-        return mean, std
+        mean, std = self._stats32  # (C, 1, 1): broadcasts over (..., C, h, w)
+        return mean.to(z.device, z.dtype), std.to(z.device, z.dtype)
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw autoencoder latents (..., C, h, w) -> what the DiT sees."""

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_write_text
 from ..distributed import init_distributed
-from ..latent_norm import LatentNorm, channel_stats, check_latent_norm_mode
+from ..latent_norm import SD_LATENT_SCALE, LatentNorm, channel_stats, check_latent_norm_mode
 from ..vae import is_pixel_space
 from .image_folder import ImageFolder, pixels_to_tensor
 from .latents import (STORAGE_DTYPES, finish_shard, open_shard_writer, read_shard_meta,
@@ -95,6 +95,8 @@ def shard_fingerprint(cfg: ExtractConfig, folder: ImageFolder, shard: int) -> di
         settings.update(keep_images=True)
     if cfg.latent_norm == "channel":  # raw latents, not config-scaled ones (same rule as above)
         settings.update(latent_norm="channel")
+    elif not is_pixel_space(cfg.vae) and _config_norm(cfg) != _SD_NORM:
+        settings.update(latent_norm=_config_norm(cfg))  # shards of older code used SD's 0.18215
     return {"settings": settings, "files_sha256": h.hexdigest(), "num_files": len(items)}
 
 
@@ -238,6 +240,15 @@ def _add_sums(total: dict | None, part: dict) -> dict:
             "count": total["count"] + part["count"]}
 
 
+_SD_NORM = LatentNorm("config", scale=SD_LATENT_SCALE).to_dict()
+
+
+def _config_norm(cfg: ExtractConfig) -> dict:
+    """The --vae config's scaling_factor / shift_factor as a LatentNorm record (read from disk)."""
+    from ..vae import vae_config
+    return LatentNorm.from_vae_config(vae_config(cfg.vae) or {}).to_dict()
+
+
 def _index_latent_norm(cfg: ExtractConfig, metas: list[dict], channels: int) -> dict | None:
     """The index's latent_norm: the VAE config's numbers, or the per-channel statistics summed
     over the shards' fp64 partial sums in shard order (the same numbers for any world size and
@@ -245,8 +256,7 @@ def _index_latent_norm(cfg: ExtractConfig, metas: list[dict], channels: int) -> 
     if is_pixel_space(cfg.vae):
         return None
     if cfg.latent_norm == "config":
-        from ..vae import vae_config
-        return LatentNorm.from_vae_config(vae_config(cfg.vae) or {}).to_dict()
+        return _config_norm(cfg)
     total = None
     for s, meta in enumerate(metas):
         part = meta.get("latent_sums")
