@@ -254,3 +254,14 @@ def test_data_path_training_encodes_with_the_config_normalisation(inputs, tmp_pa
         want = (ae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(1)) - SHIFT) * SCALE
     torch.testing.assert_close(info.vae.encode(x, generator=torch.Generator().manual_seed(1)), want,
                                rtol=0, atol=1e-6)
+
+
+def test_channels_and_downsampling_come_from_the_autoencoder_config(inputs):
+    """What sample.py uses for a plain weights file: the VAE config, not SD's 4 channels / 8x."""
+    from dit_fast.vae import model_channels, vae_downsample
+    assert (model_channels(str(inputs["vae"])), vae_downsample(str(inputs["vae"]))) == (CHANNELS, 2)
+    assert model_channels("none", 1) == 1 and vae_downsample("none") == 1
+    with pytest.raises(ValueError, match="per-channel mean and std"):
+        LatentNorm.from_dict({"mode": "channel", "mean": [0.0] * CHANNELS}, "index.json")
+    with pytest.raises(ValueError, match="positive stds"):
+        LatentNorm.from_dict({"mode": "channel", "mean": [0.0], "std": [0.0]}, "index.json")
