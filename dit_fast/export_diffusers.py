@@ -163,7 +163,8 @@ def diffusers_latent_config(norm) -> dict:
     """
     if norm.mode == "config":
         return dict(scaling_factor=norm.scale, shift_factor=norm.shift, latents_mean=None, latents_std=None)
-    return dict(scaling_factor=1.0, shift_factor=None, latents_mean=list(norm.mean), latents_std=list(norm.std))
+    return dict(scaling_factor=1.0, shift_factor=None, latents_mean=list(norm.mean),
+                latents_std=list(norm.std))
 
 
 def pipeline_norm_note(latent_norm: dict | None) -> str | None:
