@@ -36,6 +36,9 @@ def files(tmp_path_factory):
     (base / "list.json").write_text("[1, 2]")
     (base / "stage4.json").write_text(json.dumps({"zero_optimization": {"stage": 4}}))
     write_digits_features(base / "feat12", 12)
+    nostats = write_digits_features(base / "nostats", 8)  # an index that claims per-channel stats
+    index = json.loads((nostats / "index.json").read_text())
+    (nostats / "index.json").write_text(json.dumps({**index, "latent_norm": {"mode": "channel"}}))
     (base / "images" / "cat").mkdir(parents=True)
     (base / "junk.pt").write_bytes(b"junk bytes, not a torch file" * 4)
     torch.save({"pos_embed": torch.zeros(3)}, base / "wrong_shape.pt")
@@ -50,7 +53,7 @@ def files(tmp_path_factory):
             "base": base, "ckpt_tmp": str(ckpt), "images": str(base / "images"),
             "junk": str(base / "junk.pt"), "wrong": str(base / "wrong_shape.pt"),
             "tiny": str(base / "tiny.pt"), "no_null": str(base / "no_null.pt"),
-            "outdir": str(base / "outdir")}
+            "outdir": str(base / "outdir"), "nostats": str(nostats)}
 
 
 def train_main(argv):
@@ -160,6 +163,7 @@ TRAIN_CASES = [
     ("deepspeed json zero stage 4", T("--deepspeed_config", "{base}/stage4.json"), "stage must be"),
     ("latent size not divisible by the patch", T("--model", "DiT-S/8", "--features-path",
                                                  "{base}/feat12", "--image-size", "12"), "patch size 8"),
+    ("index claims channel stats it lacks", T("--features-path", "{nostats}"), "per-channel mean and std"),
 ]
 
 EXTRACT_CASES = [
@@ -180,6 +184,10 @@ EXTRACT_CASES = [
      "--batch-size must be positive"),
     ("negative seed", E("--data-path", "{images}", "--features-path", "out", "--global-seed", "-3"),
      "--global-seed must be >= 0"),
+    ("unknown latent norm", E("--data-path", "{images}", "--features-path", "out", "--latent-norm",
+                              "bogus"), "invalid choice"),
+    ("channel norm in pixel space", E("--data-path", "{images}", "--features-path", "out", "--vae", "none",
+                                      "--latent-norm", "channel"), "--latent-norm channel"),
 ]
 
 SAMPLE_CASES = [

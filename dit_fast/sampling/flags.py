@@ -148,10 +148,20 @@ def resolve_sample_config(args: argparse.Namespace) -> tuple:
     model, diffusion, vae, source = resolve_model(args)
     if args.num_sampling_steps < 1:
         raise ValueError(f"--num-sampling-steps must be positive, got {args.num_sampling_steps}")
-    cfg = SampleConfig.from_args(args, model, diffusion, vae=vae)
+    saved = source.config if source is not None else None
+    cfg = SampleConfig.from_args(args, model, diffusion, vae=vae,
+                                 latent_norm=saved.data.latent_norm if saved is not None else None)
     if source is None:
         check_official_defaults(model.model, model.image_size, model.num_classes, vae)
     return cfg, source
+
+
+def load_sampling_vae(cfg: SampleConfig, device):
+    """The VAE that decodes ``cfg``'s samples, undoing the run's latent normalisation (None: the VAE
+    config's); None in pixel space."""
+    from dit_fast.latent_norm import LatentNorm
+    from dit_fast.vae import load_vae
+    return load_vae(cfg.vae, device=device, norm=LatentNorm.from_dict(cfg.latent_norm, "the run's config"))
 
 
 def build_sampling_model(model_cfg, weights, device, *, saved: bool = False):

@@ -12,12 +12,11 @@ import torch
 from dit_fast.checkpoint import official_checkpoint_name
 from dit_fast.cli import OneLineParser
 from dit_fast.config import DEFAULT_CLASS_LABELS
-from dit_fast.vae import load_vae
-
 from .build import build_sampler, decode
 from .compiled import timed
 from .flags import (add_common_flags, build_diffusion, build_sampling_model, check_class_labels,
-                    format_sample_config, resolve_device, resolve_sample_config, run_cli)
+                    format_sample_config, load_sampling_vae, resolve_device,
+                    resolve_sample_config, run_cli)
 from .images import save_image
 
 
@@ -48,7 +47,7 @@ def main(argv=None) -> dict:
         weights = source.weights if source else official_checkpoint_name(m.image_size)
         model = build_sampling_model(m, weights, device, saved=bool(source and source.config))
         diffusion = build_diffusion(cfg)
-        vae = load_vae(cfg.vae, device=device)
+        vae = load_sampling_vae(cfg, device)
 
         n = len(cfg.class_labels)
         z = torch.randn(n, model.in_channels, m.input_size, m.input_size, device=device)
