@@ -46,7 +46,8 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     """Label dropout for classifier-free guidance."""
     in_channels: Optional[int] = None
-    """Latent channels; derived from the data (4 for SD-VAE latents, 3/1 for pixels)."""
+    """Latent channels; derived from the data (the autoencoder config's latent_channels: 4 for the SD
+    VAEs, 16 for SD3/FLUX's; 3/1 for pixels)."""
     input_size: Optional[int] = None
     """Latent (or pixel) side the model sees; derived from image_size and the VAE downsample."""
     depth: Optional[int] = None
@@ -97,6 +98,11 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     random_flip: bool = True
     """Pick the image or its horizontal flip at random each time it is seen."""
+    latent_norm: Optional[dict] = None
+    """How the latents the model sees were normalised (dit_fast.latent_norm record; resolved from
+    the features' index.json, or the --vae config with --data-path; None in pixel space):
+    {"mode": "config", "scale", "shift"} or {"mode": "channel", "mean", "std"}. Sampling decodes
+    with it."""
 
 
 @dataclass
@@ -552,8 +558,8 @@ class SampleConfig:
     cfg_interval: Optional[tuple] = None
     """Guide only at model times in [low, high] (Kynkaanniemi et al. 2024), in the objective's own
     coordinate: diffusion, the original 1000-step chain's timestep (0 = data, 999 = noise); flow,
-    SiT's t (0 = noise, 1 = data); repa, REPA's t (0 = data, 1 = noise). Outside it: one unguided forward of the conditional half. None:
-    guide every step."""
+    SiT's t (0 = noise, 1 = data); repa, REPA's t (0 = data, 1 = noise). Outside it: one unguided
+    forward of the conditional half. None: guide every step."""
     objective: str = "diffusion"
     """diffusion (DiT's sampler flags), flow (SiT's --mode ODE|SDE and below) or repa (REPA's samplers,
     --mode SDE|ODE); read from a run."""
@@ -582,6 +588,9 @@ class SampleConfig:
     """repa: REPA's interpolant (linear | cosine), read from the run or --path-type."""
     heun: bool = False
     """repa ODE: Heun's correction (REPA's --heun; --sampling-method heun)."""
+    latent_norm: Optional[dict] = None
+    """The run's latent normalisation (its data.latent_norm), undone before the VAE decodes; None:
+    the --vae config's scaling_factor / shift_factor (SD: 0.18215)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: ModelConfig,

@@ -37,6 +37,9 @@ def files(tmp_path_factory):
     (base / "stage4.json").write_text(json.dumps({"zero_optimization": {"stage": 4}}))
     write_digits_features(base / "feat12", 12)
     write_digits_features(base / "feat16", 16)  # REPA's sizes, but no images beside the latents
+    nostats = write_digits_features(base / "nostats", 8)  # an index that claims per-channel stats
+    index = json.loads((nostats / "index.json").read_text())
+    (nostats / "index.json").write_text(json.dumps({**index, "latent_norm": {"mode": "channel"}}))
     (base / "images" / "cat").mkdir(parents=True)
     (base / "junk.pt").write_bytes(b"junk bytes, not a torch file" * 4)
     torch.save({"pos_embed": torch.zeros(3)}, base / "wrong_shape.pt")
@@ -51,7 +54,7 @@ def files(tmp_path_factory):
             "base": base, "ckpt_tmp": str(ckpt), "images": str(base / "images"),
             "junk": str(base / "junk.pt"), "wrong": str(base / "wrong_shape.pt"),
             "tiny": str(base / "tiny.pt"), "no_null": str(base / "no_null.pt"),
-            "outdir": str(base / "outdir")}
+            "outdir": str(base / "outdir"), "nostats": str(nostats)}
 
 
 def train_main(argv):
@@ -174,6 +177,7 @@ TRAIN_CASES = [
     ("repa flags without --repa", T("--encoder-depth", "4"), "REPA's flags need --repa"),
     ("repa on latents without images", T("--repa", "--features-path", "{base}/feat16", "--image-size", "16"),
      "extract_features.py --keep-images"),
+    ("index claims channel stats it lacks", T("--features-path", "{nostats}"), "per-channel mean and std"),
 ]
 
 EXTRACT_CASES = [
@@ -194,6 +198,10 @@ EXTRACT_CASES = [
      "--batch-size must be positive"),
     ("negative seed", E("--data-path", "{images}", "--features-path", "out", "--global-seed", "-3"),
      "--global-seed must be >= 0"),
+    ("unknown latent norm", E("--data-path", "{images}", "--features-path", "out", "--latent-norm",
+                              "bogus"), "invalid choice"),
+    ("channel norm in pixel space", E("--data-path", "{images}", "--features-path", "out", "--vae", "none",
+                                      "--latent-norm", "channel"), "--latent-norm channel"),
 ]
 
 SAMPLE_CASES = [
