@@ -375,22 +375,6 @@ def repa_checks(cfg: Config) -> list:
     ]
 
 
-def add_repa_flags(parser: argparse.ArgumentParser) -> None:
-    """--repa and REPA's training flags, with REPA's names (--path-type is shared with SiT's)."""
-    a = parser.add_argument
-    a("--repa", dest="objective", action="store_const", const="repa",
-      help="REPA: SiT's velocity loss in REPA's time plus the alignment with a frozen encoder "
-           "(= --objective repa); needs images beside the latents (extract_features.py --keep-images)")
-    a("--enc-type", type=str, default=None, help="repa: dinov2-vit-b (default) | dinov2reg-vit-b | ...")
-    a("--encoder", type=str, default=None, metavar="PATH_OR_ID",
-      help="repa: the encoder's save_pretrained folder or hub id (default facebook/dinov2-<size>)")
-    a("--encoder-depth", type=int, default=None, help="repa: the aligned block (default 8)")
-    a("--proj-coeff", type=float, default=None, help="repa: alignment loss weight (default 0.5)")
-    a("--projector-dim", type=int, default=None, help="repa: projector hidden width (default 2048)")
-    a("--weighting", type=str, default=None, metavar="|".join(REPA_WEIGHTINGS),
-      help="repa: t ~ uniform (default) or lognormal")
-
-
 def add_transport_flags(parser: argparse.ArgumentParser, *, defaults: bool = False) -> None:
     """--objective and SiT's transport flags, with SiT's names (train.py, sample.py, sample_ddp.py).
     ``defaults=False`` leaves them None, so sampling can tell a given flag from the run's value."""

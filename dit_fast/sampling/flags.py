@@ -251,7 +251,8 @@ def repa_path_type(args, source) -> str:
     from dit_fast.config import REPA_PATH_TYPES
     path_type = getattr(args, "path_type", None) or "linear"
     if path_type not in REPA_PATH_TYPES:
-        raise ValueError(f"--path-type {path_type} with --objective repa: REPA's paths are {', '.join(REPA_PATH_TYPES)}")
+        raise ValueError(f"--path-type {path_type} with --objective repa: REPA's paths are "
+                         f"{', '.join(REPA_PATH_TYPES)}")
     return path_type
 
 

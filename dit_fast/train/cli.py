@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from dit_fast.cli import OneLineParser, one_line, run_entry
-from dit_fast.config import (PRECISIONS, add_model_flags, add_repa_flags, add_transport_flags, checkpointing_arg,
+from dit_fast.config import (PRECISIONS, REPA_WEIGHTINGS, add_model_flags, add_transport_flags, checkpointing_arg,
                              config_from_args)
 
 DESCRIPTION = "Train a DiT under DeepSpeed (ZeRO 0-3, bf16/fp16/fp32, EMA, exact resume)."
@@ -60,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_repa_flags(p)  # --repa --enc-type --encoder --encoder-depth --proj-coeff --projector-dim --weighting
     # small models for tests and ablations: override the named size
     return p
+
+
+def add_repa_flags(parser: argparse.ArgumentParser) -> None:
+    """--repa and REPA's training flags, with REPA's names (--path-type is shared with SiT's)."""
+    a = parser.add_argument
+    a("--repa", dest="objective", action="store_const", const="repa",
+      help="REPA: SiT's velocity loss in REPA's time plus the alignment with a frozen encoder "
+           "(= --objective repa); needs images beside the latents (extract_features.py --keep-images)")
+    a("--enc-type", type=str, default=None, help="repa: dinov2-vit-b (default) | dinov2reg-vit-b | ...")
+    a("--encoder", type=str, default=None, metavar="PATH_OR_ID",
+      help="repa: the encoder's save_pretrained folder or hub id (default facebook/dinov2-<size>)")
+    a("--encoder-depth", type=int, default=None, help="repa: the aligned block (default 8)")
+    a("--proj-coeff", type=float, default=None, help="repa: alignment loss weight (default 0.5)")
+    a("--projector-dim", type=int, default=None, help="repa: projector hidden width (default 2048)")
+    a("--weighting", type=str, default=None, metavar="|".join(REPA_WEIGHTINGS),
+      help="repa: t ~ uniform (default) or lognormal")
 
 
 def main(argv=None) -> int:

@@ -5,8 +5,9 @@
 
 A micro-step is: loss = objective.loss(model_fn, x, y[, images]).mean() (objective.py: DiT's diffusion,
 SiT's flow matching or REPA, chosen there and nowhere else; a batch carries its uint8 images as a
-third item when the objective reads them: REPA's encoder runs inside the step), engine.backward, engine.step (DeepSpeed steps the optimizer at the accumulation boundary); the EMA
-follows the fp32 master weights after every optimizer step (collective under ZeRO-3: every rank calls it).
+third item when the objective reads them: REPA's encoder runs inside the step), engine.backward,
+engine.step (DeepSpeed steps the optimizer at the accumulation boundary); the EMA follows the fp32
+master weights after every optimizer step (collective under ZeRO-3: every rank calls it).
 """
 from __future__ import annotations
 
