@@ -175,3 +175,38 @@ def test_image_folder_training_hands_repa_the_crop_of_its_own_pixels(repa_inputs
             assert torch.equal(pixels_to_tensor(image.permute(1, 2, 0).numpy()), x)
             flipped += folder.flip_decision(i)
     assert 0 < flipped < 2 * len(folder)
+
+
+@pytest.mark.parametrize("flags", [[], ["--path-type", "cosine", "--weighting", "lognormal", "--proj-coeff", "2"]])
+def test_the_repa_micro_step_is_repas_recipe(repa_inputs, flags):
+    """train.py --repa's flags -> config -> TrainStep's micro-step: the same number as REPA's recipe,
+    written here from its train.py (zs = the encoder's tokens of the raw images; loss, proj_loss =
+    SILoss(model, x, dict(y=y), zs); loss.mean() + proj_coeff * proj_loss) from the same seed."""
+    from dit_fast.config import config_from_args
+    from dit_fast.models import build_model
+    from dit_fast.repa import SILoss, load_encoder
+    from dit_fast.train import cli
+    from dit_fast.train.objective import wrap_model
+    from dit_fast.train.step import TrainStep
+    from tests.test_train_flow import _Engine
+    feat, vae, encoder_dir = repa_inputs
+    cfg = config_from_args(cli.build_parser().parse_args([
+        *MODEL, "--features-path", str(feat), "--vae", str(vae), "--repa", "--encoder", str(encoder_dir),
+        "--encoder-depth", "1", "--projector-dim", "16", *flags]))
+    cfg.model.in_channels, cfg.model.input_size = 4, 16
+    torch.manual_seed(0)
+    model = wrap_model(cfg, build_model(cfg.model))
+    x, y = torch.randn(3, 4, 16, 16), torch.tensor([0, 1, 2])
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    step = TrainStep.from_config(cfg, _Engine(model), None, torch.device("cpu"))
+    step.dtype = torch.float32
+    torch.manual_seed(5)
+    got = step.micro_step(x, y, images)
+    r = cfg.repa
+    torch.manual_seed(5)
+    with torch.no_grad():
+        zs = [load_encoder("dinov2-vit-b", str(encoder_dir), resolution=32)(images)]
+        loss, proj_loss = SILoss(path_type=r.repa_path_type, weighting=r.weighting)(model, x, dict(y=y), zs)
+        want = loss.mean() + r.proj_coeff * proj_loss
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)   # the same draws; sums may differ by an ulp
+    assert proj_loss != 0 and r.proj_coeff == (2.0 if flags else 0.5)
