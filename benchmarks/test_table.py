@@ -153,3 +153,12 @@ def _fake_meta(reference):
             "time_utc": "00:00:00", "steps": 1, "warmup": 0, "mfu_note": "n", "train_flops_per_image": 1e9,
             "flops_note": "n", "memory_method": "m", "mixed_precision": "bf16", "fp32": "fp32", "vae_note": "v",
             "device_type": "cpu", "reference_rows": reference, "step": "s"}
+
+
+def test_repa_cost_interleaves_both_rows_through_the_step():
+    pytest.importorskip("transformers")
+    import repa_cost
+    result = repa_cost.main(["--device", "cpu", "--rounds", "2", "--steps", "1", "--batch", "2"])
+    assert len(result["per_round_ratio"]) == 2 and result["ratio_repa_over_base"] > 0
+    assert 0 < result["encoder_share_of_repa_step"] < 1
+    assert "--repa" in result["commands"]["repa"] and "--repa" not in result["commands"]["repa_base"]
