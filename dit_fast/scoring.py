@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 
 from .data.digits import digits_dataset
-from .fid import frechet_distance
+from .evaluation import frechet_distance, statistics
 
 HIDDEN = 64  # feature width of the Fréchet distance
 
@@ -42,11 +42,6 @@ def _flatten_uint8(images: np.ndarray, image_size: int) -> np.ndarray:
     if x.dtype != np.uint8:
         raise ValueError(f"expected uint8 images (0..255), got {x.dtype}; use to_uint8_nhwc")
     return x.reshape(len(x), -1).astype(np.float32) / 127.5 - 1.0
-
-
-def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (D,), covariance (D, D)) of features (N, D)."""
-    return features.mean(0), np.cov(features, rowvar=False)
 
 
 class DigitScorer:
@@ -104,10 +99,10 @@ class DigitScorer:
         if labels.shape != (len(x),):
             raise ValueError(f"labels must have shape ({len(x)},), got {labels.shape}")
         pred = self.clf.predict(x)
-        real_stats = gaussian_stats(self.features(self.real[self.train_idx]))
-        fd = frechet_distance(*gaussian_stats(self.features(x)), *real_stats)
+        real_stats = statistics(self.features(self.real[self.train_idx]))
+        fd = frechet_distance(*statistics(self.features(x)), *real_stats)
         ref = self._heldout_subset(len(x))
-        fd_ref = frechet_distance(*gaussian_stats(self.features(self.real[ref])), *real_stats)
+        fd_ref = frechet_distance(*statistics(self.features(self.real[ref])), *real_stats)
         per_class = {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
         return {
             "accuracy": float((pred == labels).mean()),

@@ -116,7 +116,7 @@ def _sample_all(cfg, source, rank: int, world_size: int, device) -> dict:
         print(f"Saved .npz file to {npz} [shape=({cfg.num_fid_samples}, {m.image_size}, {m.image_size}, 3)].")
         result["npz"] = npz
         if cfg.fid_ref:
-            from dit_fast.fid import fid_from_npz
+            from dit_fast.evaluation import fid_from_npz
             result["fid"] = fid_from_npz(npz, cfg.fid_ref, device=device)
         print("Done.")
     barrier(world_size)
