@@ -47,7 +47,8 @@ class Sampler:
 
     @property
     def compile_seconds(self) -> float:
-        return self.step.compile_seconds
+        plain = self.plain_step.compile_seconds if self.plain_step is not None else 0.0
+        return self.step.compile_seconds + plain
 
     @property
     def num_model_evaluations(self) -> int:
@@ -61,11 +62,10 @@ class Sampler:
         global RNG state is restored afterwards, so compiling never changes the samples.
         """
         args = self._warmup_args(tuple(z_shape))
-        seconds = self.step.compile(args, mode, fullgraph)
+        self.step.compile(args, mode, fullgraph)
         if self.plain_step is not None:
-            seconds += self.plain_step.compile(args, mode, fullgraph)
-            self.step.compile_seconds = seconds
-        return seconds
+            self.plain_step.compile(args, mode, fullgraph)
+        return self.compile_seconds
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None,

@@ -81,8 +81,12 @@ class FlowSampler(Sampler):
 
     @property
     def num_model_evaluations(self) -> int:
-        """Forward passes per sample (batched CFG forwards); adaptive solvers: -1 (unknown upfront)."""
-        return len(self.times) if self.times is not None else -1
+        """Forward passes per sample (batched CFG forwards); adaptive solvers: those of the last call
+        (-1 before the first)."""
+        return len(self.times) if self.times is not None else self.last_model_calls
+
+    last_model_calls = -1
+    """Model calls of the last ``sample`` (a host counter; adaptive solvers choose their own)."""
 
     def _warmup_args(self, z_shape) -> tuple:
         x = self.guidance.double(torch.zeros(z_shape, device=self.device))
@@ -91,12 +95,19 @@ class FlowSampler(Sampler):
 
     def _model(self):
         """model(x, t, y=...) for the transport: the guided or unguided compiled call per model time."""
+        self.last_model_calls = 0
         if self.plain_step is None:
-            return lambda x, t, y: self.step(x, t, y)
-        if self.times is None:  # adaptive: the time is only known on the device
-            return lambda x, t, y: self.step_at(float(t.reshape(-1)[0]))(x, t, y)
-        clock = iter(self.times)
-        return lambda x, t, y: self.step_at(next(clock))(x, t, y)
+            pick = lambda t: self.step  # noqa: E731
+        elif self.times is None:  # adaptive: the time is only known on the device
+            pick = lambda t: self.step_at(float(t.reshape(-1)[0]))  # noqa: E731
+        else:
+            clock = iter(self.times)
+            pick = lambda t: self.step_at(next(clock))  # noqa: E731
+
+        def model(x, t, y):
+            self.last_model_calls += 1
+            return pick(t)(x, t, y)
+        return model
 
     def _run(self, z, y, generator, progress) -> torch.Tensor:
         """The SDE's noise comes from the global RNG, as in SiT (from the CPU generator, moved, when

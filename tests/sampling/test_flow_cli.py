@@ -72,3 +72,10 @@ def test_sample_ddp_on_a_flow_run_records_the_flow_settings(flow_run, tmp_path):
     assert settings["diffusion_form"] == "sigma" and settings["transport"]["path_type"] == "Linear"
     with pytest.raises(ValueError, match="other settings"):  # same folder, other SDE settings
         fid_set.main([*args, "--diffusion-form", "constant"])
+
+
+def test_export_refuses_a_flow_run(flow_run, tmp_path):
+    from dit_fast.export_diffusers import main as export
+    with pytest.raises(ValueError, match="flow run"):
+        export(["--ckpt", str(flow_run[0]), "--out", str(tmp_path / "pipe")])
+    assert not (tmp_path / "pipe").exists()
