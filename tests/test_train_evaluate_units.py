@@ -15,8 +15,7 @@ from dit_fast.evaluation import FeatureExtractor
 from dit_fast.models import build_model
 from dit_fast.train.evaluate import TrainingEvaluator, check_evaluation, sample_config
 from dit_fast.train.metrics import MetricsWriter
-from tests.evaluation_helpers import save_random_weights
-from tests.train_fast_frechet import mean_distance
+from tests.evaluation_helpers import mean_distance, save_random_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dit_fast.cli import OneLineParser
+from dit_fast.cli import OneLineParser, flag_named
 from dit_fast.distributed import init_distributed
 from dit_fast.vae import is_pixel_space, load_vae
 
@@ -66,10 +66,8 @@ def _check_evaluation(cfg) -> None:
     from dit_fast.evaluation.batches import open_batch
     from dit_fast.evaluation.features import resolve_weights
     from dit_fast.evaluation.suite import minimum_images
-    try:
+    with flag_named("--evaluate"):
         ref = open_batch(cfg.evaluate, need_images=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--evaluate: {err}") from err
     need = minimum_images(3)
     if ref.shape is not None and ref.count < need:
         raise ValueError(f"--evaluate: {ref.path} has {ref.count} images; precision and recall need >= {need}")
@@ -142,11 +140,11 @@ def _sample_all(cfg, source, rank: int, world_size: int, device) -> dict:
         print(f"Saved .npz file to {npz} [shape=({cfg.num_fid_samples}, {m.image_size}, {m.image_size}, 3)].")
         result["npz"] = npz
     barrier(world_size)  # the other ranks are done; only rank 0 evaluates (no collective waits on it)
+    if rank == 0 and cfg.evaluate:
+        from dit_fast.evaluation import evaluate_npz
+        result["metrics"] = evaluate_npz(cfg.evaluate, npz, weights=cfg.inception_weights, device=device)
+        result["fid"] = result["metrics"]["fid"]
     if rank == 0:
-        if cfg.evaluate:
-            from dit_fast.evaluation import evaluate_npz
-            result["metrics"] = evaluate_npz(cfg.evaluate, npz, weights=cfg.inception_weights, device=device)
-            result["fid"] = result["metrics"]["fid"]
         print("Done.")
     return result
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..cli import flag_named
 from ..config import Config, SampleConfig
 from ..faults import maybe_fault
 from ..vae import is_pixel_space
@@ -77,7 +78,7 @@ def _check_sampler(cfg: Config) -> None:
         from ..sampling.solvers import import_diffusers_class
         try:
             import_diffusers_class("DPMSolverMultistepScheduler", f"--eval-sampler {name}")
-        except ImportError as err:
+        except ImportError as err:  # an optional dependency: a bad-input line, not a traceback
             raise ValueError(f"{err} (or pick --eval-sampler ddim)") from err
 
 
@@ -100,10 +101,8 @@ def check_evaluation(cfg: Config, world_size: int) -> None:
     from ..evaluation.batches import open_batch
     from ..evaluation.features import resolve_weights
     from ..evaluation.suite import minimum_images
-    try:
+    with flag_named("--eval-ref"):
         ref = open_batch(e.eval_ref, need_images=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--eval-ref: {err}") from err
     if ref.shape is not None and ref.count < minimum_images(3):
         raise ValueError(f"--eval-ref {ref.path} has {ref.count} images; precision and recall need "
                          f">= {minimum_images(3)}")

@@ -156,8 +156,7 @@ def test_evaluate_writes_evaluate_py_metrics_beside_the_samples(ckpt, tmp_path, 
     import json
 
     import evaluate
-    from tests.evaluation_helpers import save_random_weights
-    from tests.train_fast_frechet import mean_distance
+    from tests.evaluation_helpers import mean_distance, save_random_weights
     monkeypatch.setattr("dit_fast.evaluation.suite.frechet_distance", mean_distance)
     weights = save_random_weights(tmp_path / "inception.pth", seed=2)
     ref = tmp_path / "ref.npz"
