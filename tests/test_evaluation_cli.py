@@ -8,7 +8,7 @@ import pytest
 
 import evaluate
 from dit_fast.evaluation import FeatureExtractor, inception_score, precision_recall, statistics
-from evaluation_helpers import save_random_weights
+from tests.evaluation_helpers import save_random_weights
 
 # 7 reference and 5 sample images: the fewest that precision and recall with k=3 allow, plus a few
 N_REF, N_SAMPLE = 7, 5

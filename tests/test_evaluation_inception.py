@@ -19,7 +19,7 @@ import torch
 
 from dit_fast.evaluation import FeatureExtractor, InceptionWeightsMissing
 from dit_fast.evaluation.inception import resize_bilinear_tf1
-from evaluation_helpers import random_inception, save_random_weights
+from tests.evaluation_helpers import random_inception, save_random_weights
 
 
 @pytest.fixture(scope="module")
