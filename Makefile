@@ -32,6 +32,10 @@ $(STAMP): setup.py pyproject.toml
 	# DeepSpeed ships as source: build it against the torch above (an isolated build would fetch another torch).
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation $(DEEPSPEED)
 	$(PY) -m pip install -q --no-build-isolation -e ".[all]"
+	@# torch-fidelity's Inception, only for tests/test_evaluation_inception.py to compare ours with: in a
+	@# private folder (its wheel also installs a top-level `tests` package that would shadow ours) and
+	@# without dependencies (it requires torchvision, which cannot load beside a CPU torch here)
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/torch-fidelity torch-fidelity==0.4.0
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -11,5 +11,4 @@ With the same seed and weights, fp32 eager DDPM gives the same grid as the origi
 """
 from dit_fast.sampling.grid import cli
 
-if __name__ == "__main__":
-    cli()
+cli()  # a script, run only: the library is dit_fast.sampling.grid (import that, never this file)

@@ -17,5 +17,4 @@ images are statistically equivalent but not the original's pixels (sample.py doe
 """
 from dit_fast.sampling.fid_set import cli
 
-if __name__ == "__main__":
-    cli()
+cli()  # a script, run only: the library is dit_fast.sampling.fid_set (import that, never this file)

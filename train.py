@@ -3,6 +3,7 @@
     deepspeed train.py --deepspeed_config configs/deepspeed/zero2.json --model DiT-XL/2 \\
         --features-path /data/in1k-latents
     torchrun --nproc_per_node 8 train.py ...       # also works; so does plain `python train.py ...`
+    deepspeed train.py ... --num-classes 37 --init-from DiT-XL-2-256x256.pt   # fine-tune: a new run
 
 Many nodes (passwordless ssh; --results-dir and the data on a filesystem all nodes share, since
 every rank writes its shard of each checkpoint into the same directory):
@@ -17,107 +18,6 @@ every rank writes its shard of each checkpoint into the same directory):
 Flags keep DiT / fast-DiT names; batch size, accumulation, precision and clipping are injected into
 the DeepSpeed JSON (which holds ZeRO knobs only). See dit_fast/train/ for the semantics.
 """
-import argparse
-import sys
+from dit_fast.train.cli import cli
 
-from dit_fast.cli import OneLineParser, one_line, run_entry
-from dit_fast.config import PRECISIONS, add_model_flags, add_transport_flags, checkpointing_arg, config_from_args
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_flags(p, show_size_overrides=False, model_choices=False)  # --model, --image-size, --num-classes, backends
-    a = p.add_argument
-    # DiT / fast-DiT flags (same names and defaults)
-    a("--data-path", type=str, default=None, help="ImageFolder tree; VAE-encoded on the fly")
-    a("--features-path", type=str, default=None, help="latents from extract_features.py")
-    a("--results-dir", type=str, default="results")
-    a("--global-batch-size", type=int, default=256)
-    a("--global-seed", type=int, default=0)
-    a("--epochs", type=int, default=1400)
-    a("--log-every", type=int, default=100)
-    a("--ckpt-every", type=int, default=50_000)
-    a("--vae", type=str, default="ema", help="ema | mse | local dir | repo id | none (pixels)")
-    a("--num-workers", type=int, default=4)
-    # DeepSpeed and speed
-    a("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", type=str, default=None,
-      help="ZeRO-knobs JSON (configs/deepspeed/zero{1,2,3}.json, zero2_offload.json); "
-           "default: ZeRO stage 0")
-    a("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
-      help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK env is what counts
-    a("--precision", choices=PRECISIONS, default="bf16")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off (DiT)")
-    a("--lr", type=float, default=1e-4)
-    a("--weight-decay", type=float, default=0.0)
-    a("--grad-checkpointing", type=checkpointing_arg, nargs="?", const=1.0, default=0.0,
-      metavar="FRACTION|selective",
-      help="recompute activations of this fraction of blocks (flag alone = all); selective: every "
-           "block, keeping each fc2 output")
-    a("--compile", action="store_true", help="torch.compile each block")
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    a("--resume", type=str, default=None, metavar="PATH|auto",
-      help="a checkpoints/step-NNNNNNN dir, or auto: newest under --results-dir")
-    a("--keep-last", type=int, default=2, help="checkpoints kept (0 = all)")
-    a("--ema-decay", type=float, default=0.9999)
-    a("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
-      help="a collective or DataLoader worker waiting longer fails the job, naming step and rank")
-    add_transport_flags(p)  # --objective flow and SiT's --path-type --prediction --loss-weight ...
-    add_evaluation_flags(p)
-    return p
-
-
-def add_evaluation_flags(p) -> None:
-    """Evaluation during training (dit_fast/train/evaluate.py), off unless --eval-every is given."""
-    a = p.add_argument
-    a("--eval-every", type=int, default=0, metavar="STEPS",
-      help="ADM's FID (sFID, IS, precision, recall) of EMA samples every STEPS steps; 0 = off")
-    a("--eval-samples", type=int, default=1000, help="samples per evaluation, over all ranks")
-    a("--eval-ref", type=str, default=None, metavar="REF_BATCH.npz", help="reference batch (ADM's or your own)")
-    a("--inception-weights", type=str, default=None, metavar="PATH",
-      help="weights-inception-2015-12-05-6726825d.pth (default: torch hub's cache)")
-    a("--eval-sampler", type=str, default=None,
-      help="diffusion: ddpm|ddim|dpm-solver++ (default)|unipc|euler|heun; flow: euler|heun (default)|midpoint|sde")
-    a("--eval-steps", type=int, default=25, help="sampling steps per evaluation sample")
-    a("--eval-cfg-scale", type=float, default=1.0, help="guidance scale of the evaluation samples")
-    a("--eval-batch-size", type=int, default=32, help="samples per rank per batch")
-
-
-def main(argv=None) -> int:
-    """Exit codes: 0 done; 2 bad input (one line, nothing created); 1 the run failed (a
-    non-finite loss on any rank, a collective that timed out), one line naming step and rank."""
-    return run_entry(_main, "train.py", argv)
-
-
-def _main(argv) -> int:
-    args = build_parser().parse_args(argv)
-    import torch.distributed as dist
-
-    from dit_fast.distributed import CollectiveTimeout, env_world
-    from dit_fast.train import NonFiniteLossError, train
-    cfg = config_from_args(args)
-    try:
-        train(cfg)
-        _shutdown()
-    except (NonFiniteLossError, CollectiveTimeout) as err:
-        print(f"train.py: error: {one_line(err)}", file=sys.stderr)
-        return 1
-    except dist.DistError as err:  # any other collective (a save's barrier) timed out or lost a peer
-        print(f"train.py: error: rank {env_world()[0]}: a collective failed (a peer stuck past "
-              f"--collective-timeout {cfg.train.collective_timeout:g} s, or dead): {one_line(err)}",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
-def _shutdown() -> None:
-    # Leaving the process group explicitly lets the ranks exit at once instead of in gloo's teardown.
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+cli()  # a script, run only: the library is dit_fast.train.cli (import that, never this file)

@@ -62,7 +62,7 @@ tail -3 "$OUT/env.txt" | tee -a "$LOG"
 
 step "1. GPU tests (trainer first, then model parity, sampling, kernels) -> gpu_tests.txt, gpu_tests.xml"
 run 190 python3 -m pytest -v -rA -p no:cacheprovider -k "gpu or cuda" --junitxml "$OUT/gpu_tests.xml" \
-  tests/test_train_gpu.py tests/test_train_ema.py tests/test_fast_paths.py tests/test_sampling.py tests/test_sample_cli.py \
+  tests/test_train_gpu.py tests/test_train_ema.py tests/test_fast_paths.py tests/sampling \
   tests/diffusion tests/kernels >"$OUT/gpu_tests.txt" 2>&1
 grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -4 | tee -a "$LOG"
 

@@ -6,7 +6,7 @@
     python benchmarks/sampler_table.py --rows "" --flow-demo-dir results/demo-flow   # flow rows only
 
 Quality mode reuses the demo end to end: the model trained by ``python -m dit_fast.demo`` (an
-existing ``--demo-dir`` run is reused; otherwise the demo is run once), dit_fast.sampling.Sampler
+existing ``--demo-dir`` run is reused; otherwise the demo is run once), dit_fast.sampling.build_sampler
 for every sampler, and dit_fast.scoring.DigitScorer (an independent classifier's accuracy and the
 Fréchet distance of its features). Every row samples the same x_T and labels. NFE counts model
 forward passes (one batched CFG forward each; Heun: 2 x steps - 1). The ``--flow-rows`` run SiT's

@@ -209,9 +209,8 @@ def train_command(row: RowConfig, args) -> str:
 
 def row_config(row: RowConfig, args):
     """train.py's parser and config builder on the row's flags: the Config train(cfg) would get."""
-    import train as train_cli
-
     from dit_fast.config import config_from_args
+    from dit_fast.train import cli as train_cli
     cfg = config_from_args(train_cli.build_parser().parse_args(train_argv(row, args)))
     if cfg.train.deepspeed_config and not os.path.isabs(cfg.train.deepspeed_config):
         cfg.train.deepspeed_config = str(ROOT / cfg.train.deepspeed_config)

@@ -48,7 +48,7 @@ def _sync(device: torch.device) -> None:
 def _run(benchmark, model, device, batch, latent, steps, impl, precision, rounds):
     """Time Sampler.sample over `steps` respaced steps; returns seconds per step."""
     sampler = build_sampler(model, create_diffusion(str(steps)), cfg_scale=4.0, num_classes=1000,
-                      precision=precision)
+                            precision=precision)
     shape = (batch, model.in_channels, latent, latent)
     compile_s = sampler.compile(shape, mode=default_compile_mode(device)) if impl == "compile" else 0.0
     g = torch.Generator(device).manual_seed(0)

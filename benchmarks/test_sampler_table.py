@@ -1,5 +1,5 @@
 """Smoke tests of the sampler speed-quality runner (CPU, tiny, untrained model): row parsing, one real
-quality row through Sampler + DigitScorer, and the markdown/JSON/PNG writers. No quality is asserted."""
+quality row through build_sampler + DigitScorer, and the markdown/JSON/PNG writers. No quality is asserted."""
 import argparse
 import json
 import sys

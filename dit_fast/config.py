@@ -155,6 +155,14 @@ class TrainConfig:
     collective_timeout: float = 600.0
     """Seconds any collective (or DataLoader worker) may wait; past it the job fails naming the
     step and the rank that did not arrive, instead of idling until someone kills it."""
+    # ---- --init-from (dit_fast.checkpoint.init_from) ----
+    init_from: Optional[str] = None
+    """Start a NEW run from these weights (official name, EMA / .pt / .safetensors file, run or
+    step directory, diffusers folder): step 0, fresh optimizer, EMA = the loaded weights. Another
+    --num-classes rebuilds the label table, another --image-size the fixed positional table."""
+    keep_labels: bool = False
+    """With --init-from and another --num-classes: keep the label vectors of the classes both
+    models have (0..min-1); without it every class row starts from the initialisation."""
 
 
 OBJECTIVES = ("diffusion", "flow")  # train.objective; REPA adds "repa" in dit_fast/train/objective.py

@@ -170,19 +170,12 @@ def run_training(cmd: list[str], max_steps: int, threads: int) -> list[str]:
 
 def find_run(results_dir: Path) -> tuple[Path, Path]:
     """(run dir, EMA weights of its last checkpoint) of the single run under results_dir."""
-    from .train.run_dir import ema_file_name, list_checkpoints
+    from .sampling.run_source import resolve_ckpt
 
     runs = sorted(p for p in results_dir.iterdir() if (p / "checkpoints").is_dir())
     if not runs:
         raise FileNotFoundError(f"train.py left no run with checkpoints under {results_dir}")
-    checkpoints = list_checkpoints(runs[-1] / "checkpoints")
-    if not checkpoints:
-        raise FileNotFoundError(f"no complete checkpoint under {runs[-1] / 'checkpoints'}")
-    step, ckpt = checkpoints[-1]
-    ema = ckpt / ema_file_name(step)
-    if not ema.is_file():
-        raise FileNotFoundError(f"{ema} is missing: the checkpoint has no exported EMA weights")
-    return runs[-1], ema
+    return runs[-1], resolve_ckpt(str(runs[-1])).weights  # its newest complete checkpoint's EMA file
 
 
 # ------------------------------------------------------------------------------------ sampling

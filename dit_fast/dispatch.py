@@ -26,7 +26,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("dit_fast")
 
 ATTN_BACKENDS = ("auto", "sdpa", "math", "triton", "flash_attn", "xformers")
-ADALN_BACKENDS = ("torch", "triton")
+ADALN_BACKENDS = ("auto", "torch", "triton")
 _logged: set[str] = set()
 MEASURED = "benchmarks/results/2026-11-26-h200-run2/kernels.json"  # what the auto choices rest on
 
@@ -72,7 +72,6 @@ def check_attn_backend_name(name: str) -> str:
     return name
 
 
-ADALN_BACKENDS = ("torch", "triton", "auto")
 _TRUE_WORDS, _FALSE_WORDS = ("true", "1"), ("false", "0")
 
 
@@ -233,7 +232,7 @@ def gated_residual_norm(x, gate, y, shift, scale, eps: float, backend: str, out_
 
 
 __all__ = [
-    "ATTN_BACKENDS", "ADALN_BACKENDS", "attn_backend_status", "check_attn_backend_name", "check_adaln_flag",
-    "resolve_attn_backend", "resolve_adaln_backend", "adaln_backend_name", "ADALN_BACKENDS", "attention", "attention_math", "modulate",
+    "ATTN_BACKENDS", "ADALN_BACKENDS", "attn_backend_status", "check_attn_backend_name", "adaln_backend_name",
+    "resolve_attn_backend", "resolve_adaln_backend", "attention", "attention_math", "modulate",
     "modulated_layer_norm", "gated_residual", "gated_residual_norm",
 ]

@@ -58,13 +58,13 @@ def files(tmp_path_factory):
 
 
 def train_main(argv):
-    import train
-    return train.main(argv)
+    from dit_fast.train.cli import main
+    return main(argv)
 
 
 def extract_main(argv):
-    import extract_features
-    return extract_features.main(argv)
+    from dit_fast.data.extract_cli import main
+    return main(argv)
 
 
 def sample_main(argv):
@@ -75,6 +75,11 @@ def sample_main(argv):
 def sample_ddp_main(argv):
     from dit_fast.sampling import fid_set as sample_ddp
     return sample_ddp.cli(argv)
+
+
+def export_main(argv):
+    from dit_fast.checkpoint.export import cli
+    return cli(argv)
 
 
 def demo_main(argv):
@@ -142,6 +147,12 @@ TRAIN_CASES = [
     ("results dir is a file", T("--results-dir", "{txt}"), "is a file"),
     ("checkpointing fraction > 1", T("--grad-checkpointing", "2"), "fraction"),
     ("negative lr", T("--lr=-1e-4"), "--lr must be positive"),
+    ("init-from missing", T("--init-from", "{base}/nope.pt"), "No checkpoint"),
+    ("init-from unreadable", T("--init-from", "{junk}"), "not a torch checkpoint"),
+    ("init-from another width", T("--init-from", "{tiny}"),
+     "x_embedder.proj.weight is (32, 3, 2, 2) in the checkpoint but (64, 1, 2, 2) in this model"),
+    ("init-from a run without a checkpoint", T("--init-from", "{base}/run"), "no complete checkpoint"),
+    ("keep-labels without init-from", T("--keep-labels"), "--keep-labels needs --init-from"),
     ("eval without a reference", T("--eval-every", "2"), "needs --eval-ref"),
     ("eval reference missing", T("--eval-every", "2", "--eval-ref", "{base}/nope.npz"), "--eval-ref: no such file"),
     ("eval reference of 3 images", T("--eval-every", "2", "--eval-ref", "{ref3}"), "has 3 images"),
@@ -242,6 +253,14 @@ SAMPLE_DDP_CASES = [
     ("batch not an int", S("--per-proc-batch-size", "x"), "invalid int value"),
     ("negative seed", S("--global-seed", "-1"), "--global-seed must be >= 0"),
 ]
+EXPORT_TINY = SAMPLE_TINY[:-4]  # the tiny checkpoint's model flags, without the sampling ones
+EXPORT_CASES = [
+    ("checkpoint missing", E(*EXPORT_TINY, "--ckpt", "{base}/nope.pt", "--out", "x"), "No checkpoint"),
+    ("checkpoint of another shape", E(*EXPORT_TINY, "--ckpt", "{wrong}", "--out", "x"), "does not fit"),
+    ("out exists", E(*EXPORT_TINY, "--ckpt", "{tiny}", "--out", "{outdir}"), "--overwrite"),
+    ("unknown scheduler", E(*EXPORT_TINY, "--ckpt", "{tiny}", "--out", "x", "--scheduler", "fast"),
+     "invalid choice"),
+]
 DEMO_CASES = [
     ("size not divisible", E("--image-size", "9"), "divisible"),
     ("zero patch", E("--patch-size", "0"), "--patch-size must be positive"),
@@ -256,6 +275,7 @@ CASES = ([("train.py", train_main, *c) for c in TRAIN_CASES]
          + [("extract_features.py", extract_main, *c) for c in EXTRACT_CASES]
          + [("sample.py", sample_main, *c) for c in SAMPLE_CASES]
          + [("sample_ddp.py", sample_ddp_main, *c) for c in SAMPLE_DDP_CASES]
+         + [("export_diffusers.py", export_main, *c) for c in EXPORT_CASES]
          + [("dit_fast.demo", demo_main, *c) for c in DEMO_CASES])
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import evaluate
+from dit_fast.evaluation import cli as evaluate
 from dit_fast.evaluation import FeatureExtractor, inception_score, precision_recall, statistics
 from tests.evaluation_helpers import save_random_weights
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import extract_features
+from dit_fast.data import extract_cli as extract_features
 from dit_fast.data import LatentDataset, center_crop_arr, pixels_to_tensor
 from dit_fast.data import extract as extract_mod
 from dit_fast.distributed import free_port

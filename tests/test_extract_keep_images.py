@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import extract_features
+from dit_fast.data import extract_cli as extract_features
 from dit_fast.data import LatentDataset, center_crop_arr, pixels_to_tensor
 from dit_fast.data.latents import write_latent_dataset
 from tests.test_extract_features import _single_process_env, image_tree  # noqa: F401  (fixtures)

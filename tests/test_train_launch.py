@@ -42,7 +42,7 @@ def photo_latents(tmp_path_factory):
     pytest.importorskip("diffusers")
     from PIL import Image
 
-    import extract_features
+    from dit_fast.data import extract_cli as extract_features
     from tests.vae_helpers import save_tiny_vae
     tmp = tmp_path_factory.mktemp("photos")
     for name, photo in zip(("china", "flower"), datasets.load_sample_images().images):

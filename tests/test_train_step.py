@@ -9,9 +9,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train as train_cli  # noqa: E402
 from dit_fast.config import Config, config_from_args  # noqa: E402
 from dit_fast.models import build_model  # noqa: E402
+from dit_fast.train import cli as train_cli  # noqa: E402
 from dit_fast.train.engine import build_optimizer, fused_adamw_supported  # noqa: E402
 
 TINY = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "64", "--num-heads", "4", "--image-size", "8",

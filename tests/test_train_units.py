@@ -13,9 +13,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import train as train_cli  # noqa: E402
 from dit_fast.config import (Config, config_from_args, config_from_dict, config_to_dict,  # noqa: E402
                              format_config, load_config, save_config)
+from dit_fast.train import cli as train_cli  # noqa: E402
 from dit_fast.train.resume import config_differences, resolve_resume  # noqa: E402
 from dit_fast.train.run_dir import (capture_rng, check_same_model,  # noqa: E402
                                        prune_checkpoints, recover_checkpoints,
@@ -66,10 +66,10 @@ def test_prepare_resolves_a_copy_and_never_writes_the_users_config(digits8, tmp_
     from dit_fast.train.loop import prepare
     cfg = parse("--features-path", str(digits8), "--global-batch-size", "8", "--results-dir", str(tmp_path))
     before = copy.deepcopy(cfg)
-    resolved, ds_config, _ = prepare(cfg)
+    resolved, ds_config, _, init_plan = prepare(cfg)
     assert cfg == before and cfg.model.in_channels is None and cfg.train.micro_batch_size is None
     assert (resolved.model.in_channels, resolved.model.input_size, resolved.train.micro_batch_size) == (1, 8, 8)
-    assert ds_config["train_micro_batch_size_per_gpu"] == 8
+    assert ds_config["train_micro_batch_size_per_gpu"] == 8 and init_plan is None  # no --init-from
 
 
 def test_config_round_trip_and_flags(tmp_path):

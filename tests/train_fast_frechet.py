@@ -5,8 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dit_fast.evaluation.suite as suite  # noqa: E402
-import train  # noqa: E402
+from dit_fast.train.cli import cli  # noqa: E402
 from tests.evaluation_helpers import mean_distance  # noqa: E402
 
 suite.frechet_distance = mean_distance
-sys.exit(train.main())
+cli()

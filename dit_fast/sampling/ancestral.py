@@ -40,6 +40,9 @@ class AncestralSampler(Sampler):
             return step_fn
 
         super().__init__(guidance, diffusion, make_step)
+        # The device copy of the schedule is made here, eagerly: a compiled step then reads it as a
+        # constant instead of tracing the host->device copy into its graph.
+        diffusion.schedule_on(self.device)
         self._indices: dict[int, torch.Tensor] = {}
         # The original chain's timestep of each step index (the guidance interval's coordinate).
         self.chain_timesteps = diffusion.schedule_on(torch.device("cpu")).model_timesteps.tolist()

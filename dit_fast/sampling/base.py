@@ -53,7 +53,7 @@ class Sampler:
     @property
     def num_model_evaluations(self) -> int:
         """Model forward passes per sample (one batched CFG forward each)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not say its model evaluations")
 
     def compile(self, z_shape, mode: Optional[str] = None, fullgraph: bool = True) -> float:
         """Compile the per-step function for x_T of shape ``z_shape`` (N, C, H, W) and warm it up.
@@ -67,7 +67,6 @@ class Sampler:
             self.plain_step.compile(args, mode, fullgraph)
         return self.compile_seconds
 
-    @torch.no_grad()
     def sample(self, z: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None,
                progress: bool = False) -> torch.Tensor:
         """Run the reverse process from x_T = z (N, C, H, W) for ``labels`` (N,); returns x_0.
@@ -76,13 +75,16 @@ class Sampler:
         """
         if labels.shape != (z.shape[0],):
             raise ValueError(f"labels must have shape ({z.shape[0]},), got {tuple(labels.shape)}")
-        return self._run(z.float(), self.guidance.labels(labels), generator, progress)
+        with torch.set_grad_enabled(False):
+            return self._run(z.float(), self.guidance.labels(labels), generator, progress)
 
     def _run(self, z, y, generator, progress) -> torch.Tensor:
-        raise NotImplementedError
+        """The method's loop from x_T = z (N, ...) with model-batch labels y (2N under guidance) to x_0."""
+        raise NotImplementedError(f"{type(self).__name__} has no sampling loop (_run)")
 
     def _warmup_args(self, z_shape) -> tuple:
-        raise NotImplementedError
+        """Arguments of one call of the compiled per-step function for x_T of shape ``z_shape``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be compiled (_warmup_args)")
 
 
 def with_progress(steps: Iterable, progress: bool, total: Optional[int] = None) -> Iterable:

@@ -15,6 +15,12 @@ from .solvers import SOLVERS, SolverSampler
 ANCESTRAL = ("ddpm", "ddim")  # ours, bit-identical to the original; SOLVERS come from diffusers
 
 
+def _ancestral(name: str):
+    def factory(guidance, diffusion, *, clip_denoised=False, eta=0.0):
+        return AncestralSampler(guidance, diffusion, method=name, clip_denoised=clip_denoised, eta=eta)
+    return factory
+
+
 def _solver(name: str):
     def factory(guidance, diffusion, *, clip_denoised=False, eta=0.0):
         if eta or clip_denoised:
@@ -32,12 +38,9 @@ def _flow(mode: str):
 
 
 FLOW_METHODS = ("ode", "sde")
-METHODS = {
-    **{name: (lambda name: lambda guidance, diffusion, **kw: AncestralSampler(
-        guidance, diffusion, method=name, **kw))(name) for name in ANCESTRAL},
-    **{name: _solver(name) for name in SOLVERS},
-    **{name: _flow(name.upper()) for name in FLOW_METHODS},
-}
+# --sampler name (and the flow modes) -> factory(guidance, diffusion, *, clip_denoised, eta, ...) -> Sampler
+METHODS = {**{name: _ancestral(name) for name in ANCESTRAL}, **{name: _solver(name) for name in SOLVERS},
+           **{name: _flow(name.upper()) for name in FLOW_METHODS}}
 SAMPLERS = tuple(m for m in METHODS if m not in FLOW_METHODS)  # --sampler's choices (diffusion)
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from dit_fast.checkpoint import official_checkpoint_name
 from dit_fast.cli import OneLineParser, flag_named
 from dit_fast.distributed import init_distributed
 from dit_fast.vae import is_pixel_space, load_vae
 
-from .flags import (add_common_flags, build_sampling_model, format_sample_config, official_name,
-                    resolve_device, resolve_sample_config, run_cli, sampler_of)
+from .flags import (add_common_flags, build_sampling_model, format_sample_config, resolve_device,
+                    resolve_sample_config, run_cli, sampler_of)
 from .images import write_npz_from_pngs
 from .resumable import (barrier, batches_to_do, check_resume_settings, folder_name, run_batches,
                         sample_settings)
@@ -85,7 +86,7 @@ def main(argv=None) -> dict:
     ctx = init_distributed(cfg.device)  # a process group only under torchrun (NCCL / Gloo)
     device = resolve_device(str(ctx.device), cfg.tf32)
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(False):
             return _sample_all(cfg, source, ctx.rank, ctx.world_size, device)
     finally:
         ctx.close()
@@ -96,12 +97,13 @@ def _weights_path(cfg, source) -> Path:
     if source is not None:
         return source.weights
     from .run_source import resolve_ckpt
-    return resolve_ckpt(official_name(cfg.model.image_size)).weights
+    return resolve_ckpt(official_checkpoint_name(cfg.model.image_size)).weights
 
 
 def _sample_all(cfg, source, rank: int, world_size: int, device) -> dict:
     torch.manual_seed(cfg.global_seed * world_size + rank)  # the original's seed (model init only here)
-    if rank == 0:
+    main_rank = rank == 0  # prints, writes sample_ddp.json and the .npz
+    if main_rank:
         print(format_sample_config(cfg))
     print(f"Starting rank={rank}, world_size={world_size}, device={device}.")
     weights = _weights_path(cfg, source)
@@ -113,7 +115,7 @@ def _sample_all(cfg, source, rank: int, world_size: int, device) -> dict:
     folder = Path(cfg.sample_dir) / folder_name(cfg)
     n = cfg.per_proc_batch_size
     check_resume_settings(folder, sample_settings(cfg, weights, world_size, device), rank, world_size)
-    if rank == 0:
+    if main_rank:
         print(f"Saving .png samples at {folder}")
     barrier(world_size)
 
@@ -121,31 +123,31 @@ def _sample_all(cfg, source, rank: int, world_size: int, device) -> dict:
     total = int(math.ceil(cfg.num_fid_samples / global_batch) * global_batch)
     iterations = total // global_batch
     todo = batches_to_do(folder, iterations, n, rank, world_size)
-    if rank == 0:
+    if main_rank:
         print(f"Total number of images that will be sampled: {total}"
               + (f" ({iterations - len(todo)} of {iterations} batches per rank already done: resuming)"
                  if len(todo) < iterations else ""))
     shape = (n, model.in_channels, m.input_size, m.input_size)
     if cfg.compile and todo:
         seconds = sampler.compile(shape, mode=cfg.compile_mode)
-        if rank == 0:
+        if main_rank:
             print(f"Compiled the sampling step in {seconds:.1f} s.")
     run_batches(sampler, vae, folder, todo, iterations, global_seed=cfg.global_seed,
                 num_classes=m.num_classes, rank=rank, world_size=world_size, device=device, shape=shape)
 
     barrier(world_size)  # all PNGs are on disk before the .npz is built
     result = {"folder": folder, "npz": None, "fid": None, "metrics": None}
-    if rank == 0:
+    if main_rank:
         npz = write_npz_from_pngs(folder, cfg.num_fid_samples)
         print(f"Saved .npz file to {npz} [shape=({cfg.num_fid_samples}, {m.image_size}, {m.image_size}, 3)].")
         result["npz"] = npz
     barrier(world_size)  # the other ranks are done; only rank 0 evaluates (no collective waits on it)
-    if rank == 0 and cfg.evaluate:
+    if main_rank and cfg.evaluate:
         from dit_fast.evaluation import evaluate_npz
         result["metrics"] = evaluate_npz(cfg.evaluate, npz, weights=cfg.inception_weights, device=device)
         result["fid"] = result["metrics"]["fid"]
-    if rank == 0:
-        print("Done.")
+    if main_rank:
+        print(f"Done: {cfg.num_fid_samples} samples.")
     return result
 
 

@@ -275,11 +275,6 @@ def resolve_sample_config(args: argparse.Namespace) -> tuple:
     return cfg, source
 
 
-def official_name(image_size: int) -> str:
-    """The official DiT-XL/2 checkpoint sampled without --ckpt."""
-    return f"DiT-XL-2-{image_size}x{image_size}.pt"
-
-
 def build_sampling_model(model_cfg, weights, device, *, saved: bool = False):
     """The DiT of ``model_cfg`` with ``weights`` (a file, folder or official name), built as the
     original sample.py does (random init, then .to(device), then the checkpoint, then eval()), so

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dit_fast.checkpoint import official_checkpoint_name
 from dit_fast.cli import OneLineParser
 from dit_fast.config import DEFAULT_CLASS_LABELS
 from dit_fast.vae import load_vae
@@ -16,7 +17,7 @@ from dit_fast.vae import load_vae
 from .build import decode
 from .compiled import timed
 from .flags import (add_common_flags, build_sampling_model, check_class_labels, format_sample_config,
-                    official_name, resolve_device, resolve_sample_config, run_cli, sampler_of)
+                    resolve_device, resolve_sample_config, run_cli, sampler_of)
 from .images import save_image
 
 
@@ -44,7 +45,7 @@ def main(argv=None) -> dict:
     # The original's order of RNG use: seed, model init, (weights), VAE load, x_T, per-step noise.
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
-        weights = source.weights if source else official_name(m.image_size)
+        weights = source.weights if source else official_checkpoint_name(m.image_size)
         model = build_sampling_model(m, weights, device, saved=bool(source and source.config))
         vae = load_vae(cfg.vae, device=device)
 

@@ -162,12 +162,14 @@ def seed_everything(seed: int) -> None:
 
 
 def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, world: int,
-                 init_on_device: bool = False):
+                 init_on_device: bool = False, init_plan=None):
     """Model -> activation checkpointing (constructor flag) -> compile -> EMA copy -> engine.
 
     ``init_on_device``: build the weights on ``device`` directly (seconds instead of tens of seconds for
     DiT-XL/2 on a GPU; the benchmark table's choice). The initial values then come from the device's
     RNG, not DiT's CPU initialisation, so train.py keeps the default.
+    ``init_plan``: --init-from's weights (dit_fast.checkpoint.init_from), copied into the new model
+    before the EMA copy and the optimizer exist, so both start from them.
     """
     import deepspeed
     if device.type == "cuda":  # DiT's train.py: TF32 matmuls and convolutions for the fp32 work
@@ -178,6 +180,9 @@ def build_engine(cfg: Config, ds_config: dict, device: torch.device, rank: int, 
     seed_everything(cfg.train.global_seed * world)
     with torch.device(device) if init_on_device else contextlib.nullcontext():
         model = build_model(cfg.model)
+    if init_plan is not None:
+        from ..checkpoint.init_from import apply_init_plan
+        apply_init_plan(model, init_plan)
     ema = EMA(model, cfg.train.ema_decay, keep=rank == 0, device=device)
     if cfg.train.compile:
         apply_compile(model)

@@ -48,9 +48,10 @@ def prepare(cfg: Config):
     """All input checks that need no process group: DeepSpeed JSON vs flags, backends, the data vs
     the model, --resume and --results-dir. Nothing is created here (no group, no run dir).
 
-    Returns (resolved, ds_config, data_info): ``resolved`` is a copy of ``cfg`` with the derived
-    values filled in once (model in_channels / input_size from the data, the micro batch); it is what
-    the run uses, prints and saves. ``cfg`` itself is never written. Raises before any step with a
+    Returns (resolved, ds_config, data_info, init_plan): ``resolved`` is a copy of ``cfg`` with the
+    derived values filled in once (model in_channels / input_size from the data, the micro batch); it
+    is what the run uses, prints and saves. ``cfg`` itself is never written. ``init_plan`` is
+    --init-from's weights, checked against the resolved model, or None. Raises before any step with a
     message naming the bad input.
     """
     _, world_size, _ = env_world()
@@ -70,7 +71,21 @@ def prepare(cfg: Config):
     resolved.train.micro_batch_size = micro_batch_size(cfg, world_size)
     _check_data_fits(resolved, len(info.dataset), info.input_size, world_size)
     check_evaluation(resolved, world_size)
-    return resolved, ds_config, info
+    return resolved, ds_config, info, _plan_init_from(resolved)
+
+
+def _plan_init_from(cfg: Config):
+    """--init-from: read the source and check every tensor against this run's resolved model (built
+    on the meta device: shapes only) before the process group or the run directory exist."""
+    if cfg.train.keep_labels and not cfg.train.init_from:
+        raise ValueError("--keep-labels needs --init-from (it says which label rows of that checkpoint to keep)")
+    if not cfg.train.init_from:
+        return None
+    from ..checkpoint.init_from import plan_init_from
+    from ..models import build_model
+    with torch.device("meta"):
+        shapes = build_model(cfg.model)
+    return plan_init_from(cfg.train.init_from, shapes, cfg.model.num_classes, cfg.train.keep_labels)
 
 
 def _check_data_fits(cfg: Config, items: int, input_size: int, world_size: int) -> None:
@@ -100,7 +115,7 @@ def _check_backends(cfg: Config, device_type: str) -> None:
 
 def train(cfg: Config) -> Position:
     """Run (or resume) training as configured. Collective: every rank calls it."""
-    cfg, ds_config, info = prepare(cfg)  # from here on the resolved config
+    cfg, ds_config, info, init_plan = prepare(cfg)  # from here on the resolved config
     ctx = init_distributed(use_deepspeed=True, timeout_s=cfg.train.collective_timeout)
     device, rank, world = ctx.device, ctx.rank, ctx.world_size
     # Rank 0 alone looks (and repairs an interrupted publish); its choice, or its error, reaches all.
@@ -115,7 +130,14 @@ def train(cfg: Config) -> Position:
         logger.info(f"Experiment directory: {run_dir}  (world size {world})")
         logger.info("Config:\n" + format_config(cfg))
         logger.info("DeepSpeed config: " + json.dumps(ds_config, sort_keys=True))
-    engine, ema = build_engine(cfg, ds_config, device, rank, world)
+    if choice.path is not None:  # a resumed run continues its own weights, not --init-from's
+        init_plan = None
+    if rank == 0 and init_plan is not None:
+        logger.info(f"--init-from {init_plan.source}: {len(init_plan.full)} tensors loaded; a new run "
+                    "(step 0, fresh optimizer, EMA = the loaded weights)")
+        for note in init_plan.notes:
+            logger.info(f"--init-from: {note}")
+    engine, ema = build_engine(cfg, ds_config, device, rank, world, init_plan=init_plan)
     if rank == 0:
         n_params = sum(p.numel() for p in ema.model.parameters())
         logger.info(f"DiT Parameters: {n_params:,}")

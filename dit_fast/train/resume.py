@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .run_dir import STEP_DIR, TRAIN_STATE, is_complete, list_checkpoints, recover_checkpoints
+from ..checkpoint.run_files import STEP_DIR, TRAIN_STATE, is_complete, list_checkpoints
+from .run_dir import recover_checkpoints
 
 # Fields whose change makes a continued run another experiment. Speed switches (attention backend,
 # fused adaLN, checkpointing, compile), duration (--epochs, --max-steps), logging and workers are

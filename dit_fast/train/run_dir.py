@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -30,13 +29,12 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import fsync_dir, fsync_tree
-from ..checkpoint import atomic_save, safe_torch_load
+from ..checkpoint.run_files import TRAIN_STATE, ema_file_name, list_checkpoints, step_dir_name
+from ..checkpoint.safe_io import atomic_save, safe_torch_load
 from ..config import Config
 from ..distributed import broadcast_from_rank0
 from ..faults import maybe_fault
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
-TRAIN_STATE = "train_state.pt"
 DS_TAG = "ds"
 FORMAT_VERSION = 1
 
@@ -62,30 +60,8 @@ def make_run_dir(cfg: Config, rank: int, resume_from: Path | None) -> Path:
     return Path(broadcast_from_rank0(create, rank))
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def ema_file_name(step: int) -> str:
-    return f"ema-{step:07d}.pt"
-
-
 def rng_file_name(rank: int) -> str:
     return f"rng-rank{rank:05d}.pt"
-
-
-def is_complete(ckpt: Path) -> bool:
-    """A finished checkpoint dir: renamed from .tmp and holding the rank-0 state."""
-    return ckpt.is_dir() and STEP_DIR.match(ckpt.name) is not None and (ckpt / TRAIN_STATE).is_file()
-
-
-def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under one run's checkpoints/ dir, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    found = [(int(STEP_DIR.match(p.name).group(1)), p) for p in ckpt_root.iterdir()
-             if STEP_DIR.match(p.name) and is_complete(p)]
-    return sorted(found)
 
 
 # ---------------------------------------------------------------- RNG states (plain tensors only)

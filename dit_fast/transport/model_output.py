@@ -18,9 +18,8 @@ def drop_learned_sigma(model_fn: Callable[..., torch.Tensor]) -> Callable[..., t
     A model whose output already has x's channels passes through unchanged, so the wrapper is safe on
     either layout. With ``forward_with_cfg`` the guided channels are among the first C, as in SiT."""
     def first_half(x, t, **kwargs):
-        out = model_fn(x, t, **kwargs)
-        if out.shape[1] == 2 * x.shape[1]:
-            return out[:, : x.shape[1]]
-        return out
+        prediction = model_fn(x, t, **kwargs)
+        channels = x.shape[1]
+        return prediction[:, :channels] if prediction.shape[1] == 2 * channels else prediction
     first_half.__wrapped__ = model_fn
     return first_half

@@ -75,7 +75,7 @@ def test_sample_ddp_on_a_flow_run_records_the_flow_settings(flow_run, tmp_path):
 
 
 def test_export_refuses_a_flow_run(flow_run, tmp_path):
-    from dit_fast.export_diffusers import main as export
+    from dit_fast.checkpoint.export import main as export
     with pytest.raises(ValueError, match="flow run"):
         export(["--ckpt", str(flow_run[0]), "--out", str(tmp_path / "pipe")])
     assert not (tmp_path / "pipe").exists()

@@ -88,6 +88,7 @@ def test_contradicting_model_flag_is_one_line_exit_2(run, tmp_path, capsys, flag
     with pytest.raises(SystemExit) as exit_info:
         fid_set.cli(["--ckpt", str(run_dir), flag, value, "--sample-dir", str(tmp_path / "s")])
     assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
 
 
 def test_resolve_ckpt_kinds(run, tmp_path):
@@ -99,5 +100,27 @@ def test_resolve_ckpt_kinds(run, tmp_path):
     empty = tmp_path / "004-empty"
     (empty / "checkpoints").mkdir(parents=True)
     (empty / "config.json").write_text((run_dir / "config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="without a complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         resolve_ckpt(str(empty))
+
+
+def test_export_reads_the_run_like_explicit_flags(tmp_path):
+    """The export resolves --ckpt through the same run_source: a run dir needs no model flag."""
+    pytest.importorskip("diffusers")
+    from dit_fast.checkpoint.export import main as export
+    from tests.sampling_helpers import build_tiny
+    run_dir, ema = _run_dir(tmp_path / "results", steps=(7,))
+    torch.manual_seed(0)
+    model = build_tiny(input_size=SIZE, in_channels=3, num_classes=CLASSES)
+    with torch.no_grad():  # keep the fixed sin-cos table: the export checks diffusers can recompute it
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.add_(torch.randn_like(p) * 0.1)
+    atomic_save({"ema": model.state_dict()}, ema)
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+    export(["--ckpt", str(plain), "--out", str(tmp_path / "a"), "--no-check", *EXPLICIT])
+    export(["--ckpt", str(run_dir), "--out", str(tmp_path / "b"), "--no-check"])
+    for name in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json", "model_index.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -155,7 +155,7 @@ def test_evaluate_writes_evaluate_py_metrics_beside_the_samples(ckpt, tmp_path, 
     files (the real Inception architecture, random weights; a stand-in for the 2048-wide sqrtm)."""
     import json
 
-    import evaluate
+    from dit_fast.evaluation import cli as evaluate
     from tests.evaluation_helpers import mean_distance, save_random_weights
     monkeypatch.setattr("dit_fast.evaluation.suite.frechet_distance", mean_distance)
     weights = save_random_weights(tmp_path / "inception.pth", seed=2)

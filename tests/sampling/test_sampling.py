@@ -149,8 +149,8 @@ def test_sampler_step_is_the_diffusions_own_step(kind):
     model, diffusion = _tiny_model(), create_diffusion("5")
     sampler = build_sampler(model, diffusion, method=kind, cfg_scale=3.0, num_classes=10)
     torch.manual_seed(4)
-    z, labels = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
-    x, y = torch.cat([z, z]), torch.tensor([3, 7, 10, 10])
+    z = torch.randn(2, 4, 8, 8)
+    x, y = torch.cat([z, z]), torch.tensor([3, 7, 10, 10])  # labels [3, 7] and the null label twice
     noise = torch.randn_like(x)
     t = sampler.step_indices(4)[2]  # the third step: an intermediate t
     assert t.tolist() == [2] * 4
@@ -177,6 +177,16 @@ def test_no_sampling_module_computes_schedule_coefficients():
     offenders = [f"{p.name}:{i}: {line.strip()}" for p in sorted(folder.glob("*.py"))
                  for i, line in enumerate(p.read_text().splitlines(), 1) if banned.search(line)]
     assert not offenders, offenders
+
+
+def test_no_test_imports_the_sampling_scripts():
+    """sample.py / sample_ddp.py are one call of dit_fast.sampling.{grid,fid_set}.cli: tests import the
+    library (importing the scripts would run them)."""
+    import re
+    from pathlib import Path
+    tests = Path(__file__).resolve().parents[1]
+    script = re.compile(r"^\s*(import (sample|sample_ddp)\b|from (sample|sample_ddp) import)", re.M)
+    assert not [p.name for p in tests.rglob("*.py") if script.search(p.read_text())]
 
 
 def test_clear_errors():

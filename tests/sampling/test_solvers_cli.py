@@ -56,7 +56,7 @@ def test_unknown_sampler_lists_the_choices(ckpt, capsys):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(our checkpoint, its diffusers export): the tiny DiT with its fixed sin-cos table intact."""
-    from dit_fast.export_diffusers import main as export
+    from dit_fast.checkpoint.export import main as export
     from tests.sampling_helpers import build_tiny
 
     root = tmp_path_factory.mktemp("export")

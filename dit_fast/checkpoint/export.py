@@ -1,7 +1,8 @@
-"""Export a DiT checkpoint as a diffusers DiTPipeline folder.
+"""Export a DiT checkpoint as a diffusers DiTPipeline folder (the script is export_diffusers.py;
+``python -m dit_fast.export_diffusers`` runs the same ``cli``).
 
-    python -m dit_fast.export_diffusers --ckpt results/000/checkpoints/0400000.pt --out DiT-diffusers
-    python -m dit_fast.export_diffusers --ckpt ema.pt --out digits --model DiT-S/2 --depth 4 \\
+    python export_diffusers.py --ckpt results/000-DiT-XL-2/checkpoints/step-0400000 --out DiT-diffusers
+    python export_diffusers.py --ckpt ema.pt --out digits --model DiT-S/2 --depth 4 \\
         --hidden-size 128 --num-heads 4 --image-size 8 --vae none --in-channels 1 --num-classes 10
 
 writes DIR/transformer/ (config.json + diffusion_pytorch_model.safetensors, loadable with
@@ -13,7 +14,7 @@ model (1000 classes: DiTPipeline hard-codes the null label 1000; square sizes).
 The folder is built next to DIR under a temporary name, checked, then renamed into place: an error
 never leaves a half folder. The check loads the transformer with diffusers (when installed) and
 compares it with our model; diffusers' DiT embeds timesteps with slightly other frequencies than
-the original (see dit_fast.diffusers_format), so the check reports both the exact-mapping error
+the original (see dit_fast.checkpoint.diffusers), so the check reports both the exact-mapping error
 (with the original frequencies, must be <= 1e-5) and the stock diffusers difference.
 """
 from __future__ import annotations
@@ -23,14 +24,14 @@ import importlib.metadata
 import json
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 
 import torch
 
-from dit_fast import diffusers_format
-from dit_fast.sampling.solvers import SOLVERS
+from ..sampling.solvers import SOLVERS
+from . import diffusers as diffusers_format
+from .loading import load_into_model, load_state_dict
 
 SCHEDULERS = tuple(SOLVERS) + ("ddim",)
 EXACT_TOLERANCE = 1e-5  # relative error of the exported transformer (fp32) against ours
@@ -38,9 +39,11 @@ EXACT_TOLERANCE = 1e-5  # relative error of the exported transformer (fp32) agai
 
 def build_parser() -> argparse.ArgumentParser:
     """The export's flags: sample.py's model flags plus --out, --scheduler, --class-names."""
-    from dit_fast.config import add_model_flags
+    from ..cli import OneLineParser
+    from ..config import add_model_flags
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="export_diffusers.py", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--ckpt", required=True, help="a train.py run dir (model flags come from its saved config), a "
       "checkpoints/step-NNNNNNN dir or its EMA file, our checkpoint (.pt/.safetensors) or an official name")
@@ -63,7 +66,6 @@ def build_model(args):
     """(our DiT from the flags or the run's saved config, as sample.py builds it, with the
     checkpoint's weights, fp32, eval; the sin-cos positional table the model computed at init,
     before the checkpoint overwrote it). Fills ``args`` with the resolved model values."""
-    from dit_fast.checkpoint import load_into_model, load_state_dict
     from dit_fast.models import build_model as build_dit
     from dit_fast.sampling.flags import resolve_run
 
@@ -210,7 +212,7 @@ def check_export(model, folder: Path) -> dict:
 def swap_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder ``tmp`` to ``out`` (an existing ``out`` is moved aside first and
     removed after), then fsync the parent so the rename survives a crash."""
-    from dit_fast.atomic import fsync_dir
+    from ..atomic import fsync_dir
 
     old = None
     if out.exists():
@@ -249,16 +251,9 @@ def main(argv=None) -> dict:
     return {"out": out, "check": check}
 
 
-def cli(argv=None) -> None:
-    """Entry point: bad flags, a checkpoint that does not fit, or a model diffusers cannot hold
-    end with one clear line."""
-    from dit_fast.checkpoint import CheckpointError
-    from dit_fast.vae import VAEError
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, VAEError, RuntimeError) as e:
-        sys.exit(f"dit_fast.export_diffusers: error: {e}")
-
-
-if __name__ == "__main__":
-    cli()
+def cli(argv=None) -> int:
+    """Entry point: bad flags, a checkpoint that does not fit, or a model diffusers cannot hold end
+    with one clear line and exit code 2 (dit_fast.cli); returns the exit code."""
+    from ..cli import run_entry
+    # RuntimeError: the check found the export wrong (nothing was written); one line says so.
+    return run_entry(main, "export_diffusers.py", argv, extra=(RuntimeError,))

@@ -1,4 +1,6 @@
-"""Our DiT state dict <-> diffusers' DiTTransformer2DModel layout (the hub's facebook/DiT-XL-2-256).
+"""Our DiT state dict <-> diffusers' DiTTransformer2DModel layout (the hub's facebook/DiT-XL-2-256):
+the name mapping, reading a diffusers transformer, its config. The pipeline export that writes
+this layout is dit_fast.checkpoint.export.
 
 The two layouts hold the same numbers under other names and shapes:
 
@@ -33,6 +35,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from .safe_io import read_safetensors, safe_torch_load
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -74,6 +78,14 @@ def _params(names: Mapping[str, str]):
             yield f"{ours}.{leaf}", f"{theirs}.{leaf}"
 
 
+def _renamed(depth: int):
+    """(our key, diffusers key) of every tensor that only changes its name (both directions use it)."""
+    yield from _params(_TOP_LINEARS)
+    for i in range(depth):
+        for ours, theirs in _params(_BLOCK_LINEARS):
+            yield f"blocks.{i}.{ours}", f"transformer_blocks.{i}.{theirs}"
+
+
 def to_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our DiT state dict (original names) -> DiTTransformer2DModel's state dict.
 
@@ -84,14 +96,11 @@ def to_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torc
     depth = _depth_of(state, "blocks.")
     out: dict[str, torch.Tensor] = {}
     used = {"pos_embed"}
-    for ours, theirs in _params(_TOP_LINEARS):
+    for ours, theirs in _renamed(depth):
         out[theirs] = state[ours]
         used.add(ours)
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
-        for ours, theirs in _params(_BLOCK_LINEARS):
-            out[dst + theirs] = state[src + ours]
-            used.add(src + ours)
         for leaf in ("weight", "bias"):  # qkv rows are [q; k; v] (Attention reshapes to (3, H, d))
             q, k, v = state[f"{src}attn.qkv.{leaf}"].chunk(3, dim=0)
             for name, part in zip("qkv", (q, k, v)):
@@ -109,7 +118,7 @@ def to_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torc
 
 def from_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """DiTTransformer2DModel's state dict -> ours, without ``pos_embed`` (a fixed sin-cos table that
-    the diffusers layout does not store; ``load_diffusers_into`` takes the model's own).
+    the diffusers layout does not store; ``fit_to_model`` adds the model's own).
 
     Raises DiffusersFormatError when the per-block embedders differ (naming the block and tensor)
     or a key is unknown.
@@ -119,14 +128,11 @@ def from_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, to
         raise DiffusersFormatError("no transformer_blocks.* keys: not a diffusers DiT transformer")
     out: dict[str, torch.Tensor] = {}
     used = set()
-    for ours, theirs in _params(_TOP_LINEARS):
+    for ours, theirs in _renamed(depth):
         out[ours] = state[theirs]
         used.add(theirs)
     for i in range(depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
-        for ours, theirs in _params(_BLOCK_LINEARS):
-            out[dst + ours] = state[src + theirs]
-            used.add(src + theirs)
         for leaf in ("weight", "bias"):
             parts = [state[f"{src}attn1.to_{n}.{leaf}"] for n in "qkv"]
             out[f"{dst}attn.qkv.{leaf}"] = torch.cat(parts, dim=0)
@@ -145,11 +151,6 @@ def from_diffusers_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, to
     if unknown:
         raise DiffusersFormatError(f"keys the DiT layout has no place for: {unknown[:8]}")
     return out
-
-
-def is_diffusers_state_dict(state: Mapping) -> bool:
-    """True for a diffusers DiT layout (its blocks are ``transformer_blocks.*``)."""
-    return any(k.startswith("transformer_blocks.") for k in state)
 
 
 def transformer_config(model) -> dict:
@@ -233,12 +234,7 @@ def read_transformer_dir(folder) -> tuple[dict, dict[str, torch.Tensor]]:
     weights = next((folder / n for n in WEIGHTS_NAMES if (folder / n).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but none of {', '.join(WEIGHTS_NAMES)}")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(weights), device="cpu")
-    else:
-        from dit_fast.checkpoint import safe_torch_load
-        state = safe_torch_load(weights)
+    state = read_safetensors(weights) if weights.suffix == ".safetensors" else safe_torch_load(weights)
     return config, state
 
 
@@ -277,8 +273,7 @@ def read_diffusers_weights(path) -> DiffusersStateDict:
         config, state = read_transformer_dir(folder)
         source = str(folder / CONFIG_NAME)
     else:
-        from safetensors.torch import load_file
-        config, state, source = None, load_file(str(path), device="cpu"), str(path)
+        config, state, source = None, read_safetensors(path), str(path)
     return DiffusersStateDict(from_diffusers_state_dict(state), config, source)
 
 
@@ -288,14 +283,6 @@ def fit_to_model(state: DiffusersStateDict, model) -> dict[str, torch.Tensor]:
     if state.config is not None:
         check_config_fits(state.config, model, source=state.source)
     return {**state, "pos_embed": model.pos_embed.detach().clone()}
-
-
-def load_diffusers_into(model, path) -> torch.nn.Module:
-    """Load a diffusers DiT transformer (a folder, a pipeline folder with transformer/, or a bare
-    .safetensors in that layout) into our ``model`` strictly; returns ``model``."""
-    from dit_fast.checkpoint import load_into_model
-
-    return load_into_model(model, fit_to_model(read_diffusers_weights(path), model))
 
 
 def use_original_timestep_frequencies(transformer) -> None:

@@ -1,99 +1,36 @@
-"""Our DiT <-> diffusers' DiTTransformer2DModel (dit_fast.diffusers_format) and the export CLI
-(dit_fast.export_diffusers): CPU, tiny models, fp32."""
+"""The diffusers DiTPipeline export (dit_fast.checkpoint.export; export_diffusers.py is its script) and
+reading the export back through the public loader. CPU, tiny models, fp32."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from dit_fast import diffusers_format as fmt
-from dit_fast.diffusers_format import DiffusersFormatError
-from dit_fast.export_diffusers import main as export
+from dit_fast.checkpoint import diffusers as fmt
+from dit_fast.checkpoint import load_into_model, load_state_dict
+from dit_fast.checkpoint.diffusers import DiffusersFormatError
+from dit_fast.checkpoint.export import main as export
 from dit_fast.models import DiT
+from tests.checkpoint.tiny_weights import SMALL, dit_inputs, perturbed_dit, rel_error
 
 diffusers = pytest.importorskip("diffusers")
-SMALL = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 SMALL_FLAGS = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "64", "--num-heads", "4",
                "--image-size", "8", "--vae", "none", "--in-channels", "3", "--num-classes", "10"]
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _model(seed=0, **overrides):
-    """A perturbed DiT (adaLN-Zero would output zeros) with the fixed sin-cos pos_embed intact."""
-    torch.manual_seed(seed)
-    model = DiT(**{**SMALL, **overrides})
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
-def _inputs(model, n=4):
-    g = torch.Generator().manual_seed(1)
-    side = model.x_embedder.img_size[0]
-    x = torch.randn(n, model.in_channels, side, side, generator=g)
-    return x, torch.tensor([0, 1, 500, 999])[:n], torch.tensor([0, 3, model.num_classes - 1, model.num_classes])[:n]
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _diffusers_copy(model):
-    config = {k: v for k, v in fmt.transformer_config(model).items() if not k.startswith("_")}
-    theirs = diffusers.DiTTransformer2DModel(**config).eval()
-    theirs.load_state_dict(fmt.to_diffusers_state_dict(model.state_dict()), strict=True)
-    return theirs
-
-
-@pytest.mark.parametrize("overrides", [{}, {"learn_sigma": False}, {"num_classes": 1000, "in_channels": 4}],
-                         ids=["10-classes", "fixed-sigma", "1000-classes"])
-def test_mapping_is_exact_with_the_original_timestep_frequencies(overrides):
-    model = _model(**overrides)
-    theirs = _diffusers_copy(model)
-    x, t, y = _inputs(model)
-    with torch.no_grad():
-        ours = model(x, t, y)
-        stock = theirs(x, timestep=t, class_labels=y).sample
-        fmt.use_original_timestep_frequencies(theirs)
-        exact = theirs(x, timestep=t, class_labels=y).sample
-    assert _rel(exact, ours) <= 1e-5
-    # diffusers' own DiT embeds timesteps with 10000^(-i/127), not DiT's 10000^(-i/128). If this
-    # starts failing, diffusers fixed it: update diffusers_format's docstring and the README.
-    assert _rel(stock, ours) > 1e-3
-    assert torch.equal(theirs.pos_embed.pos_embed, model.pos_embed)  # the recomputed table is ours
-
-
-def test_round_trip_and_per_block_embedders():
-    model = _model()
-    theirs = fmt.to_diffusers_state_dict(model.state_dict())
-    emb = "norm1.emb.timestep_embedder.linear_1.weight"
-    assert torch.equal(theirs[f"transformer_blocks.0.{emb}"], theirs[f"transformer_blocks.1.{emb}"])
-    back = fmt.from_diffusers_state_dict(theirs)
-    assert set(back) == set(model.state_dict()) - {"pos_embed"}
-    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items() if k != "pos_embed")
-    theirs[f"transformer_blocks.1.{emb}"] = theirs[f"transformer_blocks.1.{emb}"] + 1e-3
-    with pytest.raises(DiffusersFormatError, match=r"transformer_blocks\.1\..*differs from block 0"):
-        fmt.from_diffusers_state_dict(theirs)
-
-
-def test_what_diffusers_cannot_hold_is_refused():
-    with pytest.raises(DiffusersFormatError, match="square only"):
-        fmt.transformer_config(_model(input_size=(8, 4)))
-    with pytest.raises(DiffusersFormatError, match="null-class row"):
-        fmt.transformer_config(_model(class_dropout_prob=0.0))
-
-
 def _ckpt(tmp_path, model=None, name="ema.pt"):
     path = tmp_path / name
-    torch.save((model or _model()).state_dict(), path)
+    torch.save((model or perturbed_dit()).state_dict(), path)
     return path
 
 
 def test_export_folder_loads_in_diffusers_and_imports_back(tmp_path, capsys):
-    model = _model()
+    model = perturbed_dit()
     out = tmp_path / "export"
     result = export(["--ckpt", str(_ckpt(tmp_path, model)), "--out", str(out), *SMALL_FLAGS])
     assert result["check"]["exact"] <= 1e-5 and "relative error" in capsys.readouterr().out
@@ -105,10 +42,10 @@ def test_export_folder_loads_in_diffusers_and_imports_back(tmp_path, capsys):
     theirs = diffusers.DiTTransformer2DModel.from_pretrained(str(out / "transformer")).eval()
     fmt.use_original_timestep_frequencies(theirs)
     fresh = DiT(**SMALL).eval()
-    fmt.load_diffusers_into(fresh, out)                       # the pipeline folder finds transformer/
-    x, t, y = _inputs(model)
+    load_into_model(fresh, load_state_dict(out))              # the pipeline folder finds transformer/
+    x, t, y = dit_inputs(model)
     with torch.no_grad():
-        assert _rel(theirs(x, timestep=t, class_labels=y).sample, model(x, t, y)) <= 1e-5
+        assert rel_error(theirs(x, timestep=t, class_labels=y).sample, model(x, t, y)) <= 1e-5
         assert torch.equal(fresh(x, t, y), model(x, t, y))   # strict load: the same numbers
     from safetensors.torch import save_file
     save_file(model.state_dict(), str(tmp_path / "ours.safetensors"))
@@ -116,7 +53,7 @@ def test_export_folder_loads_in_diffusers_and_imports_back(tmp_path, capsys):
     assert all(map(fmt.is_diffusers_checkpoint, (out, out / "transformer", weights)))
     assert not any(map(fmt.is_diffusers_checkpoint, (tmp_path / "ema.pt", tmp_path / "ours.safetensors")))
     bare = DiT(**SMALL).eval()                                 # a bare .safetensors in the hub layout
-    fmt.load_diffusers_into(bare, weights)
+    load_into_model(bare, load_state_dict(weights))
     assert all(torch.equal(a, b) for a, b in zip(bare.state_dict().values(), model.state_dict().values()))
 
 
@@ -124,9 +61,9 @@ def test_import_refuses_a_config_that_does_not_fit(tmp_path):
     out = tmp_path / "export"
     export(["--ckpt", str(_ckpt(tmp_path)), "--out", str(out), "--no-check", *SMALL_FLAGS])
     with pytest.raises(DiffusersFormatError, match="num_embeds_ada_norm=10 .*--num-classes has 12"):
-        fmt.load_diffusers_into(DiT(**{**SMALL, "num_classes": 12}), out / "transformer")
+        load_into_model(DiT(**{**SMALL, "num_classes": 12}), load_state_dict(out / "transformer"))
     with pytest.raises(DiffusersFormatError, match="num_attention_heads=4 .*--num-heads/--model has 2"):
-        fmt.load_diffusers_into(DiT(**{**SMALL, "num_heads": 2}), out / "transformer")
+        load_into_model(DiT(**{**SMALL, "num_heads": 2}), load_state_dict(out / "transformer"))
 
 
 def test_export_is_atomic_and_errors_are_clear(tmp_path):
@@ -135,7 +72,7 @@ def test_export_is_atomic_and_errors_are_clear(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(["--ckpt", str(_ckpt(tmp_path)), "--out", str(out), *SMALL_FLAGS])
-    bad = _model()
+    bad = perturbed_dit()
     with torch.no_grad():
         bad.pos_embed.add_(0.5)  # not the fixed table diffusers would recompute
     with pytest.raises(DiffusersFormatError, match="pos_embed"):
@@ -158,7 +95,7 @@ def test_dit_pipeline_runs_the_export_and_matches_our_sampler(tmp_path):
     from tests.vae_helpers import save_tiny_vae
 
     vae_dir = save_tiny_vae(tmp_path / "vae")
-    model = _model(num_classes=1000, in_channels=4, hidden_size=32, num_heads=2)
+    model = perturbed_dit(num_classes=1000, in_channels=4, hidden_size=32, num_heads=2)
     flags = ["--model", "DiT-S/2", "--depth", "2", "--hidden-size", "32", "--num-heads", "2",
              "--image-size", "16", "--vae", str(vae_dir), "--num-classes", "1000"]
     names = tmp_path / "names.txt"
@@ -186,10 +123,24 @@ def test_dit_pipeline_runs_the_export_and_matches_our_sampler(tmp_path):
 
 def test_export_without_a_cached_hub_vae_still_writes_the_transformer(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never the network in tests; a hub id in no cache
-    model = _model(in_channels=4)
+    model = perturbed_dit(in_channels=4)
     flags = [*SMALL_FLAGS[:8], "--image-size", "64", "--vae", "dit-fast-tests/no-such-vae",
              "--num-classes", "10"]
     out = tmp_path / "export"
     export(["--ckpt", str(_ckpt(tmp_path, model)), "--out", str(out), *flags])
     assert "no vae/ written" in capsys.readouterr().out and not (out / "vae").exists()
     assert json.loads((out / "model_index.json").read_text())["vae"] == [None, None]
+
+
+@pytest.mark.parametrize("entry", [["export_diffusers.py"], ["-m", "dit_fast.export_diffusers"]])
+def test_script_and_module_shim_fail_with_one_line(tmp_path, entry):
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{repo}:{repo / 'kernels'}"}
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    proc = subprocess.run([sys.executable, *entry, "--ckpt", str(junk), "--out", str(tmp_path / "out"),
+                           *SMALL_FLAGS], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith("export_diffusers.py: error: ") and "not a torch checkpoint" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
