@@ -99,7 +99,9 @@ def scheduler_label(name: str) -> str:
 
     if name in FLOW_SAMPLERS:
         mode, method = FLOW_SAMPLERS[name]
-        return f"ours: SiT {mode} {method}" + (" (torchdiffeq, atol 1e-6 rtol 1e-3)" if method == "dopri5" else "")
+        if method == "dopri5":
+            return "torchdiffeq dopri5 (atol 1e-6, rtol 1e-3) on SiT's ODE"
+        return f"ours: SiT {mode} {method}" + (", diffusion form sigma, Mean last step" if mode == "SDE" else "")
     if name in SOLVERS:
         cls, extra = SOLVERS[name]
         settings = ", ".join(f"{k}={v}" for k, v in extra.items())

@@ -328,17 +328,18 @@ def transport_checks(objective: str, tc: TransportConfig) -> list:
     ]
 
 
-def add_transport_flags(parser: argparse.ArgumentParser) -> None:
-    """--objective and SiT's transport flags, with SiT's names (train.py, sample.py, sample_ddp.py)."""
+def add_transport_flags(parser: argparse.ArgumentParser, *, defaults: bool = False) -> None:
+    """--objective and SiT's transport flags, with SiT's names (train.py, sample.py, sample_ddp.py).
+    ``defaults=False`` leaves them None, so sampling can tell a given flag from the run's value."""
     a = parser.add_argument
-    a("--objective", type=str, default=None, metavar="|".join(OBJECTIVES),
-      help="diffusion (DiT's, the default) or flow (SiT's flow matching); sampling a run reads it")
-    a("--path-type", type=str, default=None, metavar="|".join(PATH_TYPES),
-      help="flow: the interpolant (default Linear)")
-    a("--prediction", type=str, default=None, metavar="|".join(PREDICTIONS),
-      help="flow: what the network predicts (default velocity)")
+    a("--objective", type=str, default="diffusion" if defaults else None, metavar="|".join(OBJECTIVES),
+      help="diffusion (DiT's) or flow (SiT's flow matching); sampling a run reads it")
+    a("--path-type", type=str, default="Linear" if defaults else None, metavar="|".join(PATH_TYPES),
+      help="flow: the interpolant")
+    a("--prediction", type=str, default="velocity" if defaults else None, metavar="|".join(PREDICTIONS),
+      help="flow: what the network predicts")
     a("--loss-weight", type=str, default=None, metavar="velocity|likelihood",
-      help="flow: score/noise loss weighting (default none)")
+      help="flow: score/noise loss weighting (None: unweighted)")
     a("--train-eps", type=float, default=None, help="flow: training time margin (default: SiT's)")
     a("--sample-eps", type=float, default=None, help="flow: sampling time margin (default: SiT's)")
 

@@ -63,3 +63,62 @@ def test_auto_resume_treats_the_objective_as_part_of_the_experiment(saved_extra)
     assert config_differences(old, now) == expect
     now["transport"]["path_type"] = "GVP"
     assert "transport.path_type: checkpoint None vs now 'GVP'" in config_differences(old, now)
+
+
+class _Engine:
+    """What TrainStep needs of DeepSpeed's engine: call, backward, step."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        pass
+
+
+@pytest.mark.parametrize("flags", [[], ["--path-type", "GVP", "--prediction", "noise", "--loss-weight", "likelihood"],
+                                   ["--path-type", "VP", "--prediction", "score", "--train-eps", "0.01"]])
+def test_the_flow_micro_step_is_sits_loss(flags):
+    """train.py's flags -> config -> TrainStep's micro-step: the same number as SiT's recipe
+    (create_transport(...).training_losses(model, x1, dict(y=y))["loss"].mean() on the model's first C
+    channels) from the same seed; the diffusion default is DiT's (t = randint, then training_losses)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train as train_cli
+    from dit_fast.config import config_from_args
+    from dit_fast.diffusion import create_diffusion
+    from dit_fast.models import build_model
+    from dit_fast.train.step import TrainStep
+    from dit_fast.transport import create_transport, drop_learned_sigma
+
+    tiny = ["--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--image-size", "8",
+            "--num-classes", "10", "--vae", "none", "--features-path", "x"]
+    for objective in ("flow", "diffusion"):
+        extra = ["--objective", "flow", *flags] if objective == "flow" else []
+        cfg = config_from_args(train_cli.build_parser().parse_args([*tiny, *extra]))
+        cfg.model.in_channels, cfg.model.input_size = 4, 8
+        assert cfg.train.objective == objective and cfg.transport.path_type == (flags[1] if extra[2:] else "Linear")
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        x, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
+        step = TrainStep.from_config(cfg, _Engine(model), None, torch.device("cpu"))
+        step.dtype = torch.float32
+        torch.manual_seed(5)
+        got = step.micro_step(x, y)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            if objective == "flow":
+                tc = cfg.transport
+                transport = create_transport(tc.path_type, tc.prediction, tc.loss_weight, tc.train_eps, tc.sample_eps)
+                want = transport.training_losses(drop_learned_sigma(model), x, dict(y=y))["loss"].mean()
+            else:
+                diffusion = create_diffusion("")
+                t = torch.randint(0, diffusion.num_timesteps, (3,))
+                want = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+        assert torch.equal(got, want), (objective, flags)

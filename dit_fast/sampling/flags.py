@@ -180,10 +180,7 @@ def _from_saved_run(args, source: CkptSource) -> tuple:
     for name, value in given.items():
         if name == "in_channels" and not is_pixel_space(run_values["vae"]):
             continue  # --in-channels only means something in pixel space (as without a run)
-        if value != run_values[name]:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {value} contradicts the checkpoint's saved config ({name} = "
-                             f"{run_values[name]!r} in {source.where}); drop {flag} (it is read from the run)")
+        _refuse_contradiction(name, value, run_values[name], source.where)
     _check_objective_flags(args, saved.train.objective, saved.transport, source.where)
     speed = {"attn_backend": args.attn_backend, "adaln_backend": args.adaln_backend}
     model = dataclasses.replace(saved.model, grad_checkpointing=0.0, **speed)
@@ -197,11 +194,16 @@ def _check_objective_flags(args, objective: str, transport: TransportConfig, whe
     """--objective and the transport flags beside a run must equal what it was trained with."""
     saved = {"objective": objective, **dataclasses.asdict(transport)}
     for name in ("objective", *_TRANSPORT_FLAGS):
-        value = getattr(args, name, None)
-        if value is not None and value != saved[name]:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {value} contradicts the checkpoint's saved config ({name} = "
-                             f"{saved[name]!r} in {where}); drop {flag} (it is read from the run)")
+        if getattr(args, name, None) is not None:
+            _refuse_contradiction(name, getattr(args, name), saved[name], where)
+
+
+def _refuse_contradiction(name: str, given, saved, where: str) -> None:
+    """A flag given beside a run must equal the run's saved value (ValueError naming both)."""
+    if given != saved:
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{flag} {given} contradicts the checkpoint's saved config ({name} = "
+                         f"{saved!r} in {where}); drop {flag} (it is read from the run)")
 
 
 def _objective_from_flags(args) -> tuple:

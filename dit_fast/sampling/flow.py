@@ -76,8 +76,8 @@ class FlowSampler(Sampler):
                 last_step=last_step, last_step_size=last_step_size, num_steps=num_steps,
                 noise_on_device=noise_on_device)
         self.sampling_method = method
-        self._make(False)  # bad names and intervals fail here, before any model call
-        self.times = call_times(self._make(False)) if self.fixed_step else None
+        probe = self._make(False)  # bad names and intervals fail here, before any model call
+        self.times = call_times(probe) if self.fixed_step else None
 
     @property
     def num_model_evaluations(self) -> int:

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
       help="a collective or DataLoader worker waiting longer fails the job, naming step and rank")
     # small models for tests and ablations: override the named size
-    add_transport_flags(p)  # --objective flow and SiT's --path-type --prediction --loss-weight ...
+    add_transport_flags(p, defaults=True)  # --objective flow and SiT's --path-type --prediction --loss-weight ...
     add_evaluation_flags(p)
     return p
 

@@ -8,9 +8,14 @@ channels for a learned-sigma DiT). Each objective draws its own random numbers i
 order (DiT: t = randint on the device, then the noise inside training_losses; SiT: the noise, then
 t on the CPU), so a seeded run reproduces the reference's losses.
 
-Extension point: a new objective (REPA's SILoss with its encoder and projector, ...) is a class with
-``loss(model_fn, x, y) -> (N,)`` (and, if it owns trainable modules, ``parameters()`` for the
-engine) plus one entry in OBJECTIVES and one value in config.OBJECTIVES; TrainStep is not edited.
+Extension point: a new objective (REPA's SILoss with its encoder, ...) is a class built from the
+resolved config with ``loss(model_fn, x, y) -> (N,)``, one entry in OBJECTIVES and one value in
+config.OBJECTIVES (its flags in a config section of their own); TrainStep is not edited.
+``model_fn(x, t, y, **kwargs)`` passes kwargs to the model (``return_hidden_at=k`` returns the
+tokens after block k too, all in fp32). Two things are not the objective's: trainable modules
+(REPA's projector) must live in the model the DeepSpeed engine wraps (train/engine.py), so the
+optimizer, ZeRO partitioning, EMA and checkpoints see them; and batch items beyond (x, y) (REPA's
+images, extract_features.py --keep-images) come from the data loader (train/data.py).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 ``auto`` continues only a run whose saved config matches the current one in every field that
 changes the numbers (``RESUME_FIELDS``: the model's shape, the data, the optimizer, the diffusion,
-batch / precision / seed / EMA decay): two experiments that share a --results-dir and differ in
+the objective and transport, batch / precision / seed / EMA decay): two experiments that share a --results-dir and differ in
 --lr never continue each other. Among the matching checkpoints the newest by time wins (a run
 restarted from an older step overwrites the later steps of its abandoned timeline). Every
 candidate is reported with the fields that differ, so "why did it start fresh?" has an answer in

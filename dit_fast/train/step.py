@@ -29,10 +29,12 @@ class TrainStep:
         from .objective import build_objective
         return cls(engine, ema, build_objective(cfg), device, cfg.train.precision, cfg.train.grad_accum, vae)
 
-    def model_fn(self, x, t, y):
+    def model_fn(self, x, t, y, **kwargs):
         """The engine in its precision; t stays as given (an integer timestep or fp32 flow time,
-        never rounded to bf16)."""
-        return self.engine(x.to(self.dtype), t, y).float()
+        never rounded to bf16). ``kwargs`` reach the model (``return_hidden_at=`` for REPA's tap),
+        and every tensor it returns comes back in fp32."""
+        out = self.engine(x.to(self.dtype), t, y, **kwargs)
+        return out.float() if torch.is_tensor(out) else type(out)(o.float() for o in out)
 
     def micro_step(self, x, y) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)  # (N, C, h, w)

@@ -79,3 +79,12 @@ def test_export_refuses_a_flow_run(flow_run, tmp_path):
     with pytest.raises(ValueError, match="flow run"):
         export(["--ckpt", str(flow_run[0]), "--out", str(tmp_path / "pipe")])
     assert not (tmp_path / "pipe").exists()
+
+
+@pytest.mark.parametrize("flags, match", [(["--objective", "diffusion"], "--objective diffusion contradicts"),
+                                          (["--path-type", "GVP"], "--path-type GVP contradicts"),
+                                          (["--sampler", "ddim"], "is a diffusion sampler")])
+def test_flags_that_contradict_a_flow_run_are_refused(flow_run, tmp_path, flags, match):
+    with pytest.raises(ValueError, match=match):
+        _grid(flow_run[0], tmp_path / "x.png", *flags)
+    assert not (tmp_path / "x.png").exists()
