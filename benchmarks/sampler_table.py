@@ -223,7 +223,7 @@ def run_xl_timing(args, device) -> tuple[list[dict], dict]:
     if args.model_ckpt:
         load_into_model(model, load_state_dict(args.model_ckpt))
     g = torch.Generator(device).manual_seed(args.seeds[0])
-    z = torch.randn(args.batch, 4, 32, 32, generator=g, device=device)
+    z = torch.randn(args.batch, model.in_channels, 32, 32, generator=g, device=device)
     labels = torch.randint(0, 1000, (args.batch,), generator=g, device=device)
     rows = []
     for name, steps in args.rows:

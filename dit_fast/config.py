@@ -46,7 +46,8 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     """Label dropout for classifier-free guidance."""
     in_channels: Optional[int] = None
-    """Latent channels; derived from the data (4 for SD-VAE latents, 3/1 for pixels)."""
+    """Latent channels; derived from the data (the autoencoder config's latent_channels: 4 for the SD
+    VAEs, 16 for SD3/FLUX's; 3/1 for pixels)."""
     input_size: Optional[int] = None
     """Latent (or pixel) side the model sees; derived from image_size and the VAE downsample."""
     depth: Optional[int] = None
@@ -97,6 +98,11 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     random_flip: bool = True
     """Pick the image or its horizontal flip at random each time it is seen."""
+    latent_norm: Optional[dict] = None
+    """How the latents the model sees were normalised (dit_fast.latent_norm record; resolved from
+    the features' index.json, or the --vae config with --data-path; None in pixel space):
+    {"mode": "config", "scale", "shift"} or {"mode": "channel", "mean", "std"}. Sampling decodes
+    with it."""
 
 
 @dataclass
@@ -494,6 +500,9 @@ class SampleConfig:
     code) are written beside it."""
     inception_weights: Optional[str] = None
     """sample_ddp.py --evaluate: the 2015 Inception weights file; None: torch hub's cache."""
+    latent_norm: Optional[dict] = None
+    """The run's latent normalisation (its data.latent_norm), undone before the VAE decodes; None:
+    the --vae config's scaling_factor / shift_factor (SD: 0.18215)."""
     cfg_interval: Optional[tuple] = None
     """Guide only at model times in [low, high] (Kynkaanniemi et al. 2024), in the objective's own
     coordinate: diffusion, the original 1000-step chain's timestep (0 = data, 999 = noise); flow,

@@ -1,4 +1,8 @@
-"""The Stable Diffusion VAE as DiT uses it (diffusers AutoencoderKL, latent scale 0.18215).
+"""Autoencoders as DiT uses them (diffusers AutoencoderKL): images <-> normalised latents.
+
+The latent normalisation comes from the autoencoder (its config's scaling_factor / shift_factor: SD's
+VAEs give DiT's 0.18215, no shift) or from per-channel statistics measured at extraction
+(dit_fast.latent_norm); latent channels and downsampling come from its config too.
 
 diffusers is imported inside the functions that need it: ``import dit_fast`` never imports it
 and never touches the network. ``--vae none`` (pixel-space diffusion) needs no VAE at all.
@@ -13,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-# DiT multiplies VAE latents by this so that they have roughly unit variance (from LDM).
-LATENT_SCALE = 0.18215
+from .latent_norm import SD_LATENT_SCALE, LatentNorm
+
+# The SD VAEs' scale (from LDM), which their configs give; kept under its old name for importers.
+LATENT_SCALE = SD_LATENT_SCALE
 
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -30,23 +36,46 @@ def downsample_of(block_out_channels) -> int:
     return 2 ** (len(block_out_channels) - 1)
 
 
-def vae_downsample(spec) -> int:
-    """Pixels per latent along a side for ``--vae spec``, read without loading the VAE (the
-    original builds the model before the VAE; keeping that order keeps the RNG stream): 1 for
-    "none", the config.json of a local diffusers directory (or its vae/), else 8 (the SD VAEs)."""
+def vae_config(spec) -> dict | None:
+    """The AutoencoderKL config.json of ``--vae spec``, read without loading the VAE (the original
+    builds the model before the VAE; keeping that order keeps the RNG stream): a local diffusers
+    directory (or its vae/), else the Hugging Face cache; None when it is not here (the SD VAEs'
+    values are then assumed) or in pixel space."""
     if is_pixel_space(spec):
-        return 1
+        return None
     local = Path(str(spec)).expanduser()
     for config in (local / "config.json", local / "vae" / "config.json"):
         if config.is_file():
-            return downsample_of(json.loads(config.read_text())["block_out_channels"])
-    return 8
+            return json.loads(config.read_text())
+    repo = VAE_REPOS.get(str(spec), str(spec))
+    if _REPO_ID.match(repo):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(repo, "config.json")
+        except Exception:  # no huggingface_hub, a malformed id: fall back to SD's values
+            cached = None
+        if isinstance(cached, str) and Path(cached).is_file():
+            return json.loads(Path(cached).read_text())
+    return None
+
+
+def vae_downsample(spec) -> int:
+    """Pixels per latent along a side for ``--vae spec``: 1 for "none", else from its config
+    (8, the SD VAEs', when the config is not here)."""
+    if is_pixel_space(spec):
+        return 1
+    config = vae_config(spec)
+    return downsample_of(config["block_out_channels"]) if config else 8
 
 
 def model_channels(spec, pixel_channels: int = 3) -> int:
     """Channels the DiT sees for ``--vae spec``: the image's ``pixel_channels`` in pixel space, else the
-    SD VAEs' 4 latent channels (the one place this is decided: a later autoencoder config says it)."""
-    return pixel_channels if is_pixel_space(spec) else 4
+    autoencoder config's ``latent_channels`` (the one place this is decided; 4, the SD VAEs', when
+    the config is not here)."""
+    if is_pixel_space(spec):
+        return pixel_channels
+    config = vae_config(spec)
+    return int(config.get("latent_channels", 4)) if config else 4
 
 
 class VAEError(RuntimeError):
@@ -54,14 +83,16 @@ class VAEError(RuntimeError):
 
 
 class VAE:
-    """An AutoencoderKL with DiT's scaling: images in [-1, 1] <-> scaled latents.
+    """An AutoencoderKL with a latent normalisation: images in [-1, 1] <-> normalised latents.
 
-    Attributes: ``vae`` (the diffusers module, eval mode, frozen), ``latent_channels``,
-    ``downsample`` (pixels per latent along each side: 8 for the SD VAEs).
+    Attributes: ``vae`` (the diffusers module, eval mode, frozen), ``norm`` (a LatentNorm; default:
+    the config's scaling_factor / shift_factor), ``latent_channels``, ``downsample`` (pixels per
+    latent along each side: 8 for the SD VAEs).
     """
 
-    def __init__(self, vae):
+    def __init__(self, vae, norm: LatentNorm | None = None):
         self.vae = vae.eval().requires_grad_(False)
+        self.norm = norm if norm is not None else LatentNorm.from_vae_config(vae.config)
         self.latent_channels = int(vae.config.latent_channels)
         self.downsample = downsample_of(vae.config.block_out_channels)
         self.in_channels = int(vae.config.in_channels)
@@ -76,7 +107,13 @@ class VAE:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images (N, C, H, W) in [-1, 1] -> latents (N, latent_channels, H/ds, W/ds) * 0.18215.
+        """Images (N, C, H, W) in [-1, 1] -> normalised latents (N, latent_channels, H/ds, W/ds):
+        ``self.norm.normalize(encode_raw(x))`` (SD's VAEs: raw * 0.18215)."""
+        return self.norm.normalize(self.encode_raw(x, generator))
+
+    @torch.no_grad()
+    def encode_raw(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] -> raw latents (N, latent_channels, H/ds, W/ds).
 
         The latent is sampled from the posterior, as fast-DiT's extract_features does; pass a
         ``generator`` (on the VAE's device) for reproducible samples.
@@ -88,25 +125,25 @@ class VAE:
             raise ValueError(f"Image size {tuple(x.shape[2:])} is not divisible by the VAE's downsampling "
                              f"factor {self.downsample}; resize or crop (e.g. --image-size 256).")
         x = x.to(self.device, self.dtype)
-        return self.vae.encode(x).latent_dist.sample(generator=generator) * LATENT_SCALE
+        return self.vae.encode(x).latent_dist.sample(generator=generator)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (N, latent_channels, h, w) -> images (N, C, h*ds, w*ds), about [-1, 1]."""
+        """Normalised latents (N, latent_channels, h, w) -> images (N, C, h*ds, w*ds), about [-1, 1]."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"VAE.decode expects latents of shape (N, {self.latent_channels}, h, w); got "
                              f"{tuple(z.shape)}. Is the model's in_channels the VAE's latent_channels?")
         z = z.to(self.device, self.dtype)
-        # Divide (not multiply by the reciprocal) exactly as DiT's sample.py, bit for bit.
-        return self.vae.decode(z / LATENT_SCALE).sample
+        return self.vae.decode(self.norm.denormalize(z)).sample
 
     def to(self, device=None, dtype=None) -> "VAE":
         self.vae.to(device=device, dtype=dtype)
         return self
 
 
-def load_vae(spec, device="cpu", dtype=torch.float32) -> VAE | None:
-    """Load the VAE named by ``spec``; ``None`` for ``"none"`` (pixel-space diffusion).
+def load_vae(spec, device="cpu", dtype=torch.float32, norm: LatentNorm | None = None) -> VAE | None:
+    """Load the VAE named by ``spec``; ``None`` for ``"none"`` (pixel-space diffusion). ``norm``:
+    the latent normalisation the latents were made with (a run's record); default: the config's.
 
     spec: ``"ema"`` / ``"mse"`` (stabilityai/sd-vae-ft-ema / -mse), a local directory written by
     ``save_pretrained`` or ``huggingface-cli download`` (a ``vae/`` subfolder is found too), or
@@ -123,7 +160,10 @@ def load_vae(spec, device="cpu", dtype=torch.float32) -> VAE | None:
         vae = _from_directory(local, dtype)
     else:
         vae = _from_hub(VAE_REPOS.get(spec, spec), dtype)
-    return VAE(vae.to(device))
+    if norm is not None and norm.channels not in (None, int(vae.config.latent_channels)):
+        raise VAEError(f"the VAE {spec!r} has {vae.config.latent_channels} latent channels, the "
+                       f"latent normalisation {norm.channels}: not the VAE the latents came from")
+    return VAE(vae.to(device), norm)
 
 
 def check_vae_spec(spec) -> None:

@@ -37,6 +37,9 @@ def files(tmp_path_factory):
     (base / "list.json").write_text("[1, 2]")
     (base / "stage4.json").write_text(json.dumps({"zero_optimization": {"stage": 4}}))
     write_digits_features(base / "feat12", 12)
+    nostats = write_digits_features(base / "nostats", 8)  # an index that claims per-channel stats
+    index = json.loads((nostats / "index.json").read_text())
+    (nostats / "index.json").write_text(json.dumps({**index, "latent_norm": {"mode": "channel"}}))
     (base / "images" / "cat").mkdir(parents=True)
     (base / "junk.pt").write_bytes(b"junk bytes, not a torch file" * 4)
     torch.save({"pos_embed": torch.zeros(3)}, base / "wrong_shape.pt")
@@ -54,7 +57,8 @@ def files(tmp_path_factory):
             "base": base, "ckpt_tmp": str(ckpt), "images": str(base / "images"),
             "junk": str(base / "junk.pt"), "wrong": str(base / "wrong_shape.pt"),
             "tiny": str(base / "tiny.pt"), "no_null": str(base / "no_null.pt"),
-            "outdir": str(base / "outdir"), "ref": str(base / "ref.npz"), "ref3": str(base / "ref3.npz")}
+            "outdir": str(base / "outdir"), "nostats": str(nostats), "ref": str(base / "ref.npz"),
+            "ref3": str(base / "ref3.npz")}
 
 
 def train_main(argv):
@@ -184,6 +188,7 @@ TRAIN_CASES = [
     ("unknown flow prediction", T("--objective", "flow", "--prediction", "x0"), "--prediction must be one of"),
     ("unknown flow loss weight", T("--objective", "flow", "--loss-weight", "huber"), "--loss-weight must be"),
     ("flow train eps out of range", T("--objective", "flow", "--train-eps", "0.7"), "--train-eps"),
+    ("index claims channel stats it lacks", T("--features-path", "{nostats}"), "per-channel mean and std"),
 ]
 
 EXTRACT_CASES = [
@@ -204,6 +209,10 @@ EXTRACT_CASES = [
      "--batch-size must be positive"),
     ("negative seed", E("--data-path", "{images}", "--features-path", "out", "--global-seed", "-3"),
      "--global-seed must be >= 0"),
+    ("unknown latent norm", E("--data-path", "{images}", "--features-path", "out", "--latent-norm",
+                              "bogus"), "invalid choice"),
+    ("channel norm in pixel space", E("--data-path", "{images}", "--features-path", "out", "--vae", "none",
+                                      "--latent-norm", "channel"), "--latent-norm channel"),
 ]
 
 SAMPLE_CASES = [

@@ -17,19 +17,20 @@ TINY_VAE_CONFIG = dict(
 )
 
 
-def tiny_autoencoder(seed: int = 0):
-    """A randomly initialised tiny AutoencoderKL (deterministic for a given seed)."""
+def tiny_autoencoder(seed: int = 0, **overrides):
+    """A randomly initialised tiny AutoencoderKL (deterministic for a given seed); ``overrides``
+    change its config (latent_channels=16, scaling_factor=..., shift_factor=...)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(**TINY_VAE_CONFIG).eval()
+    return AutoencoderKL(**{**TINY_VAE_CONFIG, **overrides}).eval()
 
 
-def save_tiny_vae(directory, seed: int = 0) -> Path:
+def save_tiny_vae(directory, seed: int = 0, **overrides) -> Path:
     """Write a tiny AutoencoderKL with save_pretrained into ``directory``; returns the path.
 
     ``dit_fast.vae.load_vae(str(path))`` loads it like a downloaded SD VAE directory.
     """
     directory = Path(directory)
-    tiny_autoencoder(seed).save_pretrained(directory)
+    tiny_autoencoder(seed, **overrides).save_pretrained(directory)
     return directory

@@ -73,6 +73,7 @@ def build_model(args):
     if objective != "diffusion":  # DiTPipeline's schedulers would sample a velocity field as noise
         raise ValueError(f"--ckpt is a {objective} run; diffusers' DiTPipeline samples diffusion models only")
     args.model, args.image_size, args.num_classes, args.vae = m.model, m.image_size, m.num_classes, vae
+    args.latent_norm = source.config.data.latent_norm if source and source.config else None
     args.in_channels, args.learn_sigma = m.in_channels, m.learn_sigma
     model = build_dit(m, attn_backend="sdpa", adaln_backend="torch")
     table = model.pos_embed.detach().clone()
@@ -133,25 +134,54 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def write_vae(spec: str, folder: Path) -> bool:
-    """vae/ from --vae (through dit_fast.vae, so ema/mse come from the local cache); False for none
+def write_vae(spec: str, folder: Path, latent_norm: dict | None = None) -> bool:
+    """vae/ from --vae (through dit_fast.vae, so ema/mse come from the local cache), its config
+    carrying the run's latent normalisation (``latent_norm``; None: the VAE's own); False for none
     and for a hub VAE that is not cached here (the folder is still useful; the note says how)."""
-    from dit_fast.vae import LATENT_SCALE, VAEError, is_pixel_space, load_vae
+    from dit_fast.latent_norm import LatentNorm
+    from dit_fast.vae import VAEError, is_pixel_space, load_vae
 
     if is_pixel_space(spec):
         return False
     try:
-        vae = load_vae(spec)
+        vae = load_vae(spec, norm=LatentNorm.from_dict(latent_norm, "the run's config"))
     except VAEError as e:
         if Path(spec).expanduser().is_dir():
             raise
         print(f"Note: no vae/ written ({str(e).splitlines()[0]}); pass one to DiTPipeline.from_pretrained("
               f"DIR, vae=AutoencoderKL.from_pretrained(...)) or rerun with --vae DIR.")
         return False
-    # DiTPipeline decodes latents / vae.config.scaling_factor; DiT always uses 0.18215.
-    vae.vae.register_to_config(scaling_factor=LATENT_SCALE)
+    vae.vae.register_to_config(**diffusers_latent_config(vae.norm))
     vae.vae.save_pretrained(str(folder), safe_serialization=True)
     return True
+
+
+def diffusers_latent_config(norm) -> dict:
+    """The AutoencoderKL config keys that record ``norm`` (a LatentNorm) in diffusers' terms.
+
+    config mode: scaling_factor and shift_factor (DiTPipeline decodes latents / scaling_factor and
+    ignores shift_factor: a shifted autoencoder needs dit_fast's sampler or an added shift).
+    channel mode: latents_mean / latents_std with scaling_factor 1 (the convention of diffusers'
+    SDXL pipelines: z * std / scaling_factor + mean); DiTPipeline reads neither, so it decodes such
+    a model wrongly: sample with dit_fast (README, "Autoencoders").
+    """
+    if norm.mode == "config":
+        return dict(scaling_factor=norm.scale, shift_factor=norm.shift, latents_mean=None, latents_std=None)
+    return dict(scaling_factor=1.0, shift_factor=None, latents_mean=list(norm.mean),
+                latents_std=list(norm.std))
+
+
+def pipeline_norm_note(latent_norm: dict | None) -> str | None:
+    """What DiTPipeline cannot undo of a run's latent normalisation (it divides by scaling_factor only)."""
+    norm = latent_norm or {}
+    if norm.get("mode") == "channel":
+        what = "per channel (vae/config.json records latents_mean and latents_std)"
+    elif norm.get("shift"):
+        what = "with a shift (vae/config.json records shift_factor)"
+    else:
+        return None
+    return (f"Note: DiTPipeline undoes only vae.config.scaling_factor, but this model's latents are "
+            f"normalised {what}: sample with dit_fast (sample.py --ckpt RUN), or undo it before vae.decode.")
 
 
 def write_folder(model, table, args, folder: Path) -> None:
@@ -167,7 +197,7 @@ def write_folder(model, table, args, folder: Path) -> None:
               str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
     scheduler = scheduler_files(args.scheduler, args.learn_sigma)
     _write_json(folder / "scheduler" / "scheduler_config.json", {**scheduler, "_diffusers_version": version})
-    has_vae = write_vae(args.vae, folder / "vae")
+    has_vae = write_vae(args.vae, folder / "vae", getattr(args, "latent_norm", None))
     _write_json(folder / "model_index.json", {
         "_class_name": "DiTPipeline", "_diffusers_version": version,
         "transformer": ["diffusers", "DiTTransformer2DModel"],
@@ -245,6 +275,9 @@ def main(argv=None) -> dict:
         print(f"Checked with diffusers: relative error {check['exact']:.2g} with the original DiT's timestep "
               f"frequencies (diffusers_format.use_original_timestep_frequencies); stock diffusers' DiT "
               f"differs from the original by {check['stock']:.2g} (its timestep embedding).")
+    note = pipeline_norm_note(getattr(args, "latent_norm", None))
+    if note:
+        print(note)
     if args.num_classes != 1000:
         print("Note: DiTPipeline hard-codes the null class 1000, so it only guides 1000-class models; "
               "load transformer/ and sample with dit_fast (sample.py --ckpt DIR/transformer).")

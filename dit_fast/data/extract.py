@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_write_text
 from ..distributed import init_distributed
+from ..latent_norm import SD_LATENT_SCALE, LatentNorm, channel_stats, check_latent_norm_mode
 from ..vae import is_pixel_space
 from .image_folder import ImageFolder, pixels_to_tensor
 from .latents import (STORAGE_DTYPES, finish_shard, open_shard_writer, read_shard_meta,
@@ -54,8 +55,16 @@ class ExtractConfig:
     keep_images: bool = False
     """Also store each cropped uint8 image (C, S, S) beside its latents, the input of REPA's encoder
     (its flip is the mirror, made on read): 3 * S * S bytes an image, 192 KiB at 256 px."""
+    latent_norm: str = "config"
+    """config: store (latent - shift_factor) * scaling_factor of the VAE's config (SD: * 0.18215);
+    channel: store the raw latents and measure their per-channel mean and std (fp64 sums over every
+    stored latent, both flips) into index.json; training and sampling apply them (dit_fast.latent_norm)."""
 
     def validate(self) -> None:
+        check_latent_norm_mode(self.latent_norm)
+        if self.latent_norm == "channel" and is_pixel_space(self.vae):
+            raise ValueError("--latent-norm channel normalises autoencoder latents; it needs a --vae "
+                             "(pixel space is already in [-1, 1])")
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"--dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
         if self.grayscale and not is_pixel_space(self.vae):
@@ -84,6 +93,10 @@ def shard_fingerprint(cfg: ExtractConfig, folder: ImageFolder, shard: int) -> di
         settings.update(global_seed=cfg.global_seed, batch_size=cfg.batch_size)
     if cfg.keep_images:  # only when set: shards extracted before the flag existed still match
         settings.update(keep_images=True)
+    if cfg.latent_norm == "channel":  # raw latents, not config-scaled ones (same rule as above)
+        settings.update(latent_norm="channel")
+    elif not is_pixel_space(cfg.vae) and _config_norm(cfg) != _SD_NORM:
+        settings.update(latent_norm=_config_norm(cfg))  # shards of older code used SD's 0.18215
     return {"settings": settings, "files_sha256": h.hexdigest(), "num_files": len(items)}
 
 
@@ -131,6 +144,14 @@ def encode_pair(pixels: torch.Tensor, vae, device: torch.device, seed: int) -> t
             z = vae.encode(both)
     B = x.shape[0]
     return torch.stack([z[:B], z[B:]], dim=1)  # (B, 2, C', h, w)
+
+
+class RawLatents:
+    """A VAE seen through its un-normalised encoder (``encode`` = ``VAE.encode_raw``): what
+    --latent-norm channel stores, the statistics being measured on exactly these values."""
+
+    def __init__(self, vae):
+        self.encode = vae.encode_raw
 
 
 class _ShardItems(torch.utils.data.Dataset):
@@ -187,7 +208,8 @@ def _open_images(cfg: ExtractConfig) -> ImageFolder:
 
 
 def _load_vae(cfg: ExtractConfig, device: torch.device):
-    """(vae or None, latent_shape) for the configured --vae."""
+    """(encoder or None, latent_shape) for the configured --vae: the VAE, or its raw view with
+    --latent-norm channel."""
     channels = 1 if cfg.grayscale else 3
     if is_pixel_space(cfg.vae):
         return None, (channels, cfg.image_size, cfg.image_size)
@@ -198,15 +220,54 @@ def _load_vae(cfg: ExtractConfig, device: torch.device):
         raise ValueError(f"--image-size {cfg.image_size} must be divisible by the VAE's "
                          f"downsampling factor {vae.downsample}")
     size = cfg.image_size // vae.downsample
-    return vae, (vae.latent_channels, size, size)
+    encoder = RawLatents(vae) if cfg.latent_norm == "channel" else vae
+    return encoder, (vae.latent_channels, size, size)
 
 
-def _latent_scale(cfg: ExtractConfig) -> float | None:
+def _channel_sums(stored: np.ndarray) -> dict:
+    """fp64 per-channel sum and sum of squares of stored (B, 2, C, h, w) latents (both flips, in
+    the storage dtype: the statistics are of what training reads)."""
+    x = stored.astype(np.float64)
+    return {"sum": x.sum(axis=(0, 1, 3, 4)).tolist(), "sum_sq": (x * x).sum(axis=(0, 1, 3, 4)).tolist(),
+            "count": int(x.size // x.shape[2])}
+
+
+def _add_sums(total: dict | None, part: dict) -> dict:
+    if total is None:
+        return part
+    return {"sum": [a + b for a, b in zip(total["sum"], part["sum"])],
+            "sum_sq": [a + b for a, b in zip(total["sum_sq"], part["sum_sq"])],
+            "count": total["count"] + part["count"]}
+
+
+_SD_NORM = LatentNorm("config", scale=SD_LATENT_SCALE).to_dict()
+
+
+def _config_norm(cfg: ExtractConfig) -> dict:
+    """The --vae config's scaling_factor / shift_factor as a LatentNorm record (read from disk)."""
+    from ..vae import vae_config
+    return LatentNorm.from_vae_config(vae_config(cfg.vae) or {}).to_dict()
+
+
+def _index_latent_norm(cfg: ExtractConfig, metas: list[dict], channels: int) -> dict | None:
+    """The index's latent_norm: the VAE config's numbers, or the per-channel statistics summed
+    over the shards' fp64 partial sums in shard order (the same numbers for any world size and
+    any number of resumes: each finished shard carries its sums in its meta.json)."""
     if is_pixel_space(cfg.vae):
         return None
-    from dit_fast.vae import LATENT_SCALE
-
-    return float(LATENT_SCALE)
+    if cfg.latent_norm == "config":
+        return _config_norm(cfg)
+    total = None
+    for s, meta in enumerate(metas):
+        part = meta.get("latent_sums")
+        if part is None and meta["count"]:
+            raise RuntimeError(f"{shard_name(s)} has no per-channel sums (extracted without "
+                               "--latent-norm channel?); delete its files and rerun")
+        if part is not None:
+            total = _add_sums(total, part)
+    zero = [0.0] * channels
+    total = total or {"sum": zero, "sum_sq": zero, "count": 0}
+    return channel_stats(total["sum"], total["sum_sq"], total["count"]).to_dict()
 
 
 @torch.inference_mode()
@@ -221,6 +282,7 @@ def _run_shards(cfg, folder, shards, vae, latent_shape, ctx) -> None:
     bar = tqdm(total=total, unit="img", disable=ctx.rank != 0, dynamic_ncols=True,
                desc=f"extract rank 0/{ctx.world_size}")
     state = None  # (shard, writer, labels, skipped, rows written)
+    sums = None  # --latent-norm channel: this shard's fp64 per-channel sums so far
     for (shard, b, idx), (good, pixels, bad) in zip(batches, loader):
         if state is None or state[0] != shard:
             for stale in Path(cfg.features_path).glob(f".{shard_name(shard)}.*"):
@@ -228,7 +290,7 @@ def _run_shards(cfg, folder, shards, vae, latent_shape, ctx) -> None:
             cap = len(folder.samples[shard * cfg.shard_size : (shard + 1) * cfg.shard_size])
             buf = open_shard_writer(cfg.features_path, shard, cap, (2, *latent_shape), cfg.dtype)
             images = _open_image_writer(cfg, shard, cap, folder)
-            state = (shard, (buf, images), [], [], 0)
+            state, sums = (shard, (buf, images), [], [], 0), None
         _, (buf, images), labels, skipped, row = state
         for i, err in bad:
             path = folder.samples[i][0]
@@ -240,7 +302,10 @@ def _run_shards(cfg, folder, shards, vae, latent_shape, ctx) -> None:
             if tuple(z.shape[2:]) != latent_shape:
                 raise RuntimeError(f"encoder returned {tuple(z.shape[2:])}, "
                                    f"expected {latent_shape}")
-            buf[row : row + len(good)] = z.float().cpu().numpy().astype(cfg.dtype)
+            stored = z.float().cpu().numpy().astype(cfg.dtype)
+            buf[row : row + len(good)] = stored
+            if cfg.latent_norm == "channel":
+                sums = _add_sums(sums, _channel_sums(stored))
             if images is not None:
                 images[row : row + len(good)] = pixels.permute(0, 3, 1, 2).numpy()  # (B, C, S, S)
             labels.extend(folder.samples[i][1] for i in good)
@@ -250,6 +315,8 @@ def _run_shards(cfg, folder, shards, vae, latent_shape, ctx) -> None:
         if idx[-1] + 1 == min((shard + 1) * cfg.shard_size, len(folder)):  # shard complete
             meta = shard_fingerprint(cfg, folder, shard)
             meta.update(skipped=skipped, latent_shape=list(latent_shape))
+            if cfg.latent_norm == "channel":
+                meta.update(latent_sums=sums)  # None for a shard of unreadable images only
             finish_shard(cfg.features_path, shard, buf, row, np.asarray(labels, np.int64), meta,
                          images=images)
             state = None
@@ -275,6 +342,7 @@ def _write_final_index(cfg, folder, num_shards) -> dict:
     if len(shapes) != 1:
         raise RuntimeError(f"shards disagree on the latent shape {sorted(shapes)}; delete "
                            f"{cfg.features_path!r} and extract again")
+    shapes_c = next(iter(shapes))[0]
     skipped = [item for m in metas for item in m["skipped"]]
     lines = "".join(f"{p}\t{' '.join(str(e).split())}\n" for p, e in skipped)
     skipped_path = Path(cfg.features_path) / "skipped.txt"
@@ -288,7 +356,8 @@ def _write_final_index(cfg, folder, num_shards) -> dict:
         settings.pop(key)
     return write_index(cfg.features_path, shards=shards, latent_shape=shapes.pop(),
                        dtype=cfg.dtype, class_names=folder.classes, image_size=cfg.image_size,
-                       vae=cfg.vae, flips="horizontal", latent_scale=_latent_scale(cfg),
+                       vae=cfg.vae, flips="horizontal",
+                       latent_norm=_index_latent_norm(cfg, metas, shapes_c),
                        num_skipped=len(skipped), extract_settings=settings,
                        image_shape=metas[0].get("image_shape") if cfg.keep_images else None)
 

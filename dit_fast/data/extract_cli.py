@@ -6,6 +6,7 @@ import sys
 
 from dit_fast.cli import OneLineParser, run_entry
 
+from ..latent_norm import LATENT_NORMS
 from .extract import ExtractConfig, extract_features
 
 DESCRIPTION = "Pre-extract VAE latents (or pixels) of an ImageFolder tree into packed, resumable shards."
@@ -25,6 +26,10 @@ def parse_args(argv=None) -> ExtractConfig:
     p.add_argument("--grayscale", action="store_true", help="one channel (only with --vae none)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="storage dtype (fast-DiT stored float32)")
+    p.add_argument("--latent-norm", choices=LATENT_NORMS, default="config",
+                   help="config: store latents normalised with the VAE config's scaling_factor / "
+                        "shift_factor (SD: x 0.18215); channel: store raw latents and record their "
+                        "per-channel mean and std in index.json (applied in training and sampling)")
     p.add_argument("--keep-images", action="store_true",
                    help="also store each cropped uint8 image beside its latents (REPA's encoder input)")
     # The deepspeed launcher appends --local_rank=N; the env (LOCAL_RANK) carries the same.

@@ -4,7 +4,7 @@ Layout of a features directory (written by extract_features.py or ``write_latent
 
     index.json                    format, version, num_images, latent_shape [C, h, w], dtype,
                                   class_names, num_classes, image_size, vae, latent_scale, flips,
-                                  shards [{name, count}], num_skipped
+                                  shards [{name, count}], num_skipped, latent_norm (below)
     shard-00000.latents.npy       (n, 2, C, h, w) float32|float16: [:, 0] the image, [:, 1] its
                                   horizontal flip (the trainer picks one per visit)
     shard-00000.images.npy        only with --keep-images: (n, C, S, S) uint8, the cropped image
@@ -16,6 +16,12 @@ Layout of a features directory (written by extract_features.py or ``write_latent
     skipped.txt                   images that could not be read, one "path<TAB>reason" a line
 
 Pixel-space data (``--vae none``) uses the same layout with the [-1, 1] pixels as "latents".
+
+``latent_norm`` (dit_fast.latent_norm) says what the shards hold: ``{"mode": "config", "scale",
+"shift"}``: latents already normalised with the VAE config's numbers (SD: * 0.18215; also in
+``latent_scale``); ``{"mode": "channel", "mean", "std"}`` (format version 2, so older readers refuse
+it): raw latents, normalised per channel on read by LatentDataset. Absent (older directories):
+``latent_scale`` alone, config mode without shift.
 """
 from __future__ import annotations
 
@@ -28,10 +34,11 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write, atomic_write_text, publish
+from ..latent_norm import LatentNorm
 
 INDEX_NAME = "index.json"
 FORMAT_NAME = "dit_fast.latents"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-channel latent normalisation; written only when used (else 1)
 STORAGE_DTYPES = ("float32", "float16")
 _INDEX_KEYS = ("format", "version", "num_images", "latent_shape", "dtype", "class_names",
                "image_size", "vae", "shards")
@@ -116,7 +123,8 @@ def read_shard_meta(out_dir: str | os.PathLike, shard: int) -> dict | None:
 def write_latent_dataset(out_dir: str | os.PathLike, latents, labels, *, class_names,
                          image_size: int, vae: str = "none", flips: str = "horizontal",
                          dtype: str = "float32", shard_size: int = 4096,
-                         latent_scale: float | None = None, images=None) -> Path:
+                         latent_scale: float | None = None, images=None,
+                         latent_norm: dict | None = None) -> Path:
     """Write in-memory (N, 2, C, h, w) latents and (N,) labels in the packed format, and the
     (N, C, S, S) uint8 images when given (as ``--keep-images`` stores them).
 
@@ -153,7 +161,7 @@ def write_latent_dataset(out_dir: str | os.PathLike, latents, labels, *, class_n
         shards.append({"name": shard_name(shard), "count": stop - start})
     write_index(out_dir, shards=shards, latent_shape=latents.shape[2:], dtype=dtype,
                 class_names=class_names, image_size=image_size, vae=vae, flips=flips,
-                latent_scale=latent_scale,
+                latent_scale=latent_scale, latent_norm=latent_norm,
                 image_shape=None if images is None else images.shape[1:])
     return out_dir
 
@@ -161,17 +169,25 @@ def write_latent_dataset(out_dir: str | os.PathLike, latents, labels, *, class_n
 def write_index(out_dir: str | os.PathLike, *, shards: list[dict], latent_shape, dtype: str,
                 class_names, image_size: int, vae: str, flips: str = "horizontal",
                 latent_scale: float | None = None, num_skipped: int = 0, image_shape=None,
-                **extra) -> dict:
+                latent_norm: dict | None = None, **extra) -> dict:
     """Write index.json atomically (the last step: a directory without it is unfinished).
-    ``image_shape`` [C, S, S]: the shards also hold the uint8 images (``--keep-images``)."""
+    ``image_shape`` [C, S, S]: the shards also hold the uint8 images (``--keep-images``).
+    ``latent_norm``: a LatentNorm record (default: config mode at ``latent_scale`` when given)."""
+    if latent_norm is None and latent_scale is not None:
+        latent_norm = LatentNorm("config", scale=float(latent_scale)).to_dict()
+    if latent_norm is not None and latent_norm.get("mode") == "config":
+        latent_scale = latent_norm["scale"]
+    channel = latent_norm is not None and latent_norm.get("mode") == "channel"
     index = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "format": FORMAT_NAME, "version": FORMAT_VERSION if channel else 1,
         "num_images": int(sum(s["count"] for s in shards)),
         "latent_shape": [int(v) for v in latent_shape], "dtype": dtype,
         "class_names": [str(c) for c in class_names], "num_classes": len(class_names),
         "image_size": int(image_size), "vae": vae, "latent_scale": latent_scale,
         "flips": flips, "shards": shards, "num_skipped": int(num_skipped), **extra,
     }
+    if latent_norm is not None:  # absent otherwise, as before the field existed
+        index["latent_norm"] = latent_norm
     if image_shape is not None:  # absent otherwise: an index without images reads as before
         index["image_shape"] = [int(v) for v in image_shape]
     atomic_write_json(index, Path(out_dir) / INDEX_NAME)
@@ -213,12 +229,22 @@ def read_index(path: str | os.PathLike) -> dict:
     return index
 
 
+def index_latent_norm(index: dict, where: str) -> LatentNorm | None:
+    """The LatentNorm an index records (None: pixel space or no record); an index that claims a
+    mode without its numbers is a ValueError saying to extract again."""
+    if "latent_norm" in index:
+        return LatentNorm.from_dict(index["latent_norm"], where=where)
+    scale = index.get("latent_scale")
+    return None if scale is None else LatentNorm("config", scale=float(scale))
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Memory-mapped packed latents -> (latents float32 (2, C, h, w), label int).
 
     Slot 0 is the image, slot 1 its horizontal flip (the same image twice when
     ``flips == "duplicate"``). Attributes: ``latent_shape`` (C, h, w), ``num_classes``,
-    ``class_names``, ``image_size``, ``vae``, ``latent_scale``, ``flips``, ``labels`` (int64 array),
+    ``class_names``, ``image_size``, ``vae``, ``latent_scale``, ``latent_norm`` (a LatentNorm or
+    None; in channel mode every read is normalised with it), ``flips``, ``labels`` (int64 array),
     ``image_shape`` ((C, S, S) when the shards hold images, else None; see ``get_image``).
     All files are checked here, so a broken directory fails before any training step.
     """
@@ -233,6 +259,12 @@ class LatentDataset(torch.utils.data.Dataset):
         self.image_size = int(index["image_size"])
         self.vae = index["vae"]
         self.latent_scale = index.get("latent_scale")
+        self.latent_norm = index_latent_norm(index, f"{self.path / INDEX_NAME}")
+        if self.latent_norm is not None and self.latent_norm.channels not in (None, self.latent_shape[0]):
+            raise ValueError(f"{self.path / INDEX_NAME}: {self.latent_norm.channels} per-channel "
+                             f"statistics for {self.latent_shape[0]} latent channels; extract again")
+        # Shards of channel mode hold raw latents: normalise on read (config mode: stored normalised).
+        self._on_read = self.latent_norm if self.latent_norm and self.latent_norm.mode == "channel" else None
         self.flips = index.get("flips", "horizontal")
         self.dtype = index["dtype"]
         shape = index.get("image_shape")
@@ -292,16 +324,19 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         i, k, j = self._locate(i)
-        row = np.array(self._shard(k)[j], dtype=np.float32)  # (2, C, h, w)
-        return torch.from_numpy(row), int(self.labels[i])
+        row = torch.from_numpy(np.array(self._shard(k)[j], dtype=np.float32))  # (2, C, h, w)
+        return self._normalized(row), int(self.labels[i])
+
+    def _normalized(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self._on_read is None else self._on_read.normalize(z)
 
     def get(self, i: int, flip: int) -> tuple[torch.Tensor, int]:
         """One slot only, (latents float32 (C, h, w), label): half the reads of ``self[i]``."""
         if flip not in (0, 1):
             raise ValueError(f"flip must be 0 (image) or 1 (mirror), got {flip!r}")
         i, k, j = self._locate(i)
-        row = np.array(self._shard(k)[j, flip], dtype=np.float32)  # (C, h, w)
-        return torch.from_numpy(row), int(self.labels[i])
+        row = torch.from_numpy(np.array(self._shard(k)[j, flip], dtype=np.float32))  # (C, h, w)
+        return self._normalized(row), int(self.labels[i])
 
     def get_image(self, i: int, flip: int) -> torch.Tensor:
         """The uint8 (C, S, S) image whose latents are ``get(i, flip)``: slot 1 is its mirror

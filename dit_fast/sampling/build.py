@@ -74,6 +74,7 @@ def build_sampler(model, diffusion, *, method: str = "ddpm", cfg_scale: float = 
 
 
 def decode(samples, vae):
-    """Latents -> images in [-1, 1] through the VAE (dit_fast.vae: decode divides by 0.18215);
+    """Latents -> images in [-1, 1] through the VAE (dit_fast.vae: decode undoes its latent
+    normalisation, SD's: / 0.18215);
     pixel-space samples (vae None) are returned unchanged."""
     return samples if vae is None else vae.decode(samples)

@@ -17,10 +17,10 @@ import torch
 from dit_fast.checkpoint import official_checkpoint_name
 from dit_fast.cli import OneLineParser, flag_named
 from dit_fast.distributed import init_distributed
-from dit_fast.vae import is_pixel_space, load_vae
+from dit_fast.vae import is_pixel_space
 
-from .flags import (add_common_flags, build_sampling_model, format_sample_config, resolve_device,
-                    resolve_sample_config, run_cli, sampler_of)
+from .flags import (add_common_flags, build_sampling_model, format_sample_config, load_sampling_vae,
+                    resolve_device, resolve_sample_config, run_cli, sampler_of)
 from .images import write_npz_from_pngs
 from .resumable import (barrier, batches_to_do, check_resume_settings, folder_name, run_batches,
                         sample_settings)
@@ -109,7 +109,7 @@ def _sample_all(cfg, source, rank: int, world_size: int, device) -> dict:
     weights = _weights_path(cfg, source)
     m = cfg.model
     model = build_sampling_model(m, weights, device, saved=bool(source and source.config))
-    vae = load_vae(cfg.vae, device=device)
+    vae = load_sampling_vae(cfg, device)
     sampler = sampler_of(cfg, model, use_cfg=cfg.cfg_scale > 1.0)
 
     folder = Path(cfg.sample_dir) / folder_name(cfg)

@@ -267,14 +267,23 @@ def resolve_sample_config(args: argparse.Namespace) -> tuple:
     flow = _flow_sampling_values(args, objective)
     resolved = {**flow, "sampler": flow.get("sampler", args.sampler or "ddpm"),
                 "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None}
+    saved = source.config if source is not None else None
     cfg = SampleConfig.from_args(args, model, diffusion, vae=vae, objective=objective, transport=transport,
-                                 **resolved)
+                                 latent_norm=saved.data.latent_norm if saved is not None else None, **resolved)
     if source is None and objective == "flow":
         raise ValueError("a flow model needs --ckpt (a flow run, or a SiT checkpoint file such as "
                          "SiT-XL-2-256x256.pt); the official names are DiT's diffusion models")
     if source is None:
         check_official_defaults(model.model, model.image_size, model.num_classes, vae)
     return cfg, source
+
+
+def load_sampling_vae(cfg: SampleConfig, device):
+    """The VAE that decodes ``cfg``'s samples, undoing the run's latent normalisation (None: the VAE
+    config's); None in pixel space."""
+    from dit_fast.latent_norm import LatentNorm
+    from dit_fast.vae import load_vae
+    return load_vae(cfg.vae, device=device, norm=LatentNorm.from_dict(cfg.latent_norm, "the run's config"))
 
 
 def build_sampling_model(model_cfg, weights, device, *, saved: bool = False):

@@ -12,12 +12,10 @@ import torch
 from dit_fast.checkpoint import official_checkpoint_name
 from dit_fast.cli import OneLineParser
 from dit_fast.config import DEFAULT_CLASS_LABELS
-from dit_fast.vae import load_vae
-
 from .build import decode
 from .compiled import timed
 from .flags import (add_common_flags, build_sampling_model, check_class_labels, format_sample_config,
-                    resolve_device, resolve_sample_config, run_cli, sampler_of)
+                    load_sampling_vae, resolve_device, resolve_sample_config, run_cli, sampler_of)
 from .images import save_image
 
 
@@ -47,7 +45,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         weights = source.weights if source else official_checkpoint_name(m.image_size)
         model = build_sampling_model(m, weights, device, saved=bool(source and source.config))
-        vae = load_vae(cfg.vae, device=device)
+        vae = load_sampling_vae(cfg, device)
 
         n = len(cfg.class_labels)
         z = torch.randn(n, model.in_channels, m.input_size, m.input_size, device=device)

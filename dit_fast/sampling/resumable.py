@@ -81,6 +81,8 @@ def sample_settings(cfg, weights: Path, world_size: int, device) -> dict:
                     diffusion=json.loads(json.dumps(cfg.diffusion.__dict__)),
                     checkpoint=file_identity(Path(weights)),
                     vae=file_identity(vae) if vae.is_dir() else cfg.vae)
+    if cfg.latent_norm is not None:  # only when recorded: folders sampled before keep their settings
+        settings.update(latent_norm=cfg.latent_norm)
     return settings
 
 

@@ -25,6 +25,7 @@ class DataInfo:
     input_size: int
     has_flips: bool  # items are (2, C, h, w): pick a slot per visit
     vae: object = None  # --data-path with a VAE: encodes each batch on the fly (on the CPU here)
+    latent_norm: object = None  # the LatentNorm the model's inputs carry (None: pixels, or unrecorded)
 
 
 class _KeyedView(torch.utils.data.Dataset):
@@ -128,7 +129,7 @@ def open_training_data(cfg: Config) -> DataInfo:
         raise ValueError(f"--image-size {m.image_size} is not divisible by the VAE's downsample "
                          f"factor {vae.downsample}")
     return DataInfo(ds, in_channels=vae.latent_channels, input_size=m.image_size // vae.downsample,
-                    has_flips=False, vae=vae)
+                    has_flips=False, vae=vae, latent_norm=vae.norm)
 
 
 def _flag_downsample(spec: str, ds) -> int | None:
@@ -161,8 +162,21 @@ def _open_latents(path: str, cfg: Config) -> DataInfo:
             f"{ds.image_size}, vae {ds.vae!r}), but --image-size {m.image_size} with --vae "
             f"{cfg.data.vae!r} needs {want}x{want} at image size {m.image_size}; pass "
             f"--image-size {ds.image_size}{hint} or extract the features again")
+    _check_latent_channels(cfg.data.vae, ds, p)
     ds.check_labels(m.num_classes)
-    return DataInfo(ds, in_channels=ds.latent_shape[0], input_size=h, has_flips=True)
+    return DataInfo(ds, in_channels=ds.latent_shape[0], input_size=h, has_flips=True,
+                    latent_norm=ds.latent_norm)
+
+
+def _check_latent_channels(spec: str, ds, path: Path) -> None:
+    """The --vae that will decode this run's samples must have the features' latent channels."""
+    from ..vae import model_channels
+    if is_pixel_space(ds.vae) or is_pixel_space(spec) or spec == str(ds.vae):
+        return
+    if model_channels(spec) != ds.latent_shape[0]:
+        raise ValueError(f"latents in {str(path)!r} have {ds.latent_shape[0]} channels (vae "
+                         f"{ds.vae!r}), but --vae {spec!r} has {model_channels(spec)}; pass "
+                         f"--vae {ds.vae}")
 
 
 def _check_label_list(labels, num_classes: int, source: str) -> None:

@@ -112,7 +112,8 @@ def check_evaluation(cfg: Config, world_size: int) -> None:
 def sample_config(cfg: Config) -> SampleConfig:
     """The sampling settings of an evaluation, in the one SampleConfig the sampling scripts use."""
     e, name = cfg.evaluation, eval_sampler_name(cfg)
-    values = dict(model=cfg.model, diffusion=cfg.diffusion, cfg_scale=e.eval_cfg_scale,
+    values = dict(model=cfg.model, diffusion=cfg.diffusion, vae=cfg.data.vae, latent_norm=cfg.data.latent_norm,
+                  cfg_scale=e.eval_cfg_scale,
                   num_sampling_steps=e.eval_steps, objective=cfg.train.objective, transport=cfg.transport,
                   precision="fp32")
     if is_flow(cfg):
@@ -146,12 +147,12 @@ class TrainingEvaluator:
         from ..evaluation import FeatureExtractor
         self.cfg, self.e, self.device, self.rank, self.world = cfg, cfg.evaluation, device, rank, world
         self.logger, self.metrics = logger, metrics
+        self.sample_cfg = sample_config(cfg)
         if vae is None and not is_pixel_space(cfg.data.vae):  # latents from --features-path: decode them
-            from ..vae import load_vae
-            vae = load_vae(cfg.data.vae, device=device)
+            from ..sampling.flags import load_sampling_vae  # undoing the run's latent normalisation
+            vae = load_sampling_vae(self.sample_cfg, device)
         self.vae = vae
         self.extractor = FeatureExtractor(self.e.inception_weights, device=device)
-        self.sample_cfg = sample_config(cfg)
         self.reference = None  # (features or None, file statistics or None): rank 0, at the first evaluation
         self.started, self.spent = time.perf_counter(), 0.0
 

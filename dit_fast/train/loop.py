@@ -26,7 +26,7 @@ from .data import build_loader, open_training_data, set_data_epoch
 from .engine import build_deepspeed_config, build_engine, micro_batch_size, seed_everything
 from .evaluate import TrainingEvaluator, check_evaluation
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
-from .resume import check_resume_spec, resolve_resume
+from .resume import check_resume_latent_norm, check_resume_spec, resolve_resume
 from .run_dir import load_training_checkpoint, make_run_dir, save_training_checkpoint
 from .step import TrainStep
 
@@ -68,6 +68,8 @@ def prepare(cfg: Config):
     info = open_training_data(cfg)
     resolved = copy.deepcopy(cfg)
     resolved.model.in_channels, resolved.model.input_size = info.in_channels, info.input_size
+    resolved.data.latent_norm = info.latent_norm.to_dict() if info.latent_norm is not None else None
+    check_resume_latent_norm(cfg.train.resume, resolved.data.latent_norm)
     resolved.train.micro_batch_size = micro_batch_size(cfg, world_size)
     _check_data_fits(resolved, len(info.dataset), info.input_size, world_size)
     check_evaluation(resolved, world_size)

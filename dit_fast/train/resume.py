@@ -27,13 +27,14 @@ from .run_dir import recover_checkpoints
 RESUME_FIELDS = {
     "model": ("model", "depth", "hidden_size", "num_heads", "in_channels", "input_size",
               "num_classes", "learn_sigma", "class_dropout_prob", "image_size"),
-    "data": ("features_path", "data_path", "vae", "random_flip"),
+    "data": ("features_path", "data_path", "vae", "random_flip", "latent_norm"),
     "optim": ("lr", "weight_decay", "betas", "eps", "grad_clip"),
     "diffusion": ("diffusion_steps", "noise_schedule", "timestep_respacing"),
     "train": ("global_batch_size", "grad_accum", "precision", "global_seed", "ema_decay", "objective"),
     "transport": ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps"),
 }
 _PATH_FIELDS = {("data", "features_path"), ("data", "data_path"), ("data", "vae")}
+_ADDED_LATER = {("data", "latent_norm")}
 
 
 @dataclass
@@ -59,6 +60,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     for section, keys in RESUME_FIELDS.items():
         old, new = saved.get(section, {}), current.get(section, {})
         for key in keys:
+            if (section, key) in _ADDED_LATER and key not in old:
+                continue  # saved before the field existed: nothing to compare
             default = defaults[section][key]
             a, b = _norm(section, key, old.get(key, default)), _norm(section, key, new.get(key, default))
             if a != b:
@@ -134,6 +137,19 @@ def resolve_resume(spec: str | None, results_dir: str, current: dict | None = No
     diffs = config_differences(saved, current) if saved is not None and current else []
     notes = [f"--resume {path}: continuing with changed settings: {'; '.join(diffs)}"] if diffs else []
     return ResumeChoice(path, notes)
+
+
+def check_resume_latent_norm(spec: str | None, latent_norm: dict | None) -> None:
+    """--resume PATH: the run must have trained on latents normalised as the data now is (another
+    features dir's statistics would silently shift every input); read-only, before anything is made."""
+    if not spec or spec == "auto":  # auto never picks such a run: latent_norm is a RESUME_FIELD
+        return
+    saved = _saved_config(Path(spec))
+    data = saved.get("data", {}) if isinstance(saved, dict) else {}
+    if "latent_norm" in data and data["latent_norm"] != latent_norm:
+        raise ValueError(f"--resume {spec!r}: the run trained on latents normalised as "
+                         f"{data['latent_norm']}, the data now gives {latent_norm}; resume with the "
+                         "run's own features (or VAE), or start a new run")
 
 
 def check_resume_spec(spec: str | None) -> None:
