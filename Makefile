@@ -40,8 +40,10 @@ $(STAMP): setup.py pyproject.toml
 
 setup: $(STAMP)
 
+# `make demo OBJECTIVE=flow`: the same demo trained with SiT's flow matching, in results/demo-flow.
+OBJECTIVE ?= diffusion
 demo: setup
-	$(PY) -m dit_fast.demo
+	$(PY) -m dit_fast.demo --objective $(OBJECTIVE) --out results/demo$(if $(filter flow,$(OBJECTIVE)),-flow,)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -3,12 +3,15 @@
     python benchmarks/sampler_table.py                      # the digits demo model (trains it once)
     python benchmarks/sampler_table.py --rows ddpm:250,dpm-solver++:10 --samples-per-class 20
     python benchmarks/sampler_table.py --xl-timing --compile --precision bf16   # GPU: DiT-XL/2 img/s
+    python benchmarks/sampler_table.py --rows "" --flow-demo-dir results/demo-flow   # flow rows only
 
 Quality mode reuses the demo end to end: the model trained by ``python -m dit_fast.demo`` (an
 existing ``--demo-dir`` run is reused; otherwise the demo is run once), dit_fast.sampling.build_sampler
 for every sampler, and dit_fast.scoring.DigitScorer (an independent classifier's accuracy and the
 Fréchet distance of its features). Every row samples the same x_T and labels. NFE counts model
-forward passes (one batched CFG forward each; Heun: 2 x steps - 1).
+forward passes (one batched CFG forward each; Heun: 2 x steps - 1). The ``--flow-rows`` run SiT's
+ODE (euler, heun: steps = grid points; dopri5: adaptive, NFE counted) and SDE (Euler-Maruyama,
+diffusion form sigma, mean last step) on the flow demo's model (``--objective flow``).
 
 XL timing mode measures images/s of DiT-XL/2 at 256x256 (latent 32x32) per sampler with random
 weights (or ``--model-ckpt``), no quality; it is meant for a GPU.
@@ -37,6 +40,11 @@ import sampler_plot  # noqa: E402
 
 DEFAULT_ROWS = ("ddpm:250,ddpm:100,ddpm:50,ddim:50,ddim:25,ddim:10,dpm-solver++:25,dpm-solver++:10,"
                 "dpm-solver++:5,unipc:10,unipc:5,euler:25,heun:10")
+# flow row name -> (mode, sampling method)
+FLOW_SAMPLERS = {"flow-euler": ("ODE", "euler"), "flow-heun": ("ODE", "heun"), "flow-dopri5": ("ODE", "dopri5"),
+                 "flow-sde-euler": ("SDE", "Euler"), "flow-sde-heun": ("SDE", "Heun")}
+DEFAULT_FLOW_ROWS = ("flow-euler:50,flow-euler:25,flow-euler:10,flow-heun:25,flow-heun:10,flow-heun:5,"
+                     "flow-dopri5:50,flow-sde-euler:250,flow-sde-euler:50,flow-sde-euler:25")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--rows", default=DEFAULT_ROWS, help="sampler:steps,... (steps = --num-sampling-steps)")
     a("--demo-dir", default=str(ROOT / "results" / "demo"), help="the demo's --out (reused if trained)")
+    a("--flow-rows", default=DEFAULT_FLOW_ROWS, help=f"flow sampler:steps,... ({', '.join(FLOW_SAMPLERS)}); "
+      "'' skips the flow model")
+    a("--flow-demo-dir", default=str(ROOT / "results" / "demo-flow"),
+      help="the flow demo's --out (python -m dit_fast.demo --objective flow; reused if trained)")
     a("--samples-per-class", type=int, default=50)
     a("--cfg-scale", type=float, default=None, help="default: the demo's (3.0) / sample.py's (4.0) with --xl-timing")
     a("--seeds", default="0,1", help="x_T / noise seeds; quality is reported per seed and averaged "
@@ -59,16 +71,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--out-dir", default=str(HERE / "results"))
     args = p.parse_args(argv)
     args.rows = parse_rows(args.rows)
+    args.flow_rows = parse_rows(args.flow_rows, FLOW_SAMPLERS)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.cfg_scale is None:
         args.cfg_scale = 4.0 if args.xl_timing else 3.0
     return args
 
 
-def parse_rows(spec: str) -> list[tuple[str, int]]:
-    """'ddpm:250,heun:10' -> [("ddpm", 250), ("heun", 10)]; ValueError naming the bad part."""
+def parse_rows(spec: str, names=None) -> list[tuple[str, int]]:
+    """'ddpm:250,heun:10' -> [("ddpm", 250), ("heun", 10)]; ValueError naming the bad part.
+    ``names``: the allowed sampler names (default: the diffusion samplers)."""
     from dit_fast.sampling import SAMPLERS
 
+    SAMPLERS = tuple(names or SAMPLERS)
     rows = []
     for part in filter(None, (s.strip() for s in spec.split(","))):
         name, _, steps = part.rpartition(":")
@@ -82,6 +97,11 @@ def scheduler_label(name: str) -> str:
     """What a sampler name maps to, for the table."""
     from dit_fast.sampling.solvers import SOLVERS
 
+    if name in FLOW_SAMPLERS:
+        mode, method = FLOW_SAMPLERS[name]
+        if method == "dopri5":
+            return "torchdiffeq dopri5 (atol 1e-6, rtol 1e-3) on SiT's ODE"
+        return f"ours: SiT {mode} {method}" + (", diffusion form sigma, Mean last step" if mode == "SDE" else "")
     if name in SOLVERS:
         cls, extra = SOLVERS[name]
         settings = ", ".join(f"{k}={v}" for k, v in extra.items())
@@ -90,42 +110,61 @@ def scheduler_label(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- quality
-def demo_model(args, device: torch.device):
-    """(EMA model, image size) of the demo run in --demo-dir, training it first if there is none."""
+def demo_model(args, device: torch.device, objective: str = "diffusion"):
+    """(EMA model, image size, run config) of the demo run in --demo-dir (--flow-demo-dir for the
+    flow objective), training it first if there is none."""
     from dit_fast import demo
     from dit_fast.config import load_config
 
-    runs = Path(args.demo_dir) / "train" / "runs"
+    out = Path(args.flow_demo_dir if objective == "flow" else args.demo_dir)
+    runs = out / "train" / "runs"
     try:
         run_dir, ema = demo.find_run(runs)
     except FileNotFoundError:
         print(f"[samplers] no demo run under {runs}: training it once (python -m dit_fast.demo)")
-        demo.main(["--out", str(args.demo_dir), "--threads", str(args.threads)])
+        demo.main(["--out", str(out), "--threads", str(args.threads), "--objective", objective])
         run_dir, ema = demo.find_run(runs)
     print(f"[samplers] demo model: {ema}")
-    return demo.load_ema_model(run_dir, ema, device), load_config(run_dir / "config.json").model.input_size
+    cfg = load_config(run_dir / "config.json")
+    return demo.load_ema_model(run_dir, ema, device), cfg.model.input_size, cfg
 
 
-def quality_row(model, name: str, steps: int, zs: dict, labels, scorer, args) -> dict:
-    """One sampler on the demo model, for every seed's x_T in ``zs``: accuracy and Fréchet distance
-    (mean and per seed), NFE, seconds (mean over the seeds; compilation apart)."""
+def make_sampler(model, name: str, steps: int, args, run_cfg=None):
+    """The sampler of a table row: a diffusion sampler, or a flow one on the run's transport."""
+    import dataclasses
+
     from dit_fast.diffusion import create_diffusion
-    from dit_fast.sampling.images import to_uint8_hwc
-    from dit_fast.sampling import build_sampler, timed
+    from dit_fast.sampling import build_sampler
+    from dit_fast.transport import create_transport
 
     # One grey channel + learned variance: guide the noise channel only, as the demo does.
-    sampler = build_sampler(model, create_diffusion(str(steps)), method=name, cfg_scale=args.cfg_scale,
-                      num_classes=10, precision=args.precision, guide_all_channels=True)
+    common = dict(cfg_scale=args.cfg_scale, num_classes=10, precision=args.precision, guide_all_channels=True)
+    if name not in FLOW_SAMPLERS:
+        return build_sampler(model, create_diffusion(str(steps)), method=name, **common)
+    mode, method = FLOW_SAMPLERS[name]
+    options = {"diffusion_form": "sigma"} if mode == "SDE" else {}
+    return build_sampler(model, create_transport(**dataclasses.asdict(run_cfg.transport)), method=mode.lower(),
+                         sampling_method=method, num_steps=steps, **common, **options)
+
+
+def quality_row(model, name: str, steps: int, zs: dict, labels, scorer, args, run_cfg=None) -> dict:
+    """One sampler on the demo model, for every seed's x_T in ``zs``: accuracy and Fréchet distance
+    (mean and per seed), NFE, seconds (mean over the seeds; compilation apart)."""
+    from dit_fast.sampling.images import to_uint8_hwc
+    from dit_fast.sampling import timed
+
+    sampler = make_sampler(model, name, steps, args, run_cfg)
     compile_s = sampler.compile(next(iter(zs.values())).shape) if args.compile else 0.0
-    accuracy, frechet, seconds = [], [], []
+    accuracy, frechet, seconds, nfes = [], [], [], []
     for seed, z in zs.items():
-        g = torch.Generator(z.device).manual_seed(seed + 1000)  # DDPM's per-step noise
+        g = torch.Generator(z.device).manual_seed(seed + 1000)  # DDPM's / the SDE's per-step noise
         samples, sec = timed(lambda: sampler.sample(z, labels, generator=g), z.device)
         metrics = scorer.score(to_uint8_hwc(samples.clamp(-1, 1).cpu()), labels.cpu().numpy())
         accuracy.append(metrics["accuracy"])
         frechet.append(metrics["frechet_distance"])
         seconds.append(sec)
-    nfe = sampler.num_model_evaluations
+        nfes.append(sampler.num_model_evaluations)  # an adaptive solver's count may vary per seed
+    nfe = round(sum(nfes) / len(nfes))
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     return {"sampler": name, "steps": steps, "nfe": nfe, "accuracy": mean(accuracy),
             "frechet_distance": mean(frechet), "accuracy_per_seed": accuracy,
@@ -141,27 +180,35 @@ def run_quality(args, device) -> tuple[list[dict], dict]:
 
     threads = demo.pick_threads(args.threads)
     torch.set_num_threads(threads)
-    model, size = demo_model(args, device)
-    scorer = DigitScorer(size, seed=0)
     labels = torch.arange(10).repeat_interleave(args.samples_per_class)
-    zs = {seed: torch.randn(len(labels), model.in_channels, size, size,
-                            generator=torch.Generator().manual_seed(seed)).to(device) for seed in args.seeds}
-    rows = []
-    for name, steps in args.rows:
-        with torch.no_grad():
-            rows.append(quality_row(model, name, steps, zs, labels.to(device), scorer, args))
-        r = rows[-1]
-        print(f"[samplers] {name:>12} {steps:>4} steps  NFE {r['nfe']:>4}  acc {r['accuracy']:.3f}  FD "
-              f"{r['frechet_distance']:7.3f} ({', '.join(f'{v:.2f}' for v in r['frechet_distance_per_seed'])})"
-              f"  {r['sample_seconds']:6.1f} s")
+    rows, scorer, models = [], None, []
+    for objective, specs in (("diffusion", args.rows), ("flow", args.flow_rows)):
+        if specs:
+            model, size, run_cfg = demo_model(args, device, objective)
+            scorer = scorer or DigitScorer(size, seed=0)
+            models.append(f"{objective}: {run_cfg.train.results_dir}")
+            zs = {seed: torch.randn(len(labels), model.in_channels, size, size,
+                                    generator=torch.Generator().manual_seed(seed)).to(device) for seed in args.seeds}
+            for name, steps in specs:
+                rows.append(_timed_row(model, name, steps, zs, labels.to(device), scorer, args, run_cfg))
     ref = rows[0].pop("_reference") if rows else {}
     for r in rows:
         r.pop("_reference", None)
-    extra = {"model": "digits demo DiT (results/demo)", "num_samples": len(labels), "threads": threads,
+    extra = {"model": "digits demo DiT (" + "; ".join(models) + ")", "num_samples": len(labels), "threads": threads,
              "frechet_distance_real_subset": ref.get("frechet_distance_real_subset"),
              "classifier_heldout_accuracy": ref.get("classifier_heldout_accuracy"),
              "frechet_features": ref.get("frechet_features")}
     return rows, extra
+
+
+def _timed_row(model, name, steps, zs, labels, scorer, args, run_cfg) -> dict:
+    """quality_row, printed as it finishes."""
+    with torch.no_grad():
+        r = quality_row(model, name, steps, zs, labels, scorer, args, run_cfg)
+    print(f"[samplers] {name:>14} {steps:>4} steps  NFE {r['nfe']:>4}  acc {r['accuracy']:.3f}  FD "
+          f"{r['frechet_distance']:7.3f} ({', '.join(f'{v:.2f}' for v in r['frechet_distance_per_seed'])})"
+          f"  {r['sample_seconds']:6.1f} s")
+    return r
 
 
 # --------------------------------------------------------------------------------------- XL speed

@@ -64,3 +64,25 @@ def test_timing_mode_smoke(tmp_path):
     meta = sampler_table.metadata(args, torch.device("cpu"), extra)
     md, _, png = sampler_table.write_outputs(rows, meta, args, torch.device("cpu"))
     assert "images/s" in md.read_text() and "DiT-S/8 256x256" in md.read_text() and png.is_file()
+
+
+def test_flow_rows_parse_and_sample(tmp_path):
+    """The flow rows: names checked, one ODE (fixed step), dopri5 (NFE counted) and SDE row on a tiny model."""
+    from dit_fast.config import Config
+    from dit_fast.models import DiT
+    from dit_fast.scoring import DigitScorer
+
+    assert len(sampler_table.parse_rows(sampler_table.DEFAULT_FLOW_ROWS, sampler_table.FLOW_SAMPLERS)) == 10
+    with pytest.raises(ValueError, match="flow-euler"):
+        sampler_table.parse_rows("flow-rk4:5", sampler_table.FLOW_SAMPLERS)
+    torch.set_num_threads(1)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                num_classes=10).eval()
+    labels = torch.arange(10)
+    zs = {0: torch.randn(10, 1, 8, 8)}
+    args = argparse.Namespace(cfg_scale=3.0, precision="fp32", compile=False)
+    scorer = DigitScorer(8)
+    rows = [sampler_table.quality_row(model, name, steps, zs, labels, scorer, args, Config())
+            for name, steps in (("flow-heun", 3), ("flow-sde-euler", 4), ("flow-dopri5", 3))]
+    assert [r["nfe"] for r in rows[:2]] == [4, 4] and rows[2]["nfe"] >= 6  # dopri5: 6 calls a step at least
+    assert "SiT ODE heun" in rows[0]["scheduler"] and "torchdiffeq" in rows[2]["scheduler"]

@@ -155,6 +155,9 @@ class TrainConfig:
     """ZeRO-knobs JSON (configs/deepspeed/zero2.json ...); None = ZeRO stage 0."""
     ema_decay: float = 0.9999
     """EMA decay per optimizer step (fp32 EMA, DiT's 0.9999)."""
+    objective: str = "diffusion"
+    """What the network learns: diffusion (DiT's DDPM loss, cfg.diffusion) or flow (SiT's flow
+    matching, cfg.transport); dit_fast.train.objective builds it."""
     collective_timeout: float = 600.0
     """Seconds any collective (or DataLoader worker) may wait; past it the job fails naming the
     step and the rank that did not arrive, instead of idling until someone kills it."""
@@ -166,6 +169,29 @@ class TrainConfig:
     keep_labels: bool = False
     """With --init-from and another --num-classes: keep the label vectors of the classes both
     models have (0..min-1); without it every class row starts from the initialisation."""
+
+
+OBJECTIVES = ("diffusion", "flow")  # train.objective; REPA adds "repa" in dit_fast/train/objective.py
+PATH_TYPES = ("Linear", "GVP", "VP")        # SiT's --path-type
+PREDICTIONS = ("velocity", "score", "noise")  # SiT's --prediction
+LOSS_WEIGHTS = (None, "velocity", "likelihood")  # SiT's --loss-weight (None: unweighted)
+
+
+@dataclass
+class TransportConfig:
+    """SiT's flow-matching transport (dit_fast.transport.create_transport's arguments), used when
+    train.objective is "flow"; t = 0 is noise and t = 1 data."""
+
+    path_type: str = "Linear"
+    """Interpolant: Linear (x_t = t x1 + (1 - t) x0), GVP (sin / cos) or VP (the VP-SDE's marginals)."""
+    prediction: str = "velocity"
+    """What the network predicts: velocity, score or noise."""
+    loss_weight: Optional[str] = None
+    """Score / noise loss weighting: None, velocity or likelihood (a velocity loss is never weighted)."""
+    train_eps: Optional[float] = None
+    """How far training times stay from a singular end; None: SiT's default for the path/prediction."""
+    sample_eps: Optional[float] = None
+    """How far sampling times stay from a singular end; None: SiT's default."""
 
 
 # ---- sampling section: the sampling owner adds SampleConfig here (keep Config's field order) ----
@@ -185,10 +211,12 @@ class Config:
     """Optimizer section."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training-loop section."""
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    """Flow-matching section (train.objective "flow")."""
 
 
 _SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
-             "optim": OptimConfig, "train": TrainConfig}
+             "optim": OptimConfig, "train": TrainConfig, "transport": TransportConfig}
 
 
 def checkpointing_arg(text: str) -> float | str:
@@ -257,12 +285,43 @@ def validate_config(cfg: Config) -> None:
         (bool(d.features_path) != bool(d.data_path),
          "give exactly one of --features-path (pre-extracted latents) or --data-path (images)"),
     ]
-    for ok, message in checks:
+    for ok, message in checks + transport_checks(t.objective, cfg.transport):
         if not ok:
             raise ValueError(message)
     from .models import patch_size_of
     patch_size_of(m.model)  # an unknown --model raises, naming the choices
     _check_width(m)
+
+
+def transport_checks(objective: str, tc: TransportConfig) -> list:
+    """(ok, message) pairs for --objective and SiT's transport flags (training and sampling share them)."""
+    def eps_ok(value):
+        return value is None or 0.0 <= value < 0.5
+    return [
+        (objective in OBJECTIVES, f"--objective must be one of {OBJECTIVES}, got {objective!r}"),
+        (tc.path_type in PATH_TYPES, f"--path-type must be one of {PATH_TYPES}, got {tc.path_type!r}"),
+        (tc.prediction in PREDICTIONS, f"--prediction must be one of {PREDICTIONS}, got {tc.prediction!r}"),
+        (tc.loss_weight in LOSS_WEIGHTS,
+         f"--loss-weight must be one of {LOSS_WEIGHTS[1:]} (or absent), got {tc.loss_weight!r}"),
+        (eps_ok(tc.train_eps) and eps_ok(tc.sample_eps),
+         f"--train-eps and --sample-eps must be in [0, 0.5), got {tc.train_eps} and {tc.sample_eps}"),
+    ]
+
+
+def add_transport_flags(parser: argparse.ArgumentParser, *, defaults: bool = False) -> None:
+    """--objective and SiT's transport flags, with SiT's names (train.py, sample.py, sample_ddp.py).
+    ``defaults=False`` leaves them None, so sampling can tell a given flag from the run's value."""
+    a = parser.add_argument
+    a("--objective", type=str, default="diffusion" if defaults else None, metavar="|".join(OBJECTIVES),
+      help="diffusion (DiT's) or flow (SiT's flow matching); sampling a run reads it")
+    a("--path-type", type=str, default="Linear" if defaults else None, metavar="|".join(PATH_TYPES),
+      help="flow: the interpolant")
+    a("--prediction", type=str, default="velocity" if defaults else None, metavar="|".join(PREDICTIONS),
+      help="flow: what the network predicts")
+    a("--loss-weight", type=str, default=None, metavar="velocity|likelihood",
+      help="flow: score/noise loss weighting (None: unweighted)")
+    a("--train-eps", type=float, default=None, help="flow: training time margin (default: SiT's)")
+    a("--sample-eps", type=float, default=None, help="flow: sampling time margin (default: SiT's)")
 
 
 def _check_width(m: ModelConfig) -> None:
@@ -415,12 +474,40 @@ class SampleConfig:
     latent_norm: Optional[dict] = None
     """The run's latent normalisation (its data.latent_norm), undone before the VAE decodes; None:
     the --vae config's scaling_factor / shift_factor (SD: 0.18215)."""
+    cfg_interval: Optional[tuple] = None
+    """Guide only at model times in [low, high] (Kynkaanniemi et al. 2024), in the objective's own
+    coordinate: diffusion, the original 1000-step chain's timestep (0 = data, 999 = noise); flow,
+    SiT's t (0 = noise, 1 = data). Outside it: one unguided forward of the conditional half. None:
+    guide every step."""
+    objective: str = "diffusion"
+    """diffusion (DiT's sampler flags) or flow (SiT's --mode ODE|SDE and below); read from a run."""
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    """The trained transport (objective flow), read from the run's saved config or the flags."""
+    mode: str = "ODE"
+    """flow: ODE (probability flow) or SDE (SiT's --mode)."""
+    sampling_method: Optional[str] = None
+    """flow: ODE solver (euler, heun, midpoint: ours; dopri5 ...: torchdiffeq) or SDE method
+    (Euler, Heun); None: SiT's defaults, dopri5 / Euler."""
+    atol: float = 1e-6
+    """flow ODE: absolute tolerance of an adaptive solver (SiT's default)."""
+    rtol: float = 1e-3
+    """flow ODE: relative tolerance of an adaptive solver (SiT's default)."""
+    reverse: bool = False
+    """flow ODE: integrate from data to noise (SiT's --reverse)."""
+    diffusion_form: str = "sigma"
+    """flow SDE: w_t's form (SiT's sample.py default sigma; SBDM is singular for velocity models)."""
+    diffusion_norm: float = 1.0
+    """flow SDE: w_t's scale."""
+    last_step: Optional[str] = "Mean"
+    """flow SDE: final step Mean | Tweedie | Euler | None."""
+    last_step_size: float = 0.04
+    """flow SDE: size of the final step."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: ModelConfig,
                   diffusion: Optional[DiffusionConfig] = None, **resolved) -> "SampleConfig":
         """The config of a sample.py / sample_ddp.py command line with its resolved model (flags a
         script lacks keep defaults; ``resolved`` overrides parsed values, e.g. the saved VAE)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"model", "diffusion"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"model", "diffusion", "transport"}
         values = {k: v for k, v in vars(args).items() if k in names}
         return cls(model=model, diffusion=diffusion or DiffusionConfig(), **{**values, **resolved})

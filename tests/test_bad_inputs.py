@@ -164,6 +164,11 @@ TRAIN_CASES = [
     ("latent size not divisible by the patch", T("--model", "DiT-S/8", "--features-path",
                                                  "{base}/feat12", "--image-size", "12"), "patch size 8"),
     ("index claims channel stats it lacks", T("--features-path", "{nostats}"), "per-channel mean and std"),
+    ("unknown objective", T("--objective", "score"), "--objective must be one of"),
+    ("unknown flow path", T("--objective", "flow", "--path-type", "Cosine"), "--path-type must be one of"),
+    ("unknown flow prediction", T("--objective", "flow", "--prediction", "x0"), "--prediction must be one of"),
+    ("unknown flow loss weight", T("--objective", "flow", "--loss-weight", "huber"), "--loss-weight must be"),
+    ("flow train eps out of range", T("--objective", "flow", "--train-eps", "0.7"), "--train-eps"),
 ]
 
 EXTRACT_CASES = [
@@ -208,6 +213,18 @@ SAMPLE_CASES = [
     ("unknown attention backend", SP("--attn-backend", "flashy"), "unknown attention backend"),
     ("official checkpoint, other model", SP(ckpt=None), "without --ckpt"),
     ("guidance without a null label", SP(ckpt="{no_null}"), "no null label"),
+    ("SiT flag on a diffusion model", SP("--mode", "SDE"), "apply to flow models"),
+    ("transport flag without --objective flow", SP("--path-type", "GVP"), "add --objective flow"),
+    ("diffusion sampler on a flow model", SP("--objective", "flow", "--sampler", "ddim"),
+     "is a diffusion sampler"),
+    ("unknown flow mode", SP("--objective", "flow", "--mode", "PDE"), "invalid choice"),
+    ("unknown SDE method", SP("--objective", "flow", "--mode", "SDE", "--sampling-method", "RK4"),
+     "not an SDE method"),
+    ("unknown diffusion form", SP("--objective", "flow", "--mode", "SDE", "--diffusion-form", "cubic"),
+     "--diffusion-form must be one of"),
+    ("unknown ODE solver", SP("--objective", "flow", "--sampling-method", "rk99"), "not an ODE solver"),
+    ("flow model without --ckpt", SP("--objective", "flow", ckpt=None), "needs --ckpt"),
+    ("empty guidance interval", SP("--cfg-interval", "800", "200"), "LOW <= HIGH"),
 ]
 SAMPLE_DDP_CASES = [
     ("guidance scale below 1", S("--cfg-scale", "0.5"), "--cfg-scale must be >= 1.0"),

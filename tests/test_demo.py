@@ -67,6 +67,18 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert "(step=0000003)" in (tmp_path / "train_log.txt").read_text()
 
 
+def test_flow_demo_end_to_end_tiny(tmp_path):
+    """--objective flow: train.py trains SiT's loss (its config says so) and SiT's ODE samples."""
+    from dit_fast.demo import main
+
+    metrics = main(["--out", str(tmp_path), "--hidden-size", "32", "--depth", "1", "--num-heads", "2",
+                    "--max-steps", "2", "--global-batch-size", "16", "--log-every", "1", "--objective", "flow",
+                    "--num-sampling-steps", "3", "--samples-per-class", "1", "--threads", "1"])
+    assert metrics["recipe"]["objective"] == "flow" and np.isfinite(metrics["frechet_distance"])
+    assert "train.objective = 'flow'" in (tmp_path / "train_log.txt").read_text()
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (10, 8, 8, 1)
+
+
 @pytest.mark.parametrize("flags, match", [(["--image-size", "9"], "divisible by --patch-size"),
                                           (["--hidden-size", "30"], "--num-heads"),
                                           (["--max-steps", "0"], "--max-steps")])

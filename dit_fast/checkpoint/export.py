@@ -67,9 +67,11 @@ def build_model(args):
     checkpoint's weights, fp32, eval; the sin-cos positional table the model computed at init,
     before the checkpoint overwrote it). Fills ``args`` with the resolved model values."""
     from dit_fast.models import build_model as build_dit
-    from dit_fast.sampling.flags import resolve_model
+    from dit_fast.sampling.flags import resolve_run
 
-    m, _, vae, source = resolve_model(args)
+    m, _, vae, objective, _, source = resolve_run(args)
+    if objective != "diffusion":  # DiTPipeline's schedulers would sample a velocity field as noise
+        raise ValueError(f"--ckpt is a {objective} run; diffusers' DiTPipeline samples diffusion models only")
     args.model, args.image_size, args.num_classes, args.vae = m.model, m.image_size, m.num_classes, vae
     args.latent_norm = source.config.data.latent_norm if source and source.config else None
     args.in_channels, args.learn_sigma = m.in_channels, m.learn_sigma

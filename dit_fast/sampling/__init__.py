@@ -7,6 +7,7 @@
     ancestral.py   DDPM / DDIM: the diffusion's own step functions (dit_fast.diffusion.steps) on its
                    device Schedule; eager fp32 DDPM is bit-identical to the original
     solvers.py     diffusers' DPM-Solver++ / UniPC / Euler / Heun on the diffusion's base betas
+    flow.py        SiT's flow-matching ODE / SDE (dit_fast.transport) as methods "ode" / "sde"
     compiled.py    the one torch.compile / CUDA-graph warm-up helper, device timing
     images.py      the PNG grid, PNG folders and the .npz of the ADM evaluation suite
     resumable.py   many images over ranks, resumable: per-batch seeds, checkpoint identity, settings check
@@ -15,20 +16,17 @@
     grid.py        sample.py: one seeded grid
     fid_set.py     sample_ddp.py: a folder of PNGs and its .npz for FID
 
-Extension points. A new sampling method (a flow-matching ODE/SDE sampler for SiT, ...) subclasses
-``base.Sampler`` (``_run`` = its loop, ``_warmup_args`` = one call of its compiled step) and adds one
-entry to ``build.METHODS``; no DDPM code changes. Guidance is only ever applied through
-``Guidance.__call__`` (every sampler's model call), so a guidance interval (``cfg_interval=(low, high)``:
-one unguided forward on the conditional half outside the interval) is a ``Guidance`` subclass whose
-call reads a host-side "guided" flag; the flag is set per step on the host from the step's trained
-timestep (``diffusion.schedule.model_timesteps``, a CPU tensor: no sync), which each loop already
-iterates, and the two variants compile to two static graphs. Not built yet.
+Extension points. A new sampling method subclasses ``base.Sampler`` (``_run`` = its loop,
+``_warmup_args`` = one call of its compiled step, ``make_step(model_call)`` handed to the base) and
+adds one entry to ``build.METHODS`` (flow.py is one); no DDPM code changes. The guidance interval
+(``cfg_interval=(low, high)`` in the objective's coordinate) lives in ``Guidance`` (guided_at,
+unguided: one forward of batch N) and ``Sampler.step_at(t)``, which every loop calls per step.
 """
 from .base import Sampler
-from .build import ANCESTRAL, METHODS, SAMPLERS, build_sampler, decode
+from .build import ANCESTRAL, FLOW_METHODS, METHODS, SAMPLERS, build_sampler, decode
 from .compiled import default_compile_mode, timed
 from .guidance import Guidance, check_null_label
 from .solvers import SOLVERS, MissingDiffusersError
 
-__all__ = ["Sampler", "build_sampler", "METHODS", "SAMPLERS", "ANCESTRAL", "SOLVERS", "Guidance",
+__all__ = ["Sampler", "build_sampler", "METHODS", "SAMPLERS", "FLOW_METHODS", "ANCESTRAL", "SOLVERS", "Guidance",
            "check_null_label", "decode", "timed", "default_compile_mode", "MissingDiffusersError"]

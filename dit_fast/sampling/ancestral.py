@@ -31,17 +31,21 @@ class AncestralSampler(Sampler):
         step = diffusion.p_sample if method == "ddpm" else diffusion.ddim_sample
         extra = {} if method == "ddpm" else {"eta": eta}
 
-        def step_fn(x, t, y, noise):
-            """x_{t-1} of the model batch x (B, ...) at step indices t (B,), labels y, noise like x."""
-            out = step(guidance, x, t, clip_denoised=clip_denoised, model_kwargs={"y": y}, noise=noise,
-                       **extra)
-            return out["sample"]
+        def make_step(model_call):
+            def step_fn(x, t, y, noise):
+                """x_{t-1} of the model batch x (B, ...) at step indices t (B,), labels y, noise like x."""
+                out = step(model_call, x, t, clip_denoised=clip_denoised, model_kwargs={"y": y},
+                           noise=noise, **extra)
+                return out["sample"]
+            return step_fn
 
-        super().__init__(guidance, diffusion, step_fn)
+        super().__init__(guidance, diffusion, make_step)
         # The device copy of the schedule is made here, eagerly: a compiled step then reads it as a
         # constant instead of tracing the host->device copy into its graph.
         diffusion.schedule_on(self.device)
         self._indices: dict[int, torch.Tensor] = {}
+        # The original chain's timestep of each step index (the guidance interval's coordinate).
+        self.chain_timesteps = diffusion.schedule_on(torch.device("cpu")).model_timesteps.tolist()
 
     @property
     def num_model_evaluations(self) -> int:
@@ -63,7 +67,8 @@ class AncestralSampler(Sampler):
     def _run(self, z, y, generator, progress) -> torch.Tensor:
         x = self.guidance.double(z)
         indices = self.step_indices(x.shape[0])
-        for k in with_progress(range(indices.shape[0]), progress):
+        S = indices.shape[0]
+        for k in with_progress(range(S), progress):
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = self.step(x, indices[k], y, noise)
+            x = self.step_at(self.chain_timesteps[S - 1 - k])(x, indices[k], y, noise)
         return self.guidance.cond_half(x)  # drop the null-class half

@@ -5,7 +5,11 @@
     x0 = sampler.sample(z, labels)           # z (N, C, H, W) x_T, labels (N,) -> (N, C, H, W)
 
 A method subclasses :class:`Sampler` and implements ``_run`` (the loop) and ``_warmup_args`` (one
-call of its compiled function); the model is always called through ``self.guidance``.
+call of its compiled function); the model is always called through ``self.guidance``. It hands the
+base a ``make_step(model_call) -> step_fn``: the base builds the guided step from ``guidance`` and,
+under a guidance interval, a second one from ``guidance.unguided`` (one forward of the conditional
+half); ``self.step_at(t)`` picks per step from the step's model time known on the host, so
+neither the choice nor a compiled step's static shapes ever need a device read.
 """
 from __future__ import annotations
 
@@ -22,11 +26,19 @@ class Sampler:
 
     name = "sampler"
 
-    def __init__(self, guidance: Guidance, diffusion, step_fn):
+    def __init__(self, guidance: Guidance, diffusion, make_step):
         self.guidance = guidance
         self.diffusion = diffusion
         self.device = guidance.device
-        self.step = CompiledFn(step_fn, self.device)  # the per-step function, compiled on demand
+        self.step = CompiledFn(make_step(guidance), self.device)  # the per-step function, compiled on demand
+        # Outside a guidance interval: the same step on one unguided forward (a second compiled
+        # callable, so both keep static shapes).
+        self.plain_step = (CompiledFn(make_step(guidance.unguided), self.device)
+                           if guidance.interval_active else None)
+
+    def step_at(self, t: float) -> CompiledFn:
+        """The step to run at model time ``t`` (the objective's coordinate, a host number)."""
+        return self.step if self.plain_step is None or self.guidance.guided_at(t) else self.plain_step
 
     # Kept as attributes of the sampler for callers that report them.
     @property
@@ -35,7 +47,8 @@ class Sampler:
 
     @property
     def compile_seconds(self) -> float:
-        return self.step.compile_seconds
+        plain = self.plain_step.compile_seconds if self.plain_step is not None else 0.0
+        return self.step.compile_seconds + plain
 
     @property
     def num_model_evaluations(self) -> int:
@@ -48,7 +61,11 @@ class Sampler:
         Returns the seconds spent (compilation plus warm-up), which sampling time excludes. The
         global RNG state is restored afterwards, so compiling never changes the samples.
         """
-        return self.step.compile(self._warmup_args(tuple(z_shape)), mode, fullgraph)
+        args = self._warmup_args(tuple(z_shape))
+        self.step.compile(args, mode, fullgraph)
+        if self.plain_step is not None:
+            self.plain_step.compile(args, mode, fullgraph)
+        return self.compile_seconds
 
     def sample(self, z: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None,
                progress: bool = False) -> torch.Tensor:

@@ -17,9 +17,8 @@ from dit_fast.cli import OneLineParser
 from dit_fast.distributed import init_distributed
 from dit_fast.vae import is_pixel_space
 
-from .build import build_sampler
-from .flags import (add_common_flags, build_diffusion, build_sampling_model, format_sample_config,
-                    load_sampling_vae, resolve_device, resolve_sample_config, run_cli)
+from .flags import (add_common_flags, build_sampling_model, format_sample_config, load_sampling_vae,
+                    resolve_device, resolve_sample_config, run_cli, sampler_of)
 from .images import write_npz_from_pngs
 from .resumable import (barrier, batches_to_do, check_resume_settings, folder_name, run_batches,
                         sample_settings)
@@ -87,9 +86,7 @@ def _sample_all(cfg, source, rank: int, world_size: int, device) -> dict:
     m = cfg.model
     model = build_sampling_model(m, weights, device, saved=bool(source and source.config))
     vae = load_sampling_vae(cfg, device)
-    sampler = build_sampler(model, build_diffusion(cfg), method=cfg.sampler, cfg_scale=cfg.cfg_scale,
-                            num_classes=m.num_classes, use_cfg=cfg.cfg_scale > 1.0,
-                            precision=cfg.precision, guide_all_channels=cfg.guide_all_channels)
+    sampler = sampler_of(cfg, model, use_cfg=cfg.cfg_scale > 1.0)
 
     folder = Path(cfg.sample_dir) / folder_name(cfg)
     n = cfg.per_proc_batch_size

@@ -11,8 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
-from dit_fast.config import (MODEL_FLAG_DEFAULTS, PRECISIONS, DiffusionConfig, SampleConfig,
-                             add_model_flags, model_config_from_args)
+from dit_fast.config import (MODEL_FLAG_DEFAULTS, PRECISIONS, DiffusionConfig, SampleConfig, TransportConfig,
+                             add_model_flags, add_transport_flags, model_config_from_args, transport_checks)
 from dit_fast.vae import is_pixel_space, model_channels, vae_downsample
 
 from .build import SAMPLERS
@@ -72,9 +72,14 @@ def add_common_flags(parser, *, cfg_default: float, vae_default: str) -> None:
                              "diffusion come from its saved config), a checkpoints/step-NNNNNNN dir or "
                              "the EMA file in one, a checkpoint file, a diffusers DiT transformer "
                              "folder, or an official name (default: the official DiT-XL/2 for --image-size)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                        help="ddpm (the original's), ddim, or diffusers' solvers: dpm-solver++ (2M), "
-                             "unipc, euler, heun (2 model calls per step but the last)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help="diffusion models: ddpm (the original's, default), ddim, or diffusers' solvers: "
+                             "dpm-solver++ (2M), unipc, euler, heun (2 model calls per step but the last)")
+    parser.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="guide only at model times in [LOW, HIGH], one unguided forward elsewhere; "
+                             "diffusion: the 1000-step training chain's timestep (0 = data, 999 = noise, "
+                             "whatever --num-sampling-steps), flow: SiT's t (0 = noise, 1 = data)")
+    add_flow_sampling_flags(parser)
     parser.add_argument("--in-channels", type=int, default=None, help="image channels with --vae none (3)")
     parser.add_argument("--guide-all-channels", action="store_true",
                         help="guide every channel (default: the first three, as the original)")
@@ -87,6 +92,77 @@ def add_common_flags(parser, *, cfg_default: float, vae_default: str) -> None:
                         help="TF32 matmuls on CUDA (on by default, as the original)")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
     parser.set_defaults(vae_default=vae_default)
+
+
+# SiT's sampling flags (flow models only) and their defaults (SiT's sample.py: --diffusion-form sigma).
+FLOW_SAMPLING_DEFAULTS = {"mode": "ODE", "sampling_method": None, "atol": 1e-6, "rtol": 1e-3, "reverse": False,
+                          "diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "Mean",
+                          "last_step_size": 0.04}
+
+
+def _last_step(text: str):
+    return None if text == "None" else text
+
+
+def add_flow_sampling_flags(parser) -> None:
+    """--objective / SiT's transport flags (for plain weight files) and SiT's sampler flags."""
+    add_transport_flags(parser)
+    a = parser.add_argument
+    a("--mode", type=str.upper, choices=("ODE", "SDE"), default=None, help="flow: ODE (default) or SDE")
+    a("--sampling-method", type=str, default=None,
+      help="flow ODE: euler | heun | midpoint (ours) | dopri5 (default) ... (torchdiffeq); SDE: Euler "
+           "(default) | Heun")
+    a("--atol", type=float, default=None, help="flow ODE: adaptive solver's absolute tolerance (1e-6)")
+    a("--rtol", type=float, default=None, help="flow ODE: adaptive solver's relative tolerance (1e-3)")
+    a("--reverse", action="store_true", default=None, help="flow ODE: integrate from data to noise")
+    a("--diffusion-form", type=str, default=None,
+      help="flow SDE: w_t = constant | SBDM | sigma (default, SiT's sample.py) | linear | decreasing | "
+           "increasing-decreasing")
+    a("--diffusion-norm", type=float, default=None, help="flow SDE: w_t's scale (1.0)")
+    a("--last-step", type=_last_step, choices=("Mean", "Tweedie", "Euler", None), default="unset",
+      help="flow SDE: the final step (Mean, default) or None")
+    a("--last-step-size", type=float, default=None, help="flow SDE: its size (0.04)")
+
+
+def _flow_sampling_values(args, objective: str) -> dict:
+    """SiT's sampler flags resolved to their defaults; any of them given for a diffusion model is an error."""
+    given = {k: getattr(args, k) for k in FLOW_SAMPLING_DEFAULTS
+             if getattr(args, k, None) is not None and getattr(args, k) != "unset"}
+    if getattr(args, "last_step", "unset") is None:
+        given["last_step"] = None
+    if objective != "flow":
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{flags}: SiT's sampler flags apply to flow models (--objective flow, or a "
+                             "flow run's --ckpt); this model is a diffusion model")
+        return dict(FLOW_SAMPLING_DEFAULTS)
+    if args.sampler is not None:
+        raise ValueError(f"--sampler {args.sampler} is a diffusion sampler; a flow model takes --mode ODE|SDE "
+                         "and --sampling-method")
+    values = {**FLOW_SAMPLING_DEFAULTS, **given}
+    _check_flow_options(values)
+    return {**values, "sampler": values["mode"].lower()}  # what messages and the folder settings show
+
+
+def _check_flow_options(v: dict) -> None:
+    """SiT's sampler flags that can never work fail here (ValueError), not inside the first step."""
+    from dit_fast.transport import DIFFUSION_FORMS
+    from dit_fast.transport.integrators import FIXED_STEP_METHODS, SDE_METHODS, canonical_ode_method
+    method = v["sampling_method"]
+    if v["mode"] == "SDE" and method is not None and method.lower() not in ("euler", "heun"):
+        raise ValueError(f"--sampling-method {method} is not an SDE method; choose one of {', '.join(SDE_METHODS)}")
+    if v["mode"] == "ODE" and method is not None and canonical_ode_method(method) not in FIXED_STEP_METHODS:
+        try:
+            from torchdiffeq._impl.odeint import SOLVERS
+        except ImportError:
+            SOLVERS = None  # the transport names the package to install when sampling starts
+        if SOLVERS is not None and canonical_ode_method(method) not in SOLVERS:
+            raise ValueError(f"--sampling-method {method} is not an ODE solver; choose one of "
+                             f"{', '.join(sorted(set(FIXED_STEP_METHODS) | set(SOLVERS)))} (or heun)")
+    if v["diffusion_form"] not in DIFFUSION_FORMS + ("inccreasing-decreasing",):
+        raise ValueError(f"--diffusion-form must be one of {', '.join(DIFFUSION_FORMS)}, got {v['diffusion_form']!r}")
+    if not (v["atol"] > 0 and v["rtol"] > 0 and v["diffusion_norm"] >= 0 and 0 <= v["last_step_size"] < 1):
+        raise ValueError("need --atol > 0, --rtol > 0, --diffusion-norm >= 0 and 0 <= --last-step-size < 1")
 
 
 # Flags that define the model: given beside a run, each must equal the run's saved value.
@@ -104,13 +180,44 @@ def _from_saved_run(args, source: CkptSource) -> tuple:
     for name, value in given.items():
         if name == "in_channels" and not is_pixel_space(run_values["vae"]):
             continue  # --in-channels only means something in pixel space (as without a run)
-        if value != run_values[name]:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {value} contradicts the checkpoint's saved config ({name} = "
-                             f"{run_values[name]!r} in {source.where}); drop {flag} (it is read from the run)")
+        _refuse_contradiction(name, value, run_values[name], source.where)
+    _check_objective_flags(args, saved.train.objective, saved.transport, source.where)
     speed = {"attn_backend": args.attn_backend, "adaln_backend": args.adaln_backend}
     model = dataclasses.replace(saved.model, grad_checkpointing=0.0, **speed)
-    return model, saved.diffusion, saved.data.vae
+    return model, saved.diffusion, saved.data.vae, saved.train.objective, saved.transport
+
+
+_TRANSPORT_FLAGS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
+
+
+def _check_objective_flags(args, objective: str, transport: TransportConfig, where: str) -> None:
+    """--objective and the transport flags beside a run must equal what it was trained with."""
+    saved = {"objective": objective, **dataclasses.asdict(transport)}
+    for name in ("objective", *_TRANSPORT_FLAGS):
+        if getattr(args, name, None) is not None:
+            _refuse_contradiction(name, getattr(args, name), saved[name], where)
+
+
+def _refuse_contradiction(name: str, given, saved, where: str) -> None:
+    """A flag given beside a run must equal the run's saved value (ValueError naming both)."""
+    if given != saved:
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{flag} {given} contradicts the checkpoint's saved config ({name} = "
+                         f"{saved!r} in {where}); drop {flag} (it is read from the run)")
+
+
+def _objective_from_flags(args) -> tuple:
+    """(objective, TransportConfig) of the flags (a plain weight file, e.g. SiT-XL-2-256x256.pt)."""
+    objective = getattr(args, "objective", None) or "diffusion"  # the export has no flow flags
+    given = {k: getattr(args, k) for k in _TRANSPORT_FLAGS if getattr(args, k, None) is not None}
+    transport = TransportConfig(**given)
+    for ok, message in transport_checks(objective, transport):
+        if not ok:
+            raise ValueError(message)
+    if objective == "diffusion" and given:
+        raise ValueError("--path-type / --prediction / --loss-weight / --train-eps / --sample-eps describe a "
+                         "flow model: add --objective flow")
+    return objective, transport
 
 
 def _from_flags(args) -> tuple:
@@ -126,31 +233,47 @@ def _from_flags(args) -> tuple:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     model = model_config_from_args(args, **values, in_channels=model_channels(vae, pixel_channels))
-    return model, DiffusionConfig(), vae
+    return (model, DiffusionConfig(), vae, *_objective_from_flags(args))
 
 
 def resolve_model(args: argparse.Namespace) -> tuple:
     """(ModelConfig with input_size resolved, DiffusionConfig, vae, CkptSource or None) of a command
     line with add_common_flags' model flags: from the run --ckpt names (its saved config), else from
     the flags. Shared by sample.py, sample_ddp.py and the export. None: no --ckpt (official)."""
+    model, diffusion, vae, _, _, source = resolve_run(args)
+    return model, diffusion, vae, source
+
+
+def resolve_run(args: argparse.Namespace) -> tuple:
+    """resolve_model's answer with the objective and TransportConfig in the middle:
+    (model, diffusion, vae, objective, transport, source)."""
     from dit_fast.vae import check_vae_spec
     source = resolve_ckpt(args.ckpt) if args.ckpt is not None else None
     if source is not None and source.config is not None:
         return (*_from_saved_run(args, source), source)
-    model, diffusion, vae = _from_flags(args)
+    model, diffusion, vae, objective, transport = _from_flags(args)
     check_vae_spec(vae)
     model.input_size = sample_size(model.image_size, vae_downsample(vae), model.patch_size)
-    return model, diffusion, vae, source
+    return model, diffusion, vae, objective, transport, source
 
 
 def resolve_sample_config(args: argparse.Namespace) -> tuple:
     """(SampleConfig, CkptSource or None) of a sample.py / sample_ddp.py command line."""
-    model, diffusion, vae, source = resolve_model(args)
+    model, diffusion, vae, objective, transport, source = resolve_run(args)
     if args.num_sampling_steps < 1:
         raise ValueError(f"--num-sampling-steps must be positive, got {args.num_sampling_steps}")
+    if args.cfg_interval is not None and not args.cfg_interval[0] <= args.cfg_interval[1]:
+        raise ValueError(f"--cfg-interval LOW HIGH needs LOW <= HIGH, got {args.cfg_interval}")
+    flow = _flow_sampling_values(args, objective)
+    resolved = {**flow, "sampler": flow.get("sampler", args.sampler or "ddpm"),
+                "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None}
     saved = source.config if source is not None else None
-    cfg = SampleConfig.from_args(args, model, diffusion, vae=vae,
-                                 latent_norm=saved.data.latent_norm if saved is not None else None)
+    cfg = SampleConfig.from_args(args, model, diffusion, vae=vae, objective=objective, transport=transport,
+                                 latent_norm=saved.data.latent_norm if saved is not None else None,
+                                 **resolved)
+    if source is None and objective == "flow":
+        raise ValueError("a flow model needs --ckpt (a flow run, or a SiT checkpoint file such as "
+                         "SiT-XL-2-256x256.pt); the official names are DiT's diffusion models")
     if source is None:
         check_official_defaults(model.model, model.image_size, model.num_classes, vae)
     return cfg, source
@@ -185,6 +308,21 @@ def build_sampling_model(model_cfg, weights, device, *, saved: bool = False):
             f"(input_size={m.input_size}, num_classes={m.num_classes}, in_channels={m.in_channels})")
     load_into_model(model, state, hint=hint)
     return model.eval()  # important: class dropout is a training-only behaviour
+
+
+def sampler_of(cfg: SampleConfig, model, *, use_cfg: bool):
+    """The sampler a resolved SampleConfig asks for: the diffusion's (--sampler) or, for a flow model,
+    SiT's ODE / SDE (--mode and SiT's flags), each with the guidance options."""
+    from .build import build_sampler
+    common = dict(cfg_scale=cfg.cfg_scale, num_classes=cfg.model.num_classes, use_cfg=use_cfg,
+                  precision=cfg.precision, guide_all_channels=cfg.guide_all_channels,
+                  cfg_interval=cfg.cfg_interval)
+    if cfg.objective != "flow":
+        return build_sampler(model, build_diffusion(cfg), method=cfg.sampler, **common)
+    from dit_fast.transport import create_transport
+    options = {k: getattr(cfg, k) for k in FLOW_SAMPLING_DEFAULTS if k != "mode"}
+    return build_sampler(model, create_transport(**dataclasses.asdict(cfg.transport)),
+                         method=cfg.mode.lower(), num_steps=cfg.num_sampling_steps, **common, **options)
 
 
 def build_diffusion(cfg: SampleConfig):

@@ -12,11 +12,11 @@ import torch
 from dit_fast.checkpoint import official_checkpoint_name
 from dit_fast.cli import OneLineParser
 from dit_fast.config import DEFAULT_CLASS_LABELS
-from .build import build_sampler, decode
+
+from .build import decode
 from .compiled import timed
-from .flags import (add_common_flags, build_diffusion, build_sampling_model, check_class_labels,
-                    format_sample_config, load_sampling_vae, resolve_device,
-                    resolve_sample_config, run_cli)
+from .flags import (add_common_flags, build_sampling_model, check_class_labels, format_sample_config,
+                    load_sampling_vae, resolve_device, resolve_sample_config, run_cli, sampler_of)
 from .images import save_image
 
 
@@ -46,16 +46,13 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         weights = source.weights if source else official_checkpoint_name(m.image_size)
         model = build_sampling_model(m, weights, device, saved=bool(source and source.config))
-        diffusion = build_diffusion(cfg)
         vae = load_sampling_vae(cfg, device)
 
         n = len(cfg.class_labels)
         z = torch.randn(n, model.in_channels, m.input_size, m.input_size, device=device)
         y = torch.tensor(cfg.class_labels, device=device)
         # sample.py always runs the CFG forward, even at cfg_scale 1 (unlike sample_ddp.py).
-        sampler = build_sampler(model, diffusion, method=cfg.sampler, cfg_scale=cfg.cfg_scale,
-                                num_classes=m.num_classes, use_cfg=True, precision=cfg.precision,
-                                guide_all_channels=cfg.guide_all_channels)
+        sampler = sampler_of(cfg, model, use_cfg=True)
         if cfg.compile:
             seconds = sampler.compile(z.shape, mode=cfg.compile_mode)
             print(f"Compiled the sampling step in {seconds:.1f} s (excluded from sampling time).")

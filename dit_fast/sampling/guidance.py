@@ -1,8 +1,11 @@
 """Classifier-free guidance around a DiT: the one place that doubles the batch ([cond, null]), picks
 the model call (``forward_with_cfg`` or ``forward``) and runs it under autocast.
 
-Every sampler calls the model through a :class:`Guidance`; a guidance interval (one unguided forward
-outside ``cfg_interval``) is a subclass that chooses per step, not an edit of the samplers.
+Every sampler calls the model through a :class:`Guidance`. A guidance interval (``cfg_interval``,
+Kynkaanniemi et al. 2024) guides only at model times inside [low, high]; outside it the sampler
+calls :meth:`Guidance.unguided`: ONE forward of the conditional half (batch N, not 2N), its output
+repeated so the model batch keeps its shape (the null half of the state is never read: the guided
+forward, too, reads only x[:N]).
 """
 from __future__ import annotations
 
@@ -53,9 +56,16 @@ class Guidance:
     use_cfg: bool = True
     guide_all_channels: bool = False
     precision: str = "fp32"
+    cfg_interval: Optional[tuple] = None
+    """(low, high): guide only at model times in it (the objective's coordinate); None: always."""
 
     def __post_init__(self):
         check_null_label(self.model, self.num_classes, self.use_cfg)  # before any step, for every caller
+        if self.cfg_interval is not None:
+            low, high = map(float, self.cfg_interval)
+            if not low <= high:
+                raise ValueError(f"--cfg-interval LOW HIGH needs LOW <= HIGH, got {low} {high}")
+            self.cfg_interval = (low, high)
         self.amp_dtype = amp_dtype(self.precision)
         self.device = next(self.model.parameters()).device
 
@@ -73,6 +83,24 @@ class Guidance:
     def cond_half(self, x: torch.Tensor) -> torch.Tensor:
         """The conditional half of a model batch (all of it without guidance)."""
         return x.chunk(2, dim=0)[0] if self.use_cfg else x
+
+    @property
+    def interval_active(self) -> bool:
+        """Whether some steps may run unguided (an interval, and guidance at all)."""
+        return self.use_cfg and self.cfg_interval is not None
+
+    def guided_at(self, t: float) -> bool:
+        """Whether the step at model time t (a host number) is guided; the interval is closed."""
+        return not self.interval_active or self.cfg_interval[0] <= t <= self.cfg_interval[1]
+
+    def unguided(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The conditional output for a model batch [x, x] / [y, null]: one forward of the first
+        half (batch N), repeated to the batch's 2N rows; (B, C_out, H, W) fp32."""
+        n = x.shape[0] // 2
+        with model_autocast(self.device.type, self.amp_dtype):
+            out = self.model.forward(x[:n], t[:n], y[:n])
+        out = out.float()
+        return torch.cat([out, out], 0)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The model output (B, C_out, H, W) in fp32 for the model batch x (B, C, H, W), timesteps t

@@ -61,6 +61,8 @@ def file_identity(path: Path) -> dict:
 # Every setting that changes the pixels of a batch (the checkpoint enters by its identity).
 _IMAGE_SETTINGS = ("cfg_scale", "num_sampling_steps", "sampler", "guide_all_channels", "precision",
                    "tf32", "compile", "compile_mode", "global_seed", "per_proc_batch_size")
+_FLOW_SETTINGS = ("objective", "mode", "sampling_method", "atol", "rtol", "reverse", "diffusion_form",
+                  "diffusion_norm", "last_step", "last_step_size")
 _MODEL_SETTINGS = ("model", "image_size", "num_classes", "in_channels", "depth", "hidden_size",
                    "num_heads", "learn_sigma", "attn_backend", "adaln_backend")
 
@@ -69,6 +71,11 @@ def sample_settings(cfg, weights: Path, world_size: int, device) -> dict:
     """What a folder's PNGs depend on: recorded in sample_ddp.json, compared on every rerun."""
     settings = {k: getattr(cfg, k) for k in _IMAGE_SETTINGS}
     settings.update({k: getattr(cfg.model, k) for k in _MODEL_SETTINGS})
+    # Recorded only when used, so folders sampled before these options existed still resume.
+    if cfg.cfg_interval is not None:
+        settings["cfg_interval"] = list(cfg.cfg_interval)
+    if cfg.objective == "flow":
+        settings.update({k: getattr(cfg, k) for k in _FLOW_SETTINGS}, transport=cfg.transport.__dict__)
     vae = Path(str(cfg.vae)).expanduser()
     settings.update(world_size=world_size, device=torch.device(device).type, seeding="per-batch-v2",
                     diffusion=json.loads(json.dumps(cfg.diffusion.__dict__)),

@@ -95,14 +95,17 @@ class SolverSampler(Sampler):
         probe = build_scheduler(method, diffusion, self.steps)  # fails early: bad name, no diffusers
         self.model_timesteps = scheduler_model_timesteps(probe).to(guidance.device)  # once: no copies
         self._step_kwargs = "generator" in inspect.signature(probe.step).parameters
+        self.chain_timesteps = self.model_timesteps.tolist()  # host copy: the interval's coordinate
         C = guidance.model.in_channels
 
-        def eps(x, t, y):
-            """The noise prediction (N, C, H, W) for the scheduler: x (N, ...) the scaled model input,
-            t, y the model batch's; the learned-variance channels (C..2C) are dropped here."""
-            return guidance(guidance.double(x), t, y)[: x.shape[0], :C]
+        def make_eps(model_call):
+            def eps(x, t, y):
+                """The noise prediction (N, C, H, W) for the scheduler: x (N, ...) the scaled model
+                input, t, y the model batch's; the learned-variance channels (C..2C) are dropped here."""
+                return model_call(guidance.double(x), t, y)[: x.shape[0], :C]
+            return eps
 
-        super().__init__(guidance, diffusion, eps)
+        super().__init__(guidance, diffusion, make_eps)
 
     @property
     def num_model_evaluations(self) -> int:
@@ -122,6 +125,6 @@ class SolverSampler(Sampler):
         steps = with_progress(enumerate(scheduler.timesteps), progress, total=len(scheduler.timesteps))
         for k, t in steps:
             x_in = scheduler.scale_model_input(x, t)
-            eps = self.step(x_in, self.model_timesteps[k].expand(y.shape[0]), y)
+            eps = self.step_at(self.chain_timesteps[k])(x_in, self.model_timesteps[k].expand(y.shape[0]), y)
             x = scheduler.step(eps, t, x, return_dict=False, **kwargs)[0]
         return x

@@ -161,7 +161,6 @@ class TrainLoop:
         self.steps_per_epoch = self.order.batches_per_epoch() // cfg.train.grad_accum
         self.vae = info.vae.to(device) if info.vae is not None else None
         self.train_step = TrainStep.from_config(cfg, engine, ema, device, self.vae)
-        self.diffusion = self.train_step.diffusion
         self.pos = Position()
         self.resumed = False
         self.metrics = MetricsWriter(run_dir, self.rank)

@@ -2,7 +2,7 @@
 
 ``auto`` continues only a run whose saved config matches the current one in every field that
 changes the numbers (``RESUME_FIELDS``: the model's shape, the data, the optimizer, the diffusion,
-batch / precision / seed / EMA decay): two experiments that share a --results-dir and differ in
+the objective and transport, batch / precision / seed / EMA decay): two experiments that share a --results-dir and differ in
 --lr never continue each other. Among the matching checkpoints the newest by time wins (a run
 restarted from an older step overwrites the later steps of its abandoned timeline). Every
 candidate is reported with the fields that differ, so "why did it start fresh?" has an answer in
@@ -30,7 +30,8 @@ RESUME_FIELDS = {
     "data": ("features_path", "data_path", "vae", "random_flip", "latent_norm"),
     "optim": ("lr", "weight_decay", "betas", "eps", "grad_clip"),
     "diffusion": ("diffusion_steps", "noise_schedule", "timestep_respacing"),
-    "train": ("global_batch_size", "grad_accum", "precision", "global_seed", "ema_decay"),
+    "train": ("global_batch_size", "grad_accum", "precision", "global_seed", "ema_decay", "objective"),
+    "transport": ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps"),
 }
 _PATH_FIELDS = {("data", "features_path"), ("data", "data_path"), ("data", "vae")}
 _ADDED_LATER = {("data", "latent_norm")}
@@ -53,13 +54,16 @@ def _norm(section: str, key: str, value):
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``section.field: checkpoint X vs now Y`` for every RESUME_FIELDS entry that differs."""
+    from ..config import Config, config_to_dict
+    defaults = config_to_dict(Config())  # a field a config was saved without has its default
     diffs = []
     for section, keys in RESUME_FIELDS.items():
         old, new = saved.get(section, {}), current.get(section, {})
         for key in keys:
             if (section, key) in _ADDED_LATER and key not in old:
                 continue  # saved before the field existed: nothing to compare
-            a, b = _norm(section, key, old.get(key)), _norm(section, key, new.get(key))
+            default = defaults[section][key]
+            a, b = _norm(section, key, old.get(key, default)), _norm(section, key, new.get(key, default))
             if a != b:
                 diffs.append(f"{section}.{key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}")
     return diffs

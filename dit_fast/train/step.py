@@ -3,8 +3,8 @@
     step = TrainStep.from_config(cfg, engine, ema, device, vae)   # what TrainLoop and the table do
     loss_sum = step.optimizer_step(batches)   # grad_accum micro-steps, then the EMA update
 
-A micro-step is DiT's: t ~ randint(0, T) per sample, loss = training_losses(...)["loss"].mean(),
-engine.backward, engine.step (DeepSpeed steps the optimizer at the accumulation boundary); the EMA
+A micro-step is: loss = objective.loss(model_fn, x, y).mean() (objective.py: DiT's diffusion or SiT's
+flow matching, chosen there and nowhere else), engine.backward, engine.step (DeepSpeed steps the optimizer at the accumulation boundary); the EMA
 follows the fp32 master weights after every optimizer step (collective under ZeRO-3: every rank calls it).
 """
 from __future__ import annotations
@@ -17,25 +17,24 @@ from .engine import engine_dtype
 class TrainStep:
     """The micro-step and the optimizer step over a DeepSpeed engine and its EMA."""
 
-    def __init__(self, engine, ema, diffusion, device: torch.device, precision: str, grad_accum: int,
+    def __init__(self, engine, ema, objective, device: torch.device, precision: str, grad_accum: int,
                  vae=None):
-        self.engine, self.ema, self.diffusion, self.vae = engine, ema, diffusion, vae
+        self.engine, self.ema, self.objective, self.vae = engine, ema, objective, vae
         self.device, self.grad_accum = device, grad_accum
         self.dtype = engine_dtype(precision)
 
     @classmethod
     def from_config(cls, cfg, engine, ema, device: torch.device, vae=None) -> "TrainStep":
-        """The step of a resolved Config: DiT's diffusion (cfg.diffusion), precision and accumulation."""
-        from ..diffusion import create_diffusion
-        diffusion = create_diffusion(timestep_respacing=cfg.diffusion.timestep_respacing,
-                                     noise_schedule=cfg.diffusion.noise_schedule,
-                                     learn_sigma=cfg.model.learn_sigma,
-                                     diffusion_steps=cfg.diffusion.diffusion_steps)
-        return cls(engine, ema, diffusion, device, cfg.train.precision, cfg.train.grad_accum, vae)
+        """The step of a resolved Config: its objective (train.objective), precision and accumulation."""
+        from .objective import build_objective
+        return cls(engine, ema, build_objective(cfg), device, cfg.train.precision, cfg.train.grad_accum, vae)
 
-    def model_fn(self, x, t, y):
-        """The engine in its precision; t stays an integer timestep (never rounded to bf16)."""
-        return self.engine(x.to(self.dtype), t, y).float()
+    def model_fn(self, x, t, y, **kwargs):
+        """The engine in its precision; t stays as given (an integer timestep or fp32 flow time,
+        never rounded to bf16). ``kwargs`` reach the model (``return_hidden_at=`` for REPA's tap),
+        and every tensor it returns comes back in fp32."""
+        out = self.engine(x.to(self.dtype), t, y, **kwargs)
+        return out.float() if torch.is_tensor(out) else type(out)(o.float() for o in out)
 
     def micro_step(self, x, y) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)  # (N, C, h, w)
@@ -43,8 +42,7 @@ class TrainStep:
         if self.vae is not None:
             with torch.no_grad():
                 x = self.vae.encode(x)
-        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=self.device)
-        loss = self.diffusion.training_losses(self.model_fn, x, t, dict(y=y))["loss"].mean()
+        loss = self.objective.loss(self.model_fn, x, y).mean()
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()

@@ -20,12 +20,13 @@ EXPLICIT = [*TINY_FLAGS, "--vae", "none", "--image-size", str(SIZE), "--num-clas
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _run_dir(root, steps=(5, 10)):
+def _run_dir(root, steps=(5, 10), objective="diffusion"):
     """A run directory in train.py's layout (config.json; per step train_state.pt with the resolved
     config and the EMA file; an unfinished .tmp step that must be ignored). Returns (run, newest EMA)."""
     model = ModelConfig(model=TINY_MODEL, image_size=SIZE, num_classes=CLASSES, in_channels=3,
                         input_size=SIZE, **TINY_SIZE)
     cfg = Config(model=model)
+    cfg.train.objective = objective
     cfg.data.vae, cfg.data.features_path = "none", "digits"
     run = root / "003-DiT-S-2"
     save_config(cfg, run / "config.json")
