@@ -183,12 +183,12 @@ TRAIN_CASES = [
     ("deepspeed json zero stage 4", T("--deepspeed_config", "{base}/stage4.json"), "stage must be"),
     ("latent size not divisible by the patch", T("--model", "DiT-S/8", "--features-path",
                                                  "{base}/feat12", "--image-size", "12"), "patch size 8"),
+    ("index claims channel stats it lacks", T("--features-path", "{nostats}"), "per-channel mean and std"),
     ("unknown objective", T("--objective", "score"), "--objective must be one of"),
     ("unknown flow path", T("--objective", "flow", "--path-type", "Cosine"), "--path-type must be one of"),
     ("unknown flow prediction", T("--objective", "flow", "--prediction", "x0"), "--prediction must be one of"),
     ("unknown flow loss weight", T("--objective", "flow", "--loss-weight", "huber"), "--loss-weight must be"),
     ("flow train eps out of range", T("--objective", "flow", "--train-eps", "0.7"), "--train-eps"),
-    ("index claims channel stats it lacks", T("--features-path", "{nostats}"), "per-channel mean and std"),
 ]
 
 EXTRACT_CASES = [

@@ -38,9 +38,11 @@ def _flow(mode: str):
 
 
 FLOW_METHODS = ("ode", "sde")
-# --sampler name (and the flow modes) -> factory(guidance, diffusion, *, clip_denoised, eta, ...) -> Sampler
-METHODS = {**{name: _ancestral(name) for name in ANCESTRAL}, **{name: _solver(name) for name in SOLVERS},
-           **{name: _flow(name.upper()) for name in FLOW_METHODS}}
+METHODS = {
+    **{name: _ancestral(name) for name in ANCESTRAL},
+    **{name: _solver(name) for name in SOLVERS},
+    **{name: _flow(name.upper()) for name in FLOW_METHODS},
+}
 SAMPLERS = tuple(m for m in METHODS if m not in FLOW_METHODS)  # --sampler's choices (diffusion)
 
 

@@ -269,7 +269,8 @@ def resolve_sample_config(args: argparse.Namespace) -> tuple:
                 "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None}
     saved = source.config if source is not None else None
     cfg = SampleConfig.from_args(args, model, diffusion, vae=vae, objective=objective, transport=transport,
-                                 latent_norm=saved.data.latent_norm if saved is not None else None, **resolved)
+                                 latent_norm=saved.data.latent_norm if saved is not None else None,
+                                 **resolved)
     if source is None and objective == "flow":
         raise ValueError("a flow model needs --ckpt (a flow run, or a SiT checkpoint file such as "
                          "SiT-XL-2-256x256.pt); the official names are DiT's diffusion models")

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from dit_fast.cli import OneLineParser, one_line, run_entry
-from dit_fast.config import PRECISIONS, add_model_flags, add_transport_flags, checkpointing_arg, config_from_args
+from dit_fast.config import (PRECISIONS, add_model_flags, add_transport_flags, checkpointing_arg,
+                             config_from_args)
 
 DESCRIPTION = "Train a DiT under DeepSpeed (ZeRO 0-3, bf16/fp16/fp32, EMA, exact resume)."
 
@@ -55,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ema-decay", type=float, default=0.9999)
     a("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
       help="a collective or DataLoader worker waiting longer fails the job, naming step and rank")
-    # small models for tests and ablations: override the named size
     add_transport_flags(p, defaults=True)  # --objective flow and SiT's --path-type --prediction --loss-weight ...
     add_evaluation_flags(p)
     return p
