@@ -1,6 +1,7 @@
 """TrainingEvaluator in one process, without DeepSpeed: a flow model's ODE samples of grey digits-sized
 images through the real Inception architecture (random weights), the global RNG states untouched,
-the same step giving the same numbers, and the record metrics.jsonl / the log receive."""
+the same step giving the same numbers, and the record metrics.jsonl / the log receive; a latent run's
+samples decoded with the run's latent normalisation; the flow / rank flag checks."""
 import json
 import logging
 import random
@@ -86,3 +87,27 @@ def test_flow_evaluation_keeps_every_rng_and_repeats_itself(files, tmp_path, mon
 def test_flow_and_rank_checks(files, evaluation, world, message):
     with pytest.raises(ValueError, match=message):
         check_evaluation(_flow_config(files, **evaluation), world_size=world)
+
+
+def test_latent_run_decodes_with_the_runs_normalisation(files, tmp_path, monkeypatch):
+    """A --features-path run: the evaluator loads the run's VAE and undoes the run's latent normalisation
+    (data.latent_norm), not the VAE config's, before the Inception sees 16x16 RGB samples (DDIM here)."""
+    pytest.importorskip("diffusers")
+    from tests.vae_helpers import save_tiny_vae
+    monkeypatch.setattr("dit_fast.evaluation.suite.frechet_distance", mean_distance)
+    cfg = _flow_config(files, eval_sampler="ddim")
+    cfg.train.objective = "diffusion"
+    cfg.data.vae = str(save_tiny_vae(tmp_path / "vae", scaling_factor=0.3))
+    cfg.data.latent_norm = {"mode": "config", "scale": 0.5, "shift": 0.1}
+    cfg.model.in_channels, cfg.model.input_size, cfg.model.image_size = 4, 8, 16
+    check_evaluation(cfg, world_size=1)
+    evaluator = TrainingEvaluator(cfg, torch.device("cpu"), 0, 1, logging.getLogger("latent"),
+                                  MetricsWriter(tmp_path, rank=0))
+    assert evaluator.vae.norm.to_dict() == cfg.data.latent_norm
+    seen = []
+    extract = FeatureExtractor.__call__
+    monkeypatch.setattr(FeatureExtractor, "__call__", lambda self, x: (seen.append(x.shape), extract(self, x))[1])
+    torch.manual_seed(0)
+    evaluator.run(2, SimpleNamespace(model=build_model(cfg.model).eval()))
+    assert seen[0] == (4, 16, 16, 3)  # the samples (then the 8x8 reference, unless cached)
+    assert "fid" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
