@@ -194,6 +194,29 @@ class TransportConfig:
     """How far sampling times stay from a singular end; None: SiT's default."""
 
 
+@dataclass
+class EvalConfig:
+    """Evaluation during training (dit_fast.train.evaluate): ADM's FID and the others on samples of
+    the EMA weights every eval_every steps; off (0) by default."""
+
+    eval_every: int = 0
+    """Evaluate every N optimizer steps (0 = never)."""
+    eval_samples: int = 1000
+    """Samples per evaluation over all ranks (each rank draws its share)."""
+    eval_ref: Optional[str] = None
+    """Reference batch .npz (ADM's, or arr_0 uint8 images of your own; mu/sigma alone give FID only)."""
+    inception_weights: Optional[str] = None
+    """torch-fidelity's 2015 Inception weights file; None: torch hub's cache."""
+    eval_sampler: Optional[str] = None
+    """diffusion: a --sampler name (default dpm-solver++); flow: an ODE method (default heun) or sde."""
+    eval_steps: int = 25
+    """Sampling steps (respaced steps, solver steps, or ODE/SDE steps)."""
+    eval_cfg_scale: float = 1.0
+    """Guidance scale of the evaluation samples (1.0: unguided, as training curves usually are)."""
+    eval_batch_size: int = 32
+    """Samples per rank per sampling batch (and per Inception batch)."""
+
+
 # ---- sampling section: the sampling owner adds SampleConfig here (keep Config's field order) ----
 
 
@@ -213,10 +236,13 @@ class Config:
     """Training-loop section."""
     transport: TransportConfig = field(default_factory=TransportConfig)
     """Flow-matching section (train.objective "flow")."""
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during training (off by default)."""
 
 
 _SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
-             "optim": OptimConfig, "train": TrainConfig, "transport": TransportConfig}
+             "optim": OptimConfig, "train": TrainConfig, "transport": TransportConfig,
+             "evaluation": EvalConfig}
 
 
 def checkpointing_arg(text: str) -> float | str:
@@ -469,8 +495,11 @@ class SampleConfig:
     """sample_ddp.py: images in the .npz."""
     sample_dir: str = "samples"
     """sample_ddp.py: parent folder of the PNG folder and the .npz."""
-    fid_ref: Optional[str] = None
-    """sample_ddp.py: reference statistics (.npz with mu, sigma) for an optional in-process FID."""
+    evaluate: Optional[str] = None
+    """sample_ddp.py: a reference batch .npz; after the samples' .npz, ADM's metrics (evaluate.py's
+    code) are written beside it."""
+    inception_weights: Optional[str] = None
+    """sample_ddp.py --evaluate: the 2015 Inception weights file; None: torch hub's cache."""
     latent_norm: Optional[dict] = None
     """The run's latent normalisation (its data.latent_norm), undone before the VAE decodes; None:
     the --vae config's scaling_factor / shift_factor (SD: 0.18215)."""
