@@ -10,6 +10,7 @@ Bugs (any other exception type) still raise with their traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Callable
 
@@ -48,3 +49,16 @@ def run_entry(main: Callable, prog: str, argv=None, extra: tuple = ()) -> int:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return USAGE_ERROR
     return result if isinstance(result, int) else 0
+
+
+
+class flag_named(contextlib.AbstractContextManager):  # noqa: N801 (used as a function: with flag_named(...))
+    """Bad input met inside (ValueError / OSError) is re-raised as one ValueError naming ``flag``."""
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def __exit__(self, kind, err, traceback):
+        if isinstance(err, (OSError, ValueError)):
+            raise ValueError(f"{self.flag}: {one_line(err)}") from err
+        return False

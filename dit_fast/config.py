@@ -220,6 +220,29 @@ class RepaConfig:
     """How t is drawn: uniform, or lognormal (sigma = exp of a standard normal, mapped to t)."""
 
 
+@dataclass
+class EvalConfig:
+    """Evaluation during training (dit_fast.train.evaluate): ADM's FID and the others on samples of
+    the EMA weights every eval_every steps; off (0) by default."""
+
+    eval_every: int = 0
+    """Evaluate every N optimizer steps (0 = never)."""
+    eval_samples: int = 1000
+    """Samples per evaluation over all ranks (each rank draws its share)."""
+    eval_ref: Optional[str] = None
+    """Reference batch .npz (ADM's, or arr_0 uint8 images of your own; mu/sigma alone give FID only)."""
+    inception_weights: Optional[str] = None
+    """torch-fidelity's 2015 Inception weights file; None: torch hub's cache."""
+    eval_sampler: Optional[str] = None
+    """diffusion: a --sampler name (default dpm-solver++); flow: an ODE method (default heun) or sde."""
+    eval_steps: int = 25
+    """Sampling steps (respaced steps, solver steps, or ODE/SDE steps)."""
+    eval_cfg_scale: float = 1.0
+    """Guidance scale of the evaluation samples (1.0: unguided, as training curves usually are)."""
+    eval_batch_size: int = 32
+    """Samples per rank per sampling batch (and per Inception batch)."""
+
+
 # ---- sampling section: the sampling owner adds SampleConfig here (keep Config's field order) ----
 
 
@@ -241,10 +264,13 @@ class Config:
     """Flow-matching section (train.objective "flow")."""
     repa: RepaConfig = field(default_factory=RepaConfig)
     """Representation-alignment section (train.objective "repa")."""
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation during training (off by default)."""
 
 
 _SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
-             "optim": OptimConfig, "train": TrainConfig, "transport": TransportConfig, "repa": RepaConfig}
+             "optim": OptimConfig, "train": TrainConfig, "transport": TransportConfig, "repa": RepaConfig,
+             "evaluation": EvalConfig}
 
 
 def checkpointing_arg(text: str) -> float | str:
@@ -537,8 +563,14 @@ class SampleConfig:
     """sample_ddp.py: images in the .npz."""
     sample_dir: str = "samples"
     """sample_ddp.py: parent folder of the PNG folder and the .npz."""
-    fid_ref: Optional[str] = None
-    """sample_ddp.py: reference statistics (.npz with mu, sigma) for an optional in-process FID."""
+    evaluate: Optional[str] = None
+    """sample_ddp.py: a reference batch .npz; after the samples' .npz, ADM's metrics (evaluate.py's
+    code) are written beside it."""
+    inception_weights: Optional[str] = None
+    """sample_ddp.py --evaluate: the 2015 Inception weights file; None: torch hub's cache."""
+    latent_norm: Optional[dict] = None
+    """The run's latent normalisation (its data.latent_norm), undone before the VAE decodes; None:
+    the --vae config's scaling_factor / shift_factor (SD: 0.18215)."""
     cfg_interval: Optional[tuple] = None
     """Guide only at model times in [low, high] (Kynkaanniemi et al. 2024), in the objective's own
     coordinate: diffusion, the original 1000-step chain's timestep (0 = data, 999 = noise); flow,
@@ -572,9 +604,6 @@ class SampleConfig:
     """repa: REPA's interpolant (linear | cosine), read from the run or --path-type."""
     heun: bool = False
     """repa ODE: Heun's correction (REPA's --heun; --sampling-method heun)."""
-    latent_norm: Optional[dict] = None
-    """The run's latent normalisation (its data.latent_norm), undone before the VAE decodes; None:
-    the --vae config's scaling_factor / shift_factor (SD: 0.18215)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: ModelConfig,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -48,13 +49,17 @@ def files(tmp_path_factory):
     torch.save(build_tiny(input_size=8, in_channels=3, num_classes=10, class_dropout_prob=0.0)
                .state_dict(), base / "no_null.pt")
     (base / "outdir").mkdir()
+    # evaluation references: 5 images (enough), 3 (too few for precision/recall)
+    np.savez(base / "ref.npz", arr_0=np.zeros((5, 8, 8, 3), np.uint8))
+    np.savez(base / "ref3.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8))
     ckpt = base / "run" / "checkpoints" / "step-0000004.tmp"
     ckpt.mkdir(parents=True)
     return {"feat": str(feat), "empty": str(base / "empty"), "txt": str(base / "notes.txt"),
             "base": base, "ckpt_tmp": str(ckpt), "images": str(base / "images"),
             "junk": str(base / "junk.pt"), "wrong": str(base / "wrong_shape.pt"),
             "tiny": str(base / "tiny.pt"), "no_null": str(base / "no_null.pt"),
-            "outdir": str(base / "outdir"), "nostats": str(nostats)}
+            "outdir": str(base / "outdir"), "nostats": str(nostats), "ref": str(base / "ref.npz"),
+            "ref3": str(base / "ref3.npz")}
 
 
 def train_main(argv):
@@ -153,6 +158,21 @@ TRAIN_CASES = [
      "x_embedder.proj.weight is (32, 3, 2, 2) in the checkpoint but (64, 1, 2, 2) in this model"),
     ("init-from a run without a checkpoint", T("--init-from", "{base}/run"), "no complete checkpoint"),
     ("keep-labels without init-from", T("--keep-labels"), "--keep-labels needs --init-from"),
+    ("eval without a reference", T("--eval-every", "2"), "needs --eval-ref"),
+    ("eval reference missing", T("--eval-every", "2", "--eval-ref", "{base}/nope.npz"), "--eval-ref: no such file"),
+    ("eval reference of 3 images", T("--eval-every", "2", "--eval-ref", "{ref3}"), "has 3 images"),
+    ("eval without inception weights", T("--eval-every", "2", "--eval-ref", "{ref}", "--inception-weights",
+                                         "{base}/no.pth"), "Inception weights not found"),
+    ("eval with 3 samples", T("--eval-every", "2", "--eval-ref", "{ref}", "--eval-samples", "3"),
+     "--eval-samples must be >= 4"),
+    ("eval with an unknown sampler", T("--eval-every", "2", "--eval-ref", "{ref}", "--eval-sampler", "rk4"),
+     "--eval-sampler 'rk4'"),
+    ("eval with guidance below 1", T("--eval-every", "2", "--eval-ref", "{ref}", "--eval-cfg-scale", "0.5"),
+     "--eval-cfg-scale must be >= 1.0"),
+    ("eval with zero steps", T("--eval-every", "2", "--eval-ref", "{ref}", "--eval-steps", "0"),
+     "--eval-steps must be positive"),
+    ("negative eval interval", T("--eval-every", "-1"), "--eval-every must be >= 0"),
+    ("eval reference without --eval-every", T("--eval-ref", "{ref}"), "options of --eval-every"),
     ("zero collective timeout", T("--collective-timeout", "0"), "--collective-timeout"),
     ("EMA decay above 1", T("--ema-decay", "1.5"), "--ema-decay"),
     ("width not divisible by heads", T("--hidden-size", "60", "--num-heads", "7"), "divisible"),
@@ -245,7 +265,12 @@ SAMPLE_DDP_CASES = [
     ("zero batch", S("--per-proc-batch-size", "0"), "must be >= 1"),
     ("zero samples", S("--num-fid-samples", "0"), "must be >= 1"),
     ("sample dir is a file", S("--sample-dir", "{txt}"), "is a file"),
-    ("fid reference missing", S("--fid-ref", "{base}/nope.npz"), "--fid-ref"),
+    ("evaluate reference missing", S("--evaluate", "{base}/nope.npz"), "--evaluate: no such file"),
+    ("evaluate reference not an npz", S("--evaluate", "{txt}"), "not an .npz"),
+    ("evaluate with too few samples", S("--evaluate", "{ref}", "--num-fid-samples", "3"), "--num-fid-samples >= 4"),
+    ("evaluate without inception weights", S("--evaluate", "{ref}", "--inception-weights", "{base}/no.pth"),
+     "Inception weights not found"),
+    ("inception weights without evaluate", S("--inception-weights", "{base}/no.pth"), "option of --evaluate"),
     ("checkpoint missing", S(ckpt="{base}/nope.pt"), "No checkpoint"),
     ("grey images for the npz", S("--in-channels", "1"), "RGB"),
     ("batch not an int", S("--per-proc-batch-size", "x"), "invalid int value"),

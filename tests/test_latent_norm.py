@@ -177,7 +177,7 @@ def test_extract_train_sample_round_trip(inputs, runs, tmp_path, monkeypatch, mo
 
 
 def test_export_records_the_normalisation(inputs, runs, tmp_path):
-    from dit_fast import export_diffusers
+    from dit_fast.checkpoint import export as export_diffusers
     for mode, run in runs.items():
         out = tmp_path / f"pipe-{mode}"
         export_diffusers.main(["--ckpt", str(run), "--out", str(out), "--no-check"])

@@ -87,10 +87,10 @@ def test_the_flow_micro_step_is_sits_loss(flags):
     """train.py's flags -> config -> TrainStep's micro-step: the same number as SiT's recipe
     (create_transport(...).training_losses(model, x1, dict(y=y))["loss"].mean() on the model's first C
     channels) from the same seed; the diffusion default is DiT's (t = randint, then training_losses)."""
-    from dit_fast.train import cli as train_cli
     from dit_fast.config import config_from_args
     from dit_fast.diffusion import create_diffusion
     from dit_fast.models import build_model
+    from dit_fast.train import cli as train_cli
     from dit_fast.train.step import TrainStep
     from dit_fast.transport import create_transport, drop_learned_sigma
 

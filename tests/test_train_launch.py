@@ -68,12 +68,12 @@ def _clean_env(extra=None) -> dict:
     return env
 
 
-def launch(args, env=None, timeout=420) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus 2 train.py ARGS` from the repo root."""
+def launch(args, env=None, timeout=420, script="train.py") -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 train.py ARGS` (or another script) from the repo root."""
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
     port = free_port()
-    cmd += ["--num_gpus", "2", "--master_port", str(port), "train.py", *TINY, *args]
+    cmd += ["--num_gpus", "2", "--master_port", str(port), script, *TINY, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(env), capture_output=True, text=True,
                           timeout=timeout)
     # Every rank unlinks its /dev/shm all-reduce segment right after init (they used to pile up in RAM).

@@ -210,3 +210,30 @@ def test_the_repa_micro_step_is_repas_recipe(repa_inputs, flags):
         want = loss.mean() + r.proj_coeff * proj_loss
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)   # the same draws; sums may differ by an ulp
     assert proj_loss != 0 and r.proj_coeff == (2.0 if flags else 0.5)
+
+
+def test_evaluation_during_training_samples_the_dit_with_repas_sampler():
+    """--eval-every on a REPA run: REPA's samplers in REPA's time (default its Heun ODE), on the EMA's
+    DiT alone (the projector is not part of the sampled model)."""
+    from types import SimpleNamespace
+
+    from dit_fast.config import Config
+    from dit_fast.models import build_model
+    from dit_fast.repa import REPAModel, build_projector
+    from dit_fast.train.evaluate import TrainingEvaluator, _check_sampler, sample_config
+    cfg = Config()
+    cfg.train.objective, cfg.repa.repa_path_type = "repa", "cosine"
+    sc = sample_config(cfg)
+    assert (sc.objective, sc.mode, sc.heun, sc.guide_all_channels, sc.repa_path_type) == (
+        "repa", "ODE", True, True, "cosine")
+    cfg.evaluation.eval_sampler = "sde"
+    assert sample_config(cfg).mode == "SDE"
+    cfg.evaluation.eval_sampler = "dopri5"
+    with pytest.raises(ValueError, match="a REPA model is evaluated with one of"):
+        _check_sampler(cfg)
+    m = cfg.model
+    m.model, m.depth, m.hidden_size, m.num_heads, m.in_channels, m.input_size = "DiT-S/2", 1, 32, 2, 4, 4
+    dit = build_model(m)
+    wrapped = REPAModel(dit, [build_projector(32, 8, 4)], encoder_depth=1)
+    fake = SimpleNamespace(world=1, rank=0)
+    assert TrainingEvaluator._ema_on_every_rank(fake, SimpleNamespace(model=wrapped)) is dit

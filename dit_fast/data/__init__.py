@@ -10,9 +10,7 @@ from .latents import (INDEX_NAME, LatentDataset, check_labels, read_index, write
 __all__ = [
     "IMG_EXTENSIONS", "INDEX_NAME", "ExtractConfig", "ImageFolder", "LatentDataset",
     "center_crop_arr", "check_labels", "digits_dataset", "extract_features", "find_image_files",
-    "pixels_to_tensor", "read_index", "write_digits_features", "write_index",
-    "write_latent_dataset",
-]
+    "pixels_to_tensor", "read_index", "write_digits_features", "write_index", "write_latent_dataset"]
 
 
 def __getattr__(name):

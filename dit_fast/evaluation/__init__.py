@@ -13,8 +13,8 @@ from .features import (WEIGHTS_NAME, WEIGHTS_URL, FeatureExtractor, Features, In
                        default_weights_path)
 from .manifold import precision_recall
 from .metrics import frechet_distance, inception_score, statistics
-from .suite import evaluate_features, evaluate_npz, fid_from_npz, format_metrics, gather_features
+from .suite import evaluate_features, evaluate_npz, format_metrics, gather_features
 
 __all__ = ["frechet_distance", "inception_score", "precision_recall", "statistics", "FeatureExtractor",
            "Features", "InceptionWeightsMissing", "WEIGHTS_NAME", "WEIGHTS_URL", "default_weights_path",
-           "evaluate_features", "evaluate_npz", "fid_from_npz", "format_metrics", "gather_features"]
+           "evaluate_features", "evaluate_npz", "format_metrics", "gather_features"]

@@ -13,7 +13,7 @@ from typing import Optional
 
 from ..atomic import atomic_write_text
 from .batches import BatchFile, cached_features, open_batch
-from .features import FeatureExtractor, Features, InceptionWeightsMissing, resolve_weights
+from .features import FeatureExtractor, Features, resolve_weights
 from .manifold import precision_recall
 from .metrics import frechet_distance, inception_score, statistics
 
@@ -97,23 +97,6 @@ def format_metrics(metrics: dict) -> str:
     names = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
              "recall": "Recall"}
     return ", ".join(f"{label}: {metrics[key]:.4f}" for key, label in names.items() if key in metrics)
-
-
-def fid_from_npz(sample_npz, ref_npz, device=None, weights=None) -> Optional[float]:
-    """FID of a sample batch against a reference .npz (its mu/sigma, else its images); prints it.
-    Returns None, printing how to get the weights, when the Inception weights are not on this machine
-    (sample_ddp.py --fid-ref: sampling must not fail for want of them)."""
-    try:
-        extractor = FeatureExtractor(weights, device=device)
-    except InceptionWeightsMissing as err:
-        print(f"FID skipped: {err}")
-        return None
-    ref, sample = open_batch(ref_npz, need_images=False), open_batch(sample_npz)
-    stats = ref.stats or dict(zip(("mu", "sigma"), statistics(cached_features(ref, extractor)[0].pool)))
-    pool = cached_features(sample, extractor, use_cache=False)[0].pool
-    fid = frechet_distance(*statistics(pool), stats["mu"], stats["sigma"])
-    print(f"FID (ADM's Inception) against {ref_npz}: {fid:.3f}")
-    return fid
 
 
 def gather_features(local: Features, group=None) -> Features:

@@ -2,7 +2,9 @@
 
 Writes {index:06d}.png into <sample-dir>/<model>-<ckpt>-size-<size>-vae-<vae>-cfg-<cfg>-seed-<seed>
 (the original's folder), then rank 0 writes <folder>.npz with ``arr_0`` (N, H, W, 3) uint8 for the
-ADM evaluation suite, exactly --num-fid-samples images. Resuming and seeding: dit_fast.sampling.resumable.
+ADM evaluation suite, exactly --num-fid-samples images; with --evaluate REF_BATCH rank 0 then writes
+<folder>.evaluation.json (dit_fast.evaluation, the code evaluate.py runs). Resuming and seeding:
+dit_fast.sampling.resumable.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dit_fast.checkpoint import official_checkpoint_name
-from dit_fast.cli import OneLineParser
+from dit_fast.cli import OneLineParser, flag_named
 from dit_fast.distributed import init_distributed
 from dit_fast.vae import is_pixel_space
 
@@ -32,9 +34,13 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
     parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--fid-ref", type=str, default=None,
-                        help="reference .npz (mu, sigma, or images): report FID (ADM's Inception, see "
-                             "evaluate.py) when its weights file is available locally")
+    parser.add_argument("--evaluate", "--fid-ref", dest="evaluate", type=str, default=None, metavar="REF_BATCH",
+                        help="reference batch .npz (ADM's, or arr_0 images; mu/sigma alone give FID only): "
+                             "after the .npz, ADM's FID, sFID, IS, precision and recall (evaluate.py's "
+                             "code) go to <folder>.evaluation.json. --fid-ref is its old name")
+    parser.add_argument("--inception-weights", type=str, default=None, metavar="PATH",
+                        help="with --evaluate: weights-inception-2015-12-05-6726825d.pth (default: torch "
+                             "hub's cache); checked before sampling starts")
     return parser
 
 
@@ -50,12 +56,30 @@ def _check(cfg) -> None:
                          f"{cfg.model.in_channels}")
     if Path(cfg.sample_dir).exists() and not Path(cfg.sample_dir).is_dir():
         raise NotADirectoryError(f"--sample-dir {cfg.sample_dir!r} is a file; give a directory")
-    if cfg.fid_ref and not Path(cfg.fid_ref).is_file():
-        raise FileNotFoundError(f"--fid-ref {cfg.fid_ref!r} does not exist (a .npz with mu and sigma)")
+    if cfg.evaluate:
+        _check_evaluation(cfg)
+    elif cfg.inception_weights:
+        raise ValueError("--inception-weights is an option of --evaluate REF_BATCH")
+
+
+def _check_evaluation(cfg) -> None:
+    """--evaluate's reference, the sample count and the Inception weights, before anything is sampled."""
+    from dit_fast.evaluation.batches import open_batch
+    from dit_fast.evaluation.features import resolve_weights
+    from dit_fast.evaluation.suite import minimum_images
+    with flag_named("--evaluate"):
+        ref = open_batch(cfg.evaluate, need_images=False)
+    need = minimum_images(3)
+    if ref.shape is not None and ref.count < need:
+        raise ValueError(f"--evaluate: {ref.path} has {ref.count} images; precision and recall need >= {need}")
+    if cfg.num_fid_samples < need:
+        raise ValueError(f"--evaluate needs --num-fid-samples >= {need} (precision and recall, k=3)")
+    resolve_weights(cfg.inception_weights)
 
 
 def main(argv=None) -> dict:
-    """Run sample_ddp.py with ``argv``; returns {"folder", "npz" (rank 0), "fid"}."""
+    """Run sample_ddp.py with ``argv``; returns {"folder", "npz", "metrics", "fid"} (the last three on rank 0;
+    metrics and fid with --evaluate)."""
     args = build_parser().parse_args(argv)
     cfg, source = resolve_sample_config(args)
     _check(cfg)
@@ -112,16 +136,18 @@ def _sample_all(cfg, source, rank: int, world_size: int, device) -> dict:
                 num_classes=m.num_classes, rank=rank, world_size=world_size, device=device, shape=shape)
 
     barrier(world_size)  # all PNGs are on disk before the .npz is built
-    result = {"folder": folder, "npz": None, "fid": None}
+    result = {"folder": folder, "npz": None, "fid": None, "metrics": None}
     if main_rank:
         npz = write_npz_from_pngs(folder, cfg.num_fid_samples)
         print(f"Saved .npz file to {npz} [shape=({cfg.num_fid_samples}, {m.image_size}, {m.image_size}, 3)].")
         result["npz"] = npz
-        if cfg.fid_ref:
-            from dit_fast.evaluation import fid_from_npz
-            result["fid"] = fid_from_npz(npz, cfg.fid_ref, device=device)
+    barrier(world_size)  # the other ranks are done; only rank 0 evaluates (no collective waits on it)
+    if main_rank and cfg.evaluate:
+        from dit_fast.evaluation import evaluate_npz
+        result["metrics"] = evaluate_npz(cfg.evaluate, npz, weights=cfg.inception_weights, device=device)
+        result["fid"] = result["metrics"]["fid"]
+    if main_rank:
         print(f"Done: {cfg.num_fid_samples} samples.")
-    barrier(world_size)
     return result
 
 

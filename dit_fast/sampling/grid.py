@@ -12,6 +12,7 @@ import torch
 from dit_fast.checkpoint import official_checkpoint_name
 from dit_fast.cli import OneLineParser
 from dit_fast.config import DEFAULT_CLASS_LABELS
+
 from .build import decode
 from .compiled import timed
 from .flags import (add_common_flags, build_sampling_model, check_class_labels, format_sample_config,

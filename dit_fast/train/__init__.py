@@ -9,6 +9,7 @@
     run_dir.py   run directories and their checkpoints (atomic, crash-safe publish, keep-last-K, RNG)
     resume.py    which checkpoint --resume auto / PATH continues (only the same experiment)
     metrics.py   the logger, loss statistics, metrics.jsonl / TensorBoard
+    evaluate.py  --eval-every: ADM's metrics of EMA samples during training, RNG streams untouched
 
 The process group comes from dit_fast.distributed (shared with sampling and extraction).
 """

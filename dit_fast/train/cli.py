@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="a collective or DataLoader worker waiting longer fails the job, naming step and rank")
     add_transport_flags(p, defaults=True)  # --objective flow and SiT's --path-type --prediction --loss-weight ...
     add_repa_flags(p)  # --repa --enc-type --encoder --encoder-depth --proj-coeff --projector-dim --weighting
+    add_evaluation_flags(p)
     # small models for tests and ablations: override the named size
     return p
 
@@ -76,6 +77,23 @@ def add_repa_flags(parser: argparse.ArgumentParser) -> None:
     a("--projector-dim", type=int, default=None, help="repa: projector hidden width (default 2048)")
     a("--weighting", type=str, default=None, metavar="|".join(REPA_WEIGHTINGS),
       help="repa: t ~ uniform (default) or lognormal")
+
+
+def add_evaluation_flags(p) -> None:
+    """Evaluation during training (dit_fast/train/evaluate.py), off unless --eval-every is given."""
+    a = p.add_argument
+    a("--eval-every", type=int, default=0, metavar="STEPS",
+      help="ADM's FID (sFID, IS, precision, recall) of EMA samples every STEPS steps; 0 = off")
+    a("--eval-samples", type=int, default=1000, help="samples per evaluation, over all ranks")
+    a("--eval-ref", type=str, default=None, metavar="REF_BATCH.npz", help="reference batch (ADM's or your own)")
+    a("--inception-weights", type=str, default=None, metavar="PATH",
+      help="weights-inception-2015-12-05-6726825d.pth (default: torch hub's cache)")
+    a("--eval-sampler", type=str, default=None,
+      help="diffusion: ddpm|ddim|dpm-solver++ (default)|unipc|euler|heun; flow: euler|heun (default)|midpoint|sde; "
+           "repa: euler|heun (default)|sde")
+    a("--eval-steps", type=int, default=25, help="sampling steps per evaluation sample")
+    a("--eval-cfg-scale", type=float, default=1.0, help="guidance scale of the evaluation samples")
+    a("--eval-batch-size", type=int, default=32, help="samples per rank per batch")
 
 
 def main(argv=None) -> int:

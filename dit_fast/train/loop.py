@@ -24,6 +24,7 @@ from ..distributed import (broadcast_from_rank0, deepspeed_uses_cuda, env_world,
 from ..faults import maybe_fault, poison
 from .data import build_loader, open_training_data, set_data_epoch
 from .engine import build_deepspeed_config, build_engine, micro_batch_size, seed_everything
+from .evaluate import TrainingEvaluator, check_evaluation
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
 from .objective import check_objective
 from .resume import check_resume_latent_norm, check_resume_spec, resolve_resume
@@ -73,6 +74,7 @@ def prepare(cfg: Config):
     resolved.train.micro_batch_size = micro_batch_size(cfg, world_size)
     _check_data_fits(resolved, len(info.dataset), info.input_size, world_size)
     check_objective(resolved, info)  # REPA: images beside the data, the block, the encoder
+    check_evaluation(resolved, world_size)
     return resolved, ds_config, info, _plan_init_from(resolved)
 
 
@@ -169,6 +171,8 @@ class TrainLoop:
         self.pos = Position()
         self.resumed = False
         self.metrics = MetricsWriter(run_dir, self.rank)
+        self.evaluator = TrainingEvaluator.maybe(cfg, device, self.rank, self.world, logger, self.metrics,
+                                                 self.vae)
 
     # ------------------------------------------------------------ resume / save
     def resume(self, ckpt: Path) -> None:
@@ -230,7 +234,9 @@ class TrainLoop:
                 stats.add(loss_sum, t.grad_accum, self.pos.step, check=t.precision != "fp16")
                 if self.pos.step % t.log_every == 0:
                     self.log(stats)
-                if self.pos.step % t.ckpt_every == 0:
+                if self.evaluator is not None and self.evaluator.due(self.pos.step):
+                    stats.start += self.evaluator.run(self.pos.step, self.ema)  # not part of steps/sec
+                if self.pos.step % t.ckpt_every == 0:  # after the evaluation: a kill in it redoes it
                     self.save(stats)
                     last_saved = self.pos.step
             if self.pos.step_in_epoch >= self.steps_per_epoch:

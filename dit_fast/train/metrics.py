@@ -112,14 +112,15 @@ class MetricsWriter:
             self.tb.close()
             self.tb = self._tensorboard(step + 1)
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, group: str = "train") -> None:
+        """One metrics.jsonl line; its scalars under ``group/`` in TensorBoard (train/, eval/)."""
         if self.file is None:
             return
         print(json.dumps(record), file=self.file, flush=True)
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and value is not None:
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+                    self.tb.add_scalar(f"{group}/{key}", value, record["step"])
 
     def close(self) -> None:
         if self.file is not None:

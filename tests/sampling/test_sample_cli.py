@@ -150,14 +150,27 @@ def test_ddp_without_guidance_and_bad_settings(ckpt, tmp_path):
         sample_ddp.main(_ddp_args(ckpt, tmp_path, "--cfg-scale", "0.5"))
 
 
-def test_fid_ref_without_inception_says_how_to_get_it(ckpt, tmp_path, capsys):
+def test_evaluate_writes_evaluate_py_metrics_beside_the_samples(ckpt, tmp_path, monkeypatch):
+    """--evaluate runs after the .npz: the JSON beside it holds what evaluate.py computes from the same
+    files (the real Inception architecture, random weights; a stand-in for the 2048-wide sqrtm)."""
+    import json
+
+    from dit_fast.evaluation import cli as evaluate
+    from tests.evaluation_helpers import mean_distance, save_random_weights
+    monkeypatch.setattr("dit_fast.evaluation.suite.frechet_distance", mean_distance)
+    weights = save_random_weights(tmp_path / "inception.pth", seed=2)
     ref = tmp_path / "ref.npz"
-    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
-    sample_ddp.main(_ddp_args(ckpt, tmp_path, "--num-fid-samples", "2", "--fid-ref", str(ref)))
-    text = capsys.readouterr().out
-    from dit_fast.evaluation import WEIGHTS_NAME, default_weights_path
-    if not default_weights_path().is_file():
-        assert "FID skipped" in text and WEIGHTS_NAME in text
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8))
+    out = sample_ddp.main(_ddp_args(ckpt, tmp_path / "s", "--num-fid-samples", "4", "--fid-ref", str(ref),
+                                    "--inception-weights", str(weights)))  # --fid-ref: --evaluate's old name
+    written = json.loads(out["npz"].with_name(out["npz"].stem + ".evaluation.json").read_text())
+    assert written == json.loads(json.dumps(out["metrics"])) and out["fid"] == written["fid"]
+    assert written["num_samples"] == 4 and written["samples"] == str(out["npz"])
+    again = evaluate.main([str(ref), str(out["npz"]), "--inception-weights", str(weights),
+                           "--json", str(tmp_path / "again.json")])
+    for key in ("inception_score", "fid", "sfid", "precision", "recall"):
+        assert written[key] == again[key], key
+    assert again["reference_features_cached"] is True  # sample_ddp's run cached the reference
 
 
 @pytest.mark.slow
