@@ -228,7 +228,7 @@ def row_config(row: RowConfig, args):
         cfg.train.deepspeed_config = str(ROOT / cfg.train.deepspeed_config)
     cfg.model.in_channels = 4                       # latents (SD VAE or the tiny one: 4 channels)
     cfg.model.input_size = latent_size(args)
-    if cfg.train.objective == "repa":               # a random DINOv2 of the right size, built once
+    if cfg.train.objective == "repa" and importlib.util.find_spec("transformers"):  # a random DINOv2, built once
         from repa_encoder import encoder_folder
         cfg.repa.encoder = str(encoder_folder(args.model == "tiny", Path(tempfile.gettempdir()) / "dit_fast_encoders"))
     return cfg
@@ -250,6 +250,8 @@ def unavailable_reason(row: RowConfig, cfg, device: torch.device) -> str | None:
     from dit_fast import dispatch
     if importlib.util.find_spec("deepspeed") is None:
         return "deepspeed is not installed (train.py needs it: pip install deepspeed)"
+    if cfg.train.objective == "repa" and importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed (REPA's encoder needs it: pip install 'dit-fast[repa]')"
     if not row.pre_extracted and importlib.util.find_spec("diffusers") is None:
         return "diffusers is not installed (the VAE-on-the-fly rows need it: pip install diffusers)"
     if cfg.train.precision == "fp16" and device.type != "cuda":

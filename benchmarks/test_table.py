@@ -162,3 +162,12 @@ def test_repa_cost_interleaves_both_rows_through_the_step():
     assert len(result["per_round_ratio"]) == 2 and result["ratio_repa_over_base"] > 0
     assert 0 < result["encoder_share_of_repa_step"] < 1
     assert "--repa" in result["commands"]["repa"] and "--repa" not in result["commands"]["repa_base"]
+
+
+def test_repa_row_without_transformers_is_skipped_with_the_reason(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    row = next(r for r in table.ROWS if r.key == "repa")
+    assert table.run_row(row, _args())["status"] == (
+        "skipped: transformers is not installed (REPA's encoder needs it: pip install 'dit-fast[repa]')")
