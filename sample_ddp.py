@@ -8,7 +8,9 @@ Writes {index:06d}.png into <sample-dir>/<model>-<ckpt>-size-<size>-vae-<vae>-cf
 evaluation suite, exactly --num-fid-samples images. Runs under torchrun (NCCL on GPUs, Gloo on CPU) or as
 a plain single process.
 
-Resuming: rerun the same command after a crash; batches whose PNGs all exist are skipped. To make a
+Resuming: rerun the same command after a crash or a stop; SIGTERM / SIGUSR1 / SIGINT let each process
+finish the batch in flight (every PNG is written atomically), skip the .npz and exit 75, like train.py;
+batches whose PNGs all exist are skipped. To make a
 resumed run give the same images as an uninterrupted one, every batch draws its noise and labels from
 its own generator seeded by (global seed, rank, batch index). This differs from the original, which
 seeds each rank once (global_seed * world_size + rank) and draws all batches from that stream, so the
@@ -224,8 +226,24 @@ def _sample_all(cfg, input_size: int, rank: int, world_size: int, device) -> dic
 
 def _run_batches(cfg, sampler, vae, folder, todo, iterations, rank, world_size, device, shape) -> None:
     from tqdm import tqdm
+
+    from dit_fast.train.preempt import Preempted, PreemptionFlag
+    stop = PreemptionFlag().install()  # a signal ends the loop between batches, never mid-file
     bar = tqdm(total=iterations, initial=iterations - len(todo), disable=rank != 0, desc="batches")
+    try:
+        _sample_batches(cfg, sampler, vae, folder, todo, rank, world_size, device, shape, bar, stop)
+    finally:
+        stop.uninstall()
+        bar.close()
+    if stop.signal_name:
+        raise Preempted(f"rank {rank} stopped by {stop.signal_name} between batches; the PNGs "
+                        f"written are complete, no .npz yet: rerun the same command to finish {folder}")
+
+
+def _sample_batches(cfg, sampler, vae, folder, todo, rank, world_size, device, shape, bar, stop):
     for b in todo:
+        if stop.signal_name:
+            return
         g = torch.Generator(device).manual_seed(batch_seed(cfg.global_seed, rank, b))
         z = torch.randn(shape, generator=g, device=device)
         y = torch.randint(0, cfg.num_classes, (shape[0],), generator=g, device=device)
@@ -233,12 +251,19 @@ def _run_batches(cfg, sampler, vae, folder, todo, iterations, rank, world_size, 
         for index, image in zip(batch_indices(b, shape[0], rank, world_size), images):
             save_png(image, folder / f"{index:06d}.png")
         bar.update(1)
-    bar.close()
 
 
 def cli(argv=None) -> None:
-    """Entry point: library errors (bad flags, missing checkpoint or VAE) become one clear line."""
-    run_cli(main, "sample_ddp.py", argv)
+    """Entry point: library errors (bad flags, missing checkpoint or VAE) become one clear line;
+    a stop on a signal is one line and exit 75 (rerun to finish)."""
+    import sys
+
+    from dit_fast.train.preempt import PREEMPTED_EXIT, Preempted
+    try:
+        run_cli(main, "sample_ddp.py", argv)
+    except Preempted as err:
+        print(f"sample_ddp.py: {err}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,13 @@ from dit_fast.cli import OneLineParser, one_line, run_entry
 from dit_fast.config import PRECISIONS, checkpointing_arg, config_from_args
 
 
+EXIT_CODES = ("exit codes: 0 done; 1 the run failed (non-finite loss, a stuck or dead rank, a "
+              "checkpoint that could not be written); 2 bad input; 75 stopped by SIGTERM / SIGUSR1 / "
+              "SIGINT after saving a complete checkpoint (requeue and rerun with --resume auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0], epilog=EXIT_CODES,
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # DiT / fast-DiT flags (same names and defaults)
@@ -76,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Exit codes: 0 done; 2 bad input (one line, nothing created); 1 the run failed (a
-    non-finite loss on any rank, a collective that timed out), one line naming step and rank."""
+    non-finite loss on any rank, a collective that timed out), one line naming step and rank;
+    75 (PREEMPTED_EXIT) a signal stopped it after a complete checkpoint: rerun with --resume auto."""
     return run_entry(_main, "train.py", argv)
 
 
@@ -85,11 +91,15 @@ def _main(argv) -> int:
     import torch.distributed as dist
 
     from dit_fast.distributed import CollectiveTimeout, env_world
-    from dit_fast.train import NonFiniteLossError, train
+    from dit_fast.train import PREEMPTED_EXIT, NonFiniteLossError, Preempted, train
     cfg = config_from_args(args)
     try:
         train(cfg)
         _shutdown()
+    except Preempted as err:
+        print(f"train.py: {one_line(err)}", file=sys.stderr)
+        _shutdown()
+        return PREEMPTED_EXIT
     except (NonFiniteLossError, CollectiveTimeout) as err:
         print(f"train.py: error: {one_line(err)}", file=sys.stderr)
         return 1

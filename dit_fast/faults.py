@@ -10,6 +10,7 @@ omitted), ACTION happens:
     kill   SIGKILL this process (no cleanup, no atexit: what a power cut or the OOM killer does)
     hang   sleep for an hour (a rank stuck in or before a collective)
     nan    ``poison(point, step, x)`` returns x * NaN (a rank whose loss went non-finite)
+    term   send this process SIGTERM (a scheduler's preemption notice; usr1: SIGUSR1)
 
 Named points (dit_fast.train): step.mid (after an optimizer step, before it is counted),
 epoch.boundary (a new epoch, before its loader iterator starts), save.after_engine,
@@ -24,7 +25,8 @@ import signal
 import time
 
 ENV = "DIT_FAST_FAULT"
-ACTIONS = ("kill", "hang", "nan")
+ACTIONS = ("kill", "hang", "nan", "term", "usr1")
+_SIGNALS = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1}
 
 
 def _parse(spec: str | None, rank: int) -> dict[tuple[str, int], str]:
@@ -53,6 +55,8 @@ def maybe_fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "hang":
         time.sleep(3600)
+    elif action in _SIGNALS:
+        os.kill(os.getpid(), _SIGNALS[action])
 
 
 def poison(point: str, step: int, x):

@@ -13,5 +13,6 @@
 The process group comes from dit_fast.distributed (shared with sampling and extraction).
 """
 from .loop import NonFiniteLossError, Position, TrainLoop, train
+from .preempt import PREEMPTED_EXIT, Preempted
 
-__all__ = ["NonFiniteLossError", "Position", "TrainLoop", "train"]
+__all__ = ["PREEMPTED_EXIT", "Preempted", "NonFiniteLossError", "Position", "TrainLoop", "train"]

@@ -24,8 +24,9 @@ from ..faults import maybe_fault, poison
 from .data import build_loader, open_training_data, set_data_epoch
 from .engine import build_deepspeed_config, build_engine, seed_everything
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
+from .preempt import Preempted, PreemptionFlag
 from .resume import check_resume_spec, resolve_resume
-from .run_dir import load_training_checkpoint, make_run_dir, save_training_checkpoint
+from .run_dir import load_training_checkpoint, make_run_dir, save_training_checkpoint, step_dir_name
 from .step import TrainStep
 
 
@@ -135,6 +136,8 @@ class TrainLoop:
         self.pos = Position()
         self.resumed = False
         self.metrics = MetricsWriter(run_dir, self.rank)
+        self.preempt = PreemptionFlag().install()  # SIGTERM/SIGUSR1/SIGINT: save, then stop
+        self.preempt.join_group(self.world)
 
     # ------------------------------------------------------------ resume / save
     def resume(self, ckpt: Path) -> None:
@@ -174,7 +177,14 @@ class TrainLoop:
         return self.train_step.optimizer_step(batches)
 
     def run(self) -> Position:
-        """Train until --epochs or --max-steps; checkpoint every --ckpt-every and at the end."""
+        """Train until --epochs or --max-steps; checkpoint every --ckpt-every and at the end; on a
+        preemption signal, checkpoint the step every rank agreed on and raise Preempted."""
+        try:
+            return self._run()
+        finally:
+            self.preempt.uninstall()
+
+    def _run(self) -> Position:
         t = self.cfg.train
         if self._normalize_position():
             self.logger.info("Nothing to do: the resumed run already reached its end")
@@ -199,6 +209,8 @@ class TrainLoop:
                 if self.pos.step % t.ckpt_every == 0:
                     self.save(stats)
                     last_saved = self.pos.step
+                if self.preempt.agreed(self.world):  # one tiny all-reduce per step
+                    self._stop_preempted(stats, last_saved)
             if self.pos.step_in_epoch >= self.steps_per_epoch:
                 self.pos.epoch += 1
                 self.pos.step_in_epoch = 0
@@ -211,6 +223,16 @@ class TrainLoop:
         self.logger.info("Done!")
         self.metrics.close()
         return self.pos
+
+    def _stop_preempted(self, stats: LogStats, last_saved: int) -> None:
+        got = self.preempt.signal_name
+        self.logger.info(f"Preemption signal ({got or 'on another rank'}): saving step "
+                         f"{self.pos.step}, then stopping")
+        path = self.save(stats) if last_saved != self.pos.step else \
+            self.run_dir / "checkpoints" / step_dir_name(self.pos.step)
+        self.metrics.close()
+        raise Preempted(f"stopped by a signal after step {self.pos.step}; checkpoint {path} is "
+                        "complete: rerun with --resume auto to continue")
 
     def _done(self) -> bool:
         t = self.cfg.train

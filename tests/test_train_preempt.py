@@ -1,0 +1,112 @@
+"""Preemption (SIGTERM / SIGUSR1 / SIGINT) under the real launcher: `deepspeed --num_gpus 2 train.py`
+on two CPU ranks (gloo), ZeRO-2, the tiny DiT of tests/test_train_faults.py; and plain `python`.
+
+- a signal reaching ONE rank at a random step: every rank stops after that very step, saves it,
+  exits 75 (PREEMPTED_EXIT); a second signal in the middle of the next preemption save kills the
+  ranks at once and leaves the previous checkpoint; `--resume auto` then runs to the end with
+  per-step losses, weights, fp32 optimizer partitions and EMA bit-identical to an uninterrupted run;
+- plain python, signalled from outside (what a scheduler does): exit 75, the checkpoint is the last
+  logged step, and the rerun continues from it.
+
+Cost: three launches (~25 s each on 2 cores) plus the shared reference run, two plain-python runs.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dit_fast.distributed import free_port
+from tests.test_train_faults import COMMON, FAULT, assert_same_checkpoint, ckpt_names, digits8, reference  # noqa: F401
+from tests.test_train_launch import ROOT, TINY, _clean_env, launch, launch_command, losses, ok, run_dir_of
+
+pytestmark = pytest.mark.slow
+PREEMPTED_EXIT = 75
+
+
+def wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll a log file until it holds ``text`` (the process must still be running)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.is_file() and text in path.read_text():
+            return
+        assert proc.poll() is None, f"exited {proc.returncode} before {text!r}"
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+def test_signal_on_one_rank_saves_that_step_second_signal_keeps_previous_resume_exact(
+        tmp_path, digits8, reference):
+    ref = losses(reference)
+    k = random.randint(2, 6)  # the step the signal arrives at
+    args = [*COMMON, "--features-path", str(digits8), "--results-dir", str(tmp_path),
+            "--ckpt-every", "100"]
+    auto = [*args, "--resume", "auto"]
+
+    proc = launch(args, env={FAULT: f"usr1:step.mid:{k}:1"})  # rank 1 only: the ranks must agree
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == PREEMPTED_EXIT, text[-3000:]
+    assert text.count(f"stopped by a signal after step {k};") == 2, text[-3000:]  # one line a rank
+    assert "Traceback" not in text
+    run = run_dir_of(tmp_path)
+    assert ckpt_names(run) == [f"step-{k:07d}"]
+    assert losses(run) == ref[:k]
+
+    # Next launch: a SIGTERM at step k + 2, then, while rank 0 is inside that save, a second
+    # SIGTERM through the launcher (which forwards it to the ranks): they die at once.
+    k2 = k + 2
+    port = free_port()
+    env = _clean_env({FAULT: f"term:step.mid:{k2},hang:save.after_engine:{k2}:0"})
+    runner = subprocess.Popen(launch_command(auto, port), cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(run / "log.txt", f"saving step {k2}, then stopping", runner)
+        time.sleep(2.5)  # past the window in which a repeat counts as the same request
+        launcher = next(p for p in psutil.Process(runner.pid).children()
+                        if "deepspeed.launcher.launch" in " ".join(p.cmdline()))
+        launcher.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=25) != 0  # well inside the launcher's 30 s before SIGKILL
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert ckpt_names(run) == [f"step-{k:07d}", f"step-{k2:07d}.tmp"]
+
+    out = ok(launch(auto))
+    assert f"continuing {run / 'checkpoints' / f'step-{k:07d}'}" in out.stdout + out.stderr
+    assert losses(run) == ref
+    assert_same_checkpoint(reference / "checkpoints" / "step-0000010",
+                           run / "checkpoints" / "step-0000010")
+
+
+def test_plain_python_signalled_from_outside_saves_and_continues(tmp_path, digits8):
+    args = [sys.executable, "train.py", *TINY, "--features-path", str(digits8), "--results-dir",
+            str(tmp_path), "--ckpt-every", "1000", "--max-steps", "100000"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        while not list(tmp_path.glob("*/metrics.jsonl")) or \
+                len(next(tmp_path.glob("*/metrics.jsonl")).read_text().splitlines()) < 2:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
+    run = run_dir_of(tmp_path)
+    stop = losses(run)[-1][0]
+    assert ckpt_names(run) == [f"step-{stop:07d}"]
+    assert f"stopped by a signal after step {stop};" in err and "Traceback" not in err
+    args[args.index("100000")] = str(stop + 2)
+    out = ok(subprocess.run([*args, "--resume", "auto"], cwd=ROOT, env=_clean_env(),
+                            capture_output=True, text=True, timeout=300))
+    assert f"Resumed from {run / 'checkpoints' / f'step-{stop:07d}'} at step {stop}" in out.stderr + out.stdout
+    assert [s for s, _ in losses(run)] == list(range(1, stop + 3))
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == stop + 2
