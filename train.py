@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", type=str, default=None, metavar="PATH|auto",
       help="a checkpoints/step-NNNNNNN dir, or auto: newest under --results-dir")
     a("--keep-last", type=int, default=2, help="checkpoints kept (0 = all)")
+    a("--ignore-disk-check", action="store_true",
+      help="start even if the --results-dir filesystem cannot hold one checkpoint (estimated)")
     a("--ema-decay", type=float, default=0.9999)
     a("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
       help="a collective or DataLoader worker waiting longer fails the job, naming step and rank")
@@ -92,12 +94,16 @@ def _main(argv) -> int:
 
     from dit_fast.distributed import CollectiveTimeout, env_world
     from dit_fast.train import PREEMPTED_EXIT, NonFiniteLossError, Preempted, train
+    from dit_fast.train.save_io import CheckpointWriteError
     cfg = config_from_args(args)
     try:
         train(cfg)
         _shutdown()
+    except CheckpointWriteError as err:  # an OSError, but no bad input: the run failed
+        _say(f"train.py: error: rank {env_world()[0]}: {one_line(err)}")
+        return 1
     except Preempted as err:
-        print(f"train.py: {one_line(err)}", file=sys.stderr)
+        _say(f"train.py: {one_line(err)}")
         _shutdown()
         return PREEMPTED_EXIT
     except (NonFiniteLossError, CollectiveTimeout) as err:
@@ -109,6 +115,12 @@ def _main(argv) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _say(line: str) -> None:
+    # One write per line: every rank prints its own, and two ranks' halves must not interleave.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _shutdown() -> None:

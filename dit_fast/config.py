@@ -151,6 +151,8 @@ class TrainConfig:
     collective_timeout: float = 600.0
     """Seconds any collective (or DataLoader worker) may wait; past it the job fails naming the
     step and the rank that did not arrive, instead of idling until someone kills it."""
+    ignore_disk_check: bool = False
+    """Start even when the results filesystem's free space cannot hold one checkpoint."""
 
 
 # ---- sampling section: the sampling owner adds SampleConfig here (keep Config's field order) ----

@@ -12,6 +12,7 @@ global_seed * world_size + r.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,11 @@ from ..distributed import (broadcast_from_rank0, deepspeed_uses_cuda, env_world,
                            init_distributed)
 from ..faults import maybe_fault, poison
 from .data import build_loader, open_training_data, set_data_epoch
-from .engine import build_deepspeed_config, build_engine, seed_everything
+from .disk import check_disk_space
+from .engine import build_deepspeed_config, build_engine, seed_everything, zero_stage
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
 from .preempt import Preempted, PreemptionFlag
+from .reshard import engine_load_dir
 from .resume import check_resume_spec, resolve_resume
 from .run_dir import load_training_checkpoint, make_run_dir, save_training_checkpoint, step_dir_name
 from .step import TrainStep
@@ -63,6 +66,9 @@ def prepare(cfg: Config):
     info = open_training_data(cfg)
     cfg.model.in_channels, cfg.model.input_size = info.in_channels, info.input_size
     _check_data_fits(cfg, len(info.dataset), info.input_size, world_size)
+    room = check_disk_space(cfg, zero_stage(ds_config))  # ValueError when one checkpoint won't fit
+    if room and env_world()[0] == 0:
+        print(f"train.py: warning: {room}", file=sys.stderr)
     return ds_config, info
 
 
@@ -103,11 +109,13 @@ def train(cfg: Config) -> Position:
     logger = make_logger(run_dir, rank)
     if rank == 0:
         for note in choice.notes:
-            logger.info(note)
+            (logger.warning if note.startswith("WARNING") else logger.info)(note)
         save_config(cfg, run_dir / "config.json")
         logger.info(f"Experiment directory: {run_dir}  (world size {world})")
         logger.info("Config:\n" + format_config(cfg))
         logger.info("DeepSpeed config: " + json.dumps(ds_config, sort_keys=True))
+    load_dir = None if choice.path is None else \
+        engine_load_dir(choice.path, world, rank, ds_config, logger.info)  # another world: universal
     engine, ema = build_engine(cfg, ds_config, device, rank, world)
     if rank == 0:
         n_params = sum(p.numel() for p in ema.model.parameters())
@@ -117,7 +125,7 @@ def train(cfg: Config) -> Position:
     # A fresh EMA is already the fp32 copy of the initial weights (DiT's update_ema(decay=0));
     # copying back from the engine would round it to the engine's bf16.
     if choice.path is not None:
-        loop.resume(choice.path)  # restores this rank's RNG states too
+        loop.resume(choice.path, load_dir)  # restores this rank's RNG states too
     return loop.run()
 
 
@@ -140,9 +148,9 @@ class TrainLoop:
         self.preempt.join_group(self.world)
 
     # ------------------------------------------------------------ resume / save
-    def resume(self, ckpt: Path) -> None:
+    def resume(self, ckpt: Path, load_dir: Path | None = None) -> None:
         state, ema_state = load_training_checkpoint(self.engine, ckpt, self.rank, self.world,
-                                                    config_to_dict(self.cfg)["model"])
+                                                    config_to_dict(self.cfg)["model"], load_dir)
         if self.ema.model is not None:
             self.ema.load_state_dict(ema_state)
         self.pos = Position(state["step"], state["epoch"], state["step_in_epoch"])

@@ -1,10 +1,15 @@
-"""Preemption (SIGTERM / SIGUSR1 / SIGINT) under the real launcher: `deepspeed --num_gpus 2 train.py`
-on two CPU ranks (gloo), ZeRO-2, the tiny DiT of tests/test_train_faults.py; and plain `python`.
+"""Preemption, a full disk, damaged checkpoints (issue 21) under the real launcher: `deepspeed
+--num_gpus 2 train.py` on two CPU ranks (gloo), ZeRO-2, the tiny DiT of tests/test_train_faults.py;
+and plain `python`.
 
 - a signal reaching ONE rank at a random step: every rank stops after that very step, saves it,
   exits 75 (PREEMPTED_EXIT); a second signal in the middle of the next preemption save kills the
   ranks at once and leaves the previous checkpoint; `--resume auto` then runs to the end with
   per-step losses, weights, fp32 optimizer partitions and EMA bit-identical to an uninterrupted run;
+- the file-size limit (RLIMIT_FSIZE) reached mid-run: the next save fails on both ranks with one
+  line each naming the checkpoint, the file, "File too large" and the last complete checkpoint, no
+  traceback, no .tmp left; --resume auto continues from it bit-exactly; then a byte flipped in the
+  newest checkpoint's rank-1 optimizer shard: --resume auto falls back to the previous one, warning;
 - plain python, signalled from outside (what a scheduler does): exit 75, the checkpoint is the last
   logged step, and the rerun continues from it.
 
@@ -110,3 +115,38 @@ def test_plain_python_signalled_from_outside_saves_and_continues(tmp_path, digit
     assert f"Resumed from {run / 'checkpoints' / f'step-{stop:07d}'} at step {stop}" in out.stderr + out.stdout
     assert [s for s, _ in losses(run)] == list(range(1, stop + 3))
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == stop + 2
+
+
+def test_file_size_limit_mid_run_then_a_damaged_newest_checkpoint(tmp_path, digits8, reference):
+    ref = losses(reference)
+    args = [*COMMON, "--features-path", str(digits8), "--results-dir", str(tmp_path)]
+    proc = launch(args, env={FAULT: "fsize:step.mid:5"})  # saves 2 and 4 fine, 6 hits the limit
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-3000:]
+    run = run_dir_of(tmp_path)
+    last = run / "checkpoints" / "step-0000004"
+    lines = [line for line in text.splitlines() if "could not be written" in line]
+    assert len(lines) == 2, text[-3000:]
+    for rank in (0, 1):
+        line = next(x for x in lines if f"error: rank {rank}: checkpoint step-0000006 could not" in x)
+        assert f"(rank {rank}: {run / 'checkpoints' / 'step-0000006.tmp'}" in line
+        assert f": File too large); the partial step-0000006.tmp was removed; the last complete " \
+               f"checkpoint is {last} " in line
+    assert "Traceback" not in text
+    assert ckpt_names(run) == ["step-0000002", "step-0000004"]
+
+    ok(launch([*args, "--resume", "auto"]))
+    assert losses(run) == ref
+    assert ckpt_names(run) == ["step-0000008", "step-0000010"]
+    shard = run / "checkpoints" / "step-0000010" / "ds" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    out = ok(launch([*args, "--resume", "auto"]))
+    log = out.stdout + out.stderr
+    assert f"skipping damaged checkpoint {run / 'checkpoints' / 'step-0000010'}: {shard}: contents " \
+           "changed" in log, log[-3000:]
+    assert f"continuing {run / 'checkpoints' / 'step-0000008'}" in log
+    assert losses(run) == ref
+    assert_same_checkpoint(reference / "checkpoints" / "step-0000010",
+                           run / "checkpoints" / "step-0000010")
