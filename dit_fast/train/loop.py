@@ -142,7 +142,7 @@ class TrainLoop:
         self.train_step = TrainStep.from_config(cfg, engine, ema, device, self.vae)
         self.diffusion = self.train_step.diffusion
         self.pos = Position()
-        self.resumed = False
+        self.resumed = self.resharded = False
         self.metrics = MetricsWriter(run_dir, self.rank)
         self.preempt = PreemptionFlag().install()  # SIGTERM/SIGUSR1/SIGINT: save, then stop
         self.preempt.join_group(self.world)
@@ -155,6 +155,7 @@ class TrainLoop:
             self.ema.load_state_dict(ema_state)
         self.pos = Position(state["step"], state["epoch"], state["step_in_epoch"])
         self.resumed = True
+        self.resharded = load_dir is not None and Path(load_dir) != Path(ckpt)
         self.metrics.truncate_after(self.pos.step)  # the steps after it are about to run again
         if state["world_size"] != self.world:
             self.logger.warning(f"checkpoint was written by {state['world_size']} ranks, this run "
@@ -194,6 +195,8 @@ class TrainLoop:
 
     def _run(self) -> Position:
         t = self.cfg.train
+        if self.resharded:  # loaded the universal form: rewrite this step in
+            self.save()  # this world's own layout, so the next resume loads it directly
         if self._normalize_position():
             self.logger.info("Nothing to do: the resumed run already reached its end")
             return self.pos
