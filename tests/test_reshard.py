@@ -118,3 +118,19 @@ def test_two_ranks_to_one_and_one_to_two(tmp_path):
     assert ckpt_names(run)[-1] == "step-0000007"
     assert [s for s, _ in losses(run)] == list(range(1, 8))
     shutil.rmtree(tmp_path / "r")
+
+
+def test_layout_decision_and_zero3_refusal(tmp_path):
+    """Same world and stage: the checkpoint itself; ZeRO-3 on either side of a change: one line."""
+    from dit_fast.train.reshard import engine_load_dir
+    ckpt = tmp_path / "step-0000004"
+    (ckpt / "ds").mkdir(parents=True)
+    (ckpt / "ds" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    torch.save({"world_size": 2, "zero_stage": 2, "config": {"train": {}}}, ckpt / "train_state.pt")
+    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4,
+          "gradient_accumulation_steps": 1}
+    assert engine_load_dir(ckpt, 2, 0, ds, print) == ckpt and "checkpoint" not in ds
+    with pytest.raises(ValueError, match=r"ZeRO-2, 2 ranks\) under ZeRO-3 on 2 ranks"):
+        engine_load_dir(ckpt, 2, 0, {**ds, "zero_optimization": {"stage": 3}}, print)
+    with pytest.raises(ValueError, match=r"under ZeRO-3 on 1 ranks"):
+        engine_load_dir(ckpt, 1, 0, {**ds, "zero_optimization": {"stage": 3}}, print)

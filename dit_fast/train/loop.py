@@ -169,6 +169,7 @@ class TrainLoop:
             self.sync(stats, "the pre-checkpoint finite check")
         train_state = {"step": self.pos.step, "epoch": self.pos.epoch,
                        "step_in_epoch": self.pos.step_in_epoch, "world_size": self.world,
+                       "zero_stage": int(self.engine.zero_optimization_stage()),
                        "skipped_steps": self.skipped_steps(), "config": config_to_dict(self.cfg)}
         ema_state = self.ema.state_dict() if self.ema.model is not None else None
         path = save_training_checkpoint(self.engine, ema_state, train_state, self.run_dir,

@@ -26,11 +26,11 @@ from .run_dir import DS_TAG, TRAIN_STATE
 UNIVERSAL = "universal"
 
 
-def saved_world(ckpt: Path) -> tuple[int, dict]:
-    """(world size, train config dict) the checkpoint was written with."""
+def saved_layout(ckpt: Path) -> tuple[int, int | None, dict]:
+    """(world size, ZeRO stage or None if not recorded, train config dict) of the checkpoint."""
     from ..checkpoint import safe_torch_load
     state = safe_torch_load(ckpt / TRAIN_STATE)
-    return int(state["world_size"]), state["config"].get("train", {})
+    return int(state["world_size"]), state.get("zero_stage"), state["config"].get("train", {})
 
 
 def universal_root(ckpt: Path) -> Path:
@@ -62,11 +62,13 @@ def ensure_universal(ckpt: Path, log) -> Path:
 
 def reshard_note(saved: int, world: int, saved_train: dict, micro: int, accum: int) -> str:
     """The log line of a world-size change: what stays and what changes."""
-    old_micro = saved_train.get("micro_batch_size")
+    if saved == world:
+        return f"Resuming on the same {world} rank(s) through the universal form (another ZeRO stage)"
     return (f"Resuming a {saved}-rank checkpoint on {world} rank(s): global batch "
-            f"{saved_train.get('global_batch_size')} unchanged; micro batch per rank {old_micro} -> "
-            f"{micro}, gradient accumulation {saved_train.get('grad_accum')} -> {accum}; per-rank RNG "
-            "streams start afresh (continues, not bit-exactly)")
+            f"{saved_train.get('global_batch_size')} unchanged; micro batch per rank "
+            f"{saved_train.get('micro_batch_size')} -> {micro}, gradient accumulation "
+            f"{saved_train.get('grad_accum')} -> {accum}; per-rank RNG streams start afresh "
+            "(continues, not bit-exactly)")
 
 
 def engine_load_dir(ckpt: Path, world: int, rank: int, ds_config: dict, log) -> Path:
@@ -74,12 +76,21 @@ def engine_load_dir(ckpt: Path, world: int, rank: int, ds_config: dict, log) -> 
     the checkpoint itself, or (ZeRO partitions written by another world size) its universal form,
     converted by rank 0 if needed, with ``ds_config`` switched to load it."""
     from ..distributed import broadcast_from_rank0
-    saved, saved_train = saved_world(ckpt)
+    saved, saved_stage, saved_train = saved_layout(ckpt)
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     partitioned = any((ckpt / DS_TAG).glob("*zero_pp_rank_*_optim_states.pt"))
-    if saved == world or not partitioned:
+    other_stage = saved_stage is not None and saved_stage != stage
+    if not partitioned or (saved == world and not other_stage):
         return ckpt
+    if stage == 3 or saved_stage == 3:
+        raise ValueError(f"cannot resume {ckpt} (ZeRO-{saved_stage}, {saved} ranks) under ZeRO-{stage} "
+                         f"on {world} ranks: with ZeRO-3 on either side only the same world size and "
+                         "stage load (DeepSpeed 0.19.8's universal load into ZeRO-3 expects per-rank "
+                         "model files its converter does not write); use the original layout")
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
     if rank == 0:
         log(reshard_note(saved, world, saved_train, ds_config["train_micro_batch_size_per_gpu"],
                          ds_config["gradient_accumulation_steps"]))
+        if other_stage:
+            log(f"The checkpoint was written under ZeRO-{saved_stage}, this run uses ZeRO-{stage}")
     return Path(broadcast_from_rank0(lambda: str(ensure_universal(ckpt, log)), rank))
