@@ -8,8 +8,10 @@ and plain `python`.
   per-step losses, weights, fp32 optimizer partitions and EMA bit-identical to an uninterrupted run;
 - the file-size limit (RLIMIT_FSIZE) reached mid-run: the next save fails on both ranks with one
   line each naming the checkpoint, the file, "File too large" and the last complete checkpoint, no
-  traceback, no .tmp left; --resume auto continues from it bit-exactly; then a byte flipped in the
-  newest checkpoint's rank-1 optimizer shard: --resume auto falls back to the previous one, warning;
+  traceback, no .tmp left, the earlier checkpoints verified intact; then a byte flipped in the newest
+  one's rank-1 optimizer shard: --resume auto falls back to the one before, warning, and ends
+  bit-identical to the uninterrupted run;
+- a full 5 MB tmpfs (plain python): the same one line with "No space left on device";
 - plain python, signalled from outside (what a scheduler does): exit 75, the checkpoint is the last
   logged step, and the rerun continues from it.
 
@@ -134,19 +136,50 @@ def test_file_size_limit_mid_run_then_a_damaged_newest_checkpoint(tmp_path, digi
                f"checkpoint is {last} " in line
     assert "Traceback" not in text
     assert ckpt_names(run) == ["step-0000002", "step-0000004"]
+    from dit_fast.train.verify import main as verify
+    assert verify([str(run)]) == 0  # both intact (sizes and CRC-32 as written)
 
-    ok(launch([*args, "--resume", "auto"]))
-    assert losses(run) == ref
-    assert ckpt_names(run) == ["step-0000008", "step-0000010"]
-    shard = run / "checkpoints" / "step-0000010" / "ds" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    # Now damage the newest: one byte of rank 1's optimizer shard. --resume auto must fall back to
+    # step 2, warning, and still reach the uninterrupted run's bits.
+    shard = last / "ds" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
     out = ok(launch([*args, "--resume", "auto"]))
     log = out.stdout + out.stderr
-    assert f"skipping damaged checkpoint {run / 'checkpoints' / 'step-0000010'}: {shard}: contents " \
-           "changed" in log, log[-3000:]
-    assert f"continuing {run / 'checkpoints' / 'step-0000008'}" in log
+    assert f"skipping damaged checkpoint {last}: {shard}: contents changed" in log, log[-3000:]
+    assert f"continuing {run / 'checkpoints' / 'step-0000002'}" in log
     assert losses(run) == ref
     assert_same_checkpoint(reference / "checkpoints" / "step-0000010",
                            run / "checkpoints" / "step-0000010")
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 5 MB tmpfs (room for one checkpoint of the tiny DiT, not two); skipped where mount is not
+    permitted (not root, no CAP_SYS_ADMIN in a container)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_filesystem_mid_run_plain_python(small_tmpfs, digits8):
+    args = [sys.executable, "train.py", *TINY, "--features-path", str(digits8), "--results-dir",
+            str(small_tmpfs), "--ckpt-every", "2", "--max-steps", "6", "--precision", "fp32"]
+    proc = subprocess.run(args, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    run = run_dir_of(small_tmpfs)
+    first = run / "checkpoints" / "step-0000002"
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith("train.py: error: rank 0: checkpoint step-0000004 could not be written")
+    assert ": No space left on device); the partial step-0000004.tmp was removed; the last complete " \
+           f"checkpoint is {first} " in errors[0]
+    assert "free holds fewer than the 3 checkpoints" in proc.stderr  # the pre-flight warning
+    assert ckpt_names(run) == ["step-0000002"]
+    from dit_fast.train.verify import main as verify
+    assert verify([str(run)]) == 0
