@@ -14,6 +14,7 @@ import torch
 
 from ..config import Config
 from ..vae import is_pixel_space, vae_downsample
+from .preempt import worker_ignores_stop_signals
 
 
 @dataclass
@@ -194,6 +195,7 @@ def build_loader(info: DataInfo, cfg: Config, rank: int, world_size: int, device
         dataset, batch_sampler=sampler, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         timeout=cfg.train.collective_timeout if workers > 0 else 0,
+        worker_init_fn=worker_ignores_stop_signals if workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.train.global_seed))
     return loader, sampler
 

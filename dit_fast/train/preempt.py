@@ -97,3 +97,11 @@ def _default_action_in_c() -> None:
     libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
     for sig in SIGNALS:
         libc.signal(int(sig), None)  # SIG_DFL is the null handler
+
+
+def worker_ignores_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: schedulers and launchers signal the whole process tree, and a
+    worker killed by SIGTERM (torch's worker handler re-raises it) fails the step the training
+    process is finishing; the training process decides, and its workers end with it."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
