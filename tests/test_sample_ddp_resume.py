@@ -52,7 +52,7 @@ def test_model_without_null_label_refuses_guidance_but_samples_without(tmp_path)
 
 
 def test_signal_stops_between_batches_and_the_rerun_completes_the_set(tmp_path, monkeypatch):
-    """SIGTERM while the first batch is written: that batch's PNGs complete, no .npz, Preempted
+    """SIGINT (Ctrl-C) while the first batch is written: that batch's PNGs complete, no .npz, Preempted
     (exit 75 from the CLI); the rerun samples the rest, and the .npz equals an uninterrupted run's."""
     import os
     import signal
@@ -70,13 +70,13 @@ def test_signal_stops_between_batches_and_the_rerun_completes_the_set(tmp_path, 
         real_save(image, path)
         written.append(path)
         if len(written) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
     monkeypatch.setattr(sample_ddp, "save_png", save_then_signal)
-    with pytest.raises(Preempted, match="stopped by SIGTERM between batches"):
+    with pytest.raises(Preempted, match="stopped by SIGINT between batches"):
         sample_ddp.main(_ddp_args(ckpt, tmp_path / "cut"))
     folder = tmp_path / "cut" / whole["folder"].name
     assert len(list(folder.glob("*.png"))) == 4 and not list(folder.parent.glob("*.npz"))
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
     monkeypatch.setattr(sample_ddp, "save_png", real_save)
     again = sample_ddp.main(_ddp_args(ckpt, tmp_path / "cut"))
     assert np.array_equal(np.load(again["npz"])["arr_0"], np.load(whole["npz"])["arr_0"])

@@ -12,7 +12,8 @@ and plain `python`.
   one's rank-1 optimizer shard: --resume auto falls back to the one before, warning, and ends
   bit-identical to the uninterrupted run;
 - a full 5 MB tmpfs (plain python): the same one line with "No space left on device";
-- plain python, signalled from outside (what a scheduler does): exit 75, the checkpoint is the last
+- plain python with a DataLoader worker, SIGTERM to the whole process group (what SLURM does):
+  exit 75 (the worker ignores it), the checkpoint is the last
   logged step, and the rerun continues from it.
 
 Cost: three launches (~25 s each on 2 cores) plus the shared reference run, two plain-python runs.
@@ -93,15 +94,15 @@ def test_signal_on_one_rank_saves_that_step_second_signal_keeps_previous_resume_
 
 def test_plain_python_signalled_from_outside_saves_and_continues(tmp_path, digits8):
     args = [sys.executable, "train.py", *TINY, "--features-path", str(digits8), "--results-dir",
-            str(tmp_path), "--ckpt-every", "1000", "--max-steps", "100000"]
+            str(tmp_path), "--ckpt-every", "1000", "--max-steps", "100000", "--num-workers", "1"]
     proc = subprocess.Popen(args, cwd=ROOT, env=_clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         while not list(tmp_path.glob("*/metrics.jsonl")) or \
                 len(next(tmp_path.glob("*/metrics.jsonl")).read_text().splitlines()) < 2:
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: the whole tree, DataLoader worker too
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
