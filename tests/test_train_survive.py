@@ -12,6 +12,7 @@ and plain `python`.
   one's rank-1 optimizer shard: --resume auto falls back to the one before, warning, and ends
   bit-identical to the uninterrupted run;
 - a full 5 MB tmpfs (plain python): the same one line with "No space left on device";
+- a two-rank ZeRO-2 checkpoint resumed on one rank and a one-rank one on two (universal checkpoint);
 - plain python with a DataLoader worker, SIGTERM to the whole process group (what SLURM does):
   exit 75 (the worker ignores it), the checkpoint is the last
   logged step, and the rerun continues from it.
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 import pytest
 
 from dit_fast.distributed import free_port
@@ -184,3 +186,47 @@ def test_full_filesystem_mid_run_plain_python(small_tmpfs, digits8):
     assert ckpt_names(run) == ["step-0000002"]
     from dit_fast.train.verify import main as verify
     assert verify([str(run)]) == 0
+
+
+def test_two_ranks_to_one_and_one_to_two(tmp_path, digits8, reference):
+    """The two-rank ZeRO-2 reference's step 4 resumed on one rank (plain python), then that run's
+    step 6 on two again: DeepSpeed's universal checkpoint, converted once, logged; the consolidated
+    fp32 master, both Adam moments and the EMA after loading equal the checkpoint's (the loaded step
+    is written again in the new layout); the loss goes on without a jump."""
+    import shutil
+
+    from tests.test_reshard import assert_same_state, consolidated
+    args = [*COMMON, "--features-path", str(digits8), "--results-dir", str(tmp_path / "r"),
+            "--keep-last", "0"]
+    shutil.copytree(reference, tmp_path / "r" / reference.name)
+    (tmp_path / "u").mkdir()
+    run = run_dir_of(tmp_path / "r")
+    ref = losses(run)
+    step4 = run / "checkpoints" / "step-0000004"
+    before = consolidated(step4, tmp_path / "u")
+
+    def plain(*extra):
+        cmd = [sys.executable, "train.py", *TINY, *args, *extra]
+        return ok(subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                                 timeout=300))
+    out = plain("--max-steps", "6", "--resume", str(step4))  # on one rank
+    log = out.stdout + out.stderr
+    assert "Resuming a 2-rank checkpoint on 1 rank(s): global batch 256 unchanged; micro batch per " \
+           "rank 128 -> 256" in log, log[-3000:]
+    assert f"Converting {step4 / 'ds'} to DeepSpeed's universal checkpoint" in log
+    # step 4 was written again by the one rank: the state it loaded, in the one-rank layout
+    assert torch.load(step4 / "train_state.pt", weights_only=True)["world_size"] == 1
+    assert_same_state(consolidated(step4, tmp_path / "u"), before)
+    after = losses(run)
+    assert [s for s, _ in after] == [1, 2, 3, 4, 5, 6]  # 7.. were cut back on resume
+    for (_, mine), (_, theirs) in zip(after[4:], ref[4:]):  # other noise draws, same batches
+        assert abs(mine - theirs) < 0.1 * theirs, (after, ref)
+
+    step6 = run / "checkpoints" / "step-0000006"
+    before = consolidated(step6, tmp_path / "u")
+    out = ok(launch([*args, "--max-steps", "7", "--resume", "auto"]))  # back on two ranks
+    log = out.stdout + out.stderr
+    assert "Resuming a 1-rank checkpoint on 2 rank(s)" in log and "micro batch per rank 256 -> 128" in log
+    assert_same_state(consolidated(step6, tmp_path / "u"), before)
+    assert "step-0000007" in ckpt_names(run)
+    assert [s for s, _ in losses(run)] == list(range(1, 8))
