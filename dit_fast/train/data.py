@@ -205,3 +205,13 @@ def set_data_epoch(info: DataInfo, sampler: ResumableShardSampler, epoch: int, s
     sampler.set_epoch(epoch, skip)
     if hasattr(info.dataset, "set_epoch"):
         info.dataset.set_epoch(epoch)
+
+
+def close_workers(loader) -> None:
+    """End the persistent DataLoader workers now, the graceful way (their done event). Left to
+    interpreter exit, multiprocessing would SIGTERM them, which they ignore (preempt.py): an
+    error path that keeps the loader alive until then would wait on them forever."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None

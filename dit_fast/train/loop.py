@@ -22,7 +22,7 @@ from ..config import Config, config_to_dict, format_config, save_config
 from ..distributed import (broadcast_from_rank0, deepspeed_uses_cuda, env_world, guarded_collective,
                            init_distributed)
 from ..faults import maybe_fault, poison
-from .data import build_loader, open_training_data, set_data_epoch
+from .data import build_loader, close_workers, open_training_data, set_data_epoch
 from .disk import check_disk_space
 from .engine import build_deepspeed_config, build_engine, seed_everything, zero_stage
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
@@ -193,6 +193,7 @@ class TrainLoop:
             return self._run()
         finally:
             self.preempt.uninstall()
+            close_workers(self.loader)
 
     def _run(self) -> Position:
         t = self.cfg.train

@@ -102,6 +102,7 @@ def _default_action_in_c() -> None:
 def worker_ignores_stop_signals(_worker_id: int) -> None:
     """DataLoader worker_init_fn: schedulers and launchers signal the whole process tree, and a
     worker killed by SIGTERM (torch's worker handler re-raises it) fails the step the training
-    process is finishing; the training process decides, and its workers end with it."""
+    process is finishing; the training process decides, and ends its workers itself
+    (data.close_workers; a worker also exits when its parent dies)."""
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
