@@ -9,6 +9,7 @@ Checkpoints written before manifests existed are accepted with a note.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zlib
@@ -82,8 +83,7 @@ def _check_file(path: Path, want: dict, checksums: bool) -> str | None:
 
 def manifest_bytes(ckpt: Path) -> int:
     """Total bytes the manifest lists (0 without one)."""
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError):  # no or an unreadable manifest: 0
         files = json.loads((Path(ckpt) / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return 0
-    return sum(f["size"] for f in files.values())
+        return sum(f["size"] for f in files.values())
+    return 0

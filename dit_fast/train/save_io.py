@@ -43,7 +43,7 @@ class ChecksumFile:
         return len(view)
 
     def flush(self) -> None:
-        pass
+        """Nothing to do: every write went straight to the OS (no buffer of ours)."""
 
     def close(self) -> None:
         os.close(self.fd)
@@ -105,10 +105,9 @@ class SaveRecorder:
         """Route DeepSpeed's checkpoint writes (``checkpoint_engine.save(state, path)``) here."""
         ckpt_engine = engine.checkpoint_engine
         ckpt_engine.save = lambda state_dict, path: self.save(state_dict, Path(path))
-        try:
+        with contextlib.ExitStack() as restore:
+            restore.callback(delattr, ckpt_engine, "save")  # the class's own method again, always
             yield
-        finally:
-            del ckpt_engine.save  # the class's own method again
 
 
 def failure_line(failures: dict[int, tuple], rank: int, ckpt: Path, last_complete: Path | None) -> str:
