@@ -9,7 +9,9 @@ Writes {index:06d}.png into <sample-dir>/<model>-<ckpt>-size-<size>-vae-<vae>-cf
 evaluation suite, exactly --num-fid-samples images. Runs under torchrun (NCCL on GPUs, Gloo on CPU) or as
 a plain single process.
 
-Resuming: rerun the same command after a crash; batches whose PNGs all exist are skipped. To make a
+Resuming: rerun the same command after a crash or a stop; SIGTERM / SIGUSR1 / SIGINT let each process
+finish the batch in flight (every PNG is written atomically), skip the .npz and exit 75, like train.py;
+batches whose PNGs all exist are skipped. To make a
 resumed run give the same images as an uninterrupted one, every batch draws its noise and labels from
 its own generator seeded by (global seed, rank, batch index). This differs from the original, which
 seeds each rank once (global_seed * world_size + rank) and draws all batches from that stream, so the

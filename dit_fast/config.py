@@ -161,6 +161,8 @@ class TrainConfig:
     collective_timeout: float = 600.0
     """Seconds any collective (or DataLoader worker) may wait; past it the job fails naming the
     step and the rank that did not arrive, instead of idling until someone kills it."""
+    ignore_disk_check: bool = False
+    """Start even when the results filesystem's free space cannot hold one checkpoint."""
     # ---- --init-from (dit_fast.checkpoint.init_from) ----
     init_from: Optional[str] = None
     """Start a NEW run from these weights (official name, EMA / .pt / .safetensors file, run or

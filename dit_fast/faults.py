@@ -10,6 +10,8 @@ omitted), ACTION happens:
     kill   SIGKILL this process (no cleanup, no atexit: what a power cut or the OOM killer does)
     hang   sleep for an hour (a rank stuck in or before a collective)
     nan    ``poison(point, step, x)`` returns x * NaN (a rank whose loss went non-finite)
+    term   send this process SIGTERM (a scheduler's preemption notice; usr1: SIGUSR1)
+    fsize  limit this process's files to FSIZE_LIMIT bytes (RLIMIT_FSIZE: "File too large" from then on)
 
 Named points (dit_fast.train): step.mid (after an optimizer step, before it is counted),
 epoch.boundary (a new epoch, before its loader iterator starts), save.after_engine,
@@ -24,7 +26,9 @@ import signal
 import time
 
 ENV = "DIT_FAST_FAULT"
-ACTIONS = ("kill", "hang", "nan")
+ACTIONS = ("kill", "hang", "nan", "term", "usr1", "fsize")
+FSIZE_LIMIT = 200_000
+_SIGNALS = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1}
 
 
 def _parse(spec: str | None, rank: int) -> dict[tuple[str, int], str]:
@@ -53,6 +57,11 @@ def maybe_fault(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "hang":
         time.sleep(3600)
+    elif action in _SIGNALS:
+        os.kill(os.getpid(), _SIGNALS[action])
+    elif action == "fsize":
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 def poison(point: str, step: int, x):

@@ -68,14 +68,18 @@ def _clean_env(extra=None) -> dict:
     return env
 
 
-def launch(args, env=None, timeout=420, script="train.py") -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus 2 train.py ARGS` (or another script) from the repo root."""
+def launch_command(args, port: int, script: str = "train.py") -> list[str]:
+    """`deepspeed --num_gpus 2 --master_port PORT SCRIPT TINY ARGS` (train.py or another script)."""
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return cmd + ["--num_gpus", "2", "--master_port", str(port), script, *TINY, *args]
+
+
+def launch(args, env=None, timeout=420, script="train.py") -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 train.py ARGS` (or another script) from the repo root."""
     port = free_port()
-    cmd += ["--num_gpus", "2", "--master_port", str(port), script, *TINY, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(env), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(launch_command(args, port, script), cwd=ROOT, env=_clean_env(env),
+                          capture_output=True, text=True, timeout=timeout)
     # Every rank unlinks its /dev/shm all-reduce segment right after init (they used to pile up in RAM).
     assert not cpu_allreduce_segments(port), f"launch on port {port} left {cpu_allreduce_segments(port)}"
     return proc

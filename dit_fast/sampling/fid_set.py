@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from dit_fast.checkpoint import official_checkpoint_name
 from dit_fast.cli import OneLineParser, flag_named
 from dit_fast.distributed import init_distributed
+from dit_fast.preempt import PREEMPTED_EXIT, Preempted
 from dit_fast.vae import is_pixel_space
 
 from .flags import (add_common_flags, build_sampling_model, format_sample_config, load_sampling_vae,
@@ -152,5 +154,10 @@ def _sample_all(cfg, source, rank: int, world_size: int, device) -> dict:
 
 
 def cli(argv=None) -> None:
-    """Entry point: library errors (bad flags, missing checkpoint or VAE) become one clear line."""
-    run_cli(main, "sample_ddp.py", argv)
+    """Entry point: library errors (bad flags, missing checkpoint or VAE) become one clear line;
+    a stop on a signal is one line and exit 75 (PREEMPTED_EXIT: rerun to finish)."""
+    try:
+        run_cli(main, "sample_ddp.py", argv)
+    except Preempted as err:
+        print(f"sample_ddp.py: {err}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dit_fast.atomic import atomic_write_text
+from dit_fast.preempt import Preempted, PreemptionFlag
 
 from .build import decode
 from .images import save_png, to_uint8_hwc
@@ -115,15 +116,25 @@ def batches_to_do(folder: Path, iterations: int, n: int, rank: int, world_size: 
 
 def run_batches(sampler, vae, folder: Path, todo: list, iterations: int, *, global_seed: int,
                 num_classes: int, rank: int, world_size: int, device, shape) -> None:
-    """Sample the batches ``todo`` of shape ``shape`` (n, C, H, W) and write their PNGs."""
+    """Sample the batches ``todo`` of shape ``shape`` (n, C, H, W) and write their PNGs. SIGTERM /
+    SIGUSR1 / SIGINT end the loop between batches (never mid-file) with Preempted: rerun to finish."""
     from tqdm import tqdm
+    stop = PreemptionFlag().install()
     bar = tqdm(total=iterations, initial=iterations - len(todo), disable=rank != 0, desc="batches")
-    for b in todo:
-        g = torch.Generator(device).manual_seed(batch_seed(global_seed, rank, b))
-        z = torch.randn(shape, generator=g, device=device)
-        y = torch.randint(0, num_classes, (shape[0],), generator=g, device=device)
-        images = to_uint8_hwc(decode(sampler.sample(z, y, generator=g), vae))
-        for index, image in zip(batch_indices(b, shape[0], rank, world_size), images):
-            save_png(image, folder / f"{index:06d}.png")
-        bar.update(1)
-    bar.close()
+    try:
+        for b in todo:
+            if stop.signal_name:
+                break
+            g = torch.Generator(device).manual_seed(batch_seed(global_seed, rank, b))
+            z = torch.randn(shape, generator=g, device=device)
+            y = torch.randint(0, num_classes, (shape[0],), generator=g, device=device)
+            images = to_uint8_hwc(decode(sampler.sample(z, y, generator=g), vae))
+            for index, image in zip(batch_indices(b, shape[0], rank, world_size), images):
+                save_png(image, folder / f"{index:06d}.png")
+            bar.update(1)
+    finally:
+        stop.uninstall()
+        bar.close()
+    if stop.signal_name:
+        raise Preempted(f"rank {rank} stopped by {stop.signal_name} between batches; the PNGs "
+                        f"written are complete, no .npz yet: rerun the same command to finish {folder}")

@@ -1,5 +1,5 @@
 """train.py's command line: its flags (DiT / fast-DiT names) -> Config -> dit_fast.train.train, and
-the exit codes (0 done, 2 bad input, 1 the run failed). train.py at the top of the repository only
+the exit codes (0 done, 2 bad input, 1 the run failed, 75 stopped by a signal after a checkpoint). train.py at the top of the repository only
 calls cli(); tests and tools import this module, never the script.
 """
 import argparse
@@ -10,10 +10,13 @@ from dit_fast.config import (PRECISIONS, REPA_WEIGHTINGS, add_model_flags, add_t
                              config_from_args)
 
 DESCRIPTION = "Train a DiT under DeepSpeed (ZeRO 0-3, bf16/fp16/fp32, EMA, exact resume)."
+EXIT_CODES = ("exit codes: 0 done; 1 the run failed (non-finite loss, a stuck or dead rank, a "
+              "checkpoint that could not be written); 2 bad input; 75 stopped by SIGTERM / SIGUSR1 / "
+              "SIGINT after saving a complete checkpoint (requeue and rerun with --resume auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="train.py", description=DESCRIPTION,
+    p = OneLineParser(prog="train.py", description=DESCRIPTION, epilog=EXIT_CODES,
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_flags(p, show_size_overrides=False, model_choices=False)  # --model, --image-size, --num-classes, backends
     a = p.add_argument
@@ -53,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--keep-labels", action="store_true",
       help="with --init-from and another --num-classes: keep the label rows of the classes both have")
     a("--keep-last", type=int, default=2, help="checkpoints kept (0 = all)")
+    a("--ignore-disk-check", action="store_true",
+      help="start even if the --results-dir filesystem cannot hold one checkpoint (estimated)")
     a("--ema-decay", type=float, default=0.9999)
     a("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
       help="a collective or DataLoader worker waiting longer fails the job, naming step and rank")
@@ -98,7 +103,9 @@ def add_evaluation_flags(p) -> None:
 
 def main(argv=None) -> int:
     """Exit codes: 0 done; 2 bad input (one line, nothing created); 1 the run failed (a
-    non-finite loss on any rank, a collective that timed out), one line naming step and rank."""
+    non-finite loss on any rank, a collective that timed out, a checkpoint that could not be
+    written), one line naming step and rank; 75 (PREEMPTED_EXIT) a signal stopped it after a complete
+    checkpoint: rerun with --resume auto."""
     return run_entry(_main, "train.py", argv)
 
 
@@ -107,11 +114,19 @@ def _main(argv) -> int:
     import torch.distributed as dist
 
     from dit_fast.distributed import CollectiveTimeout, env_world
-    from . import NonFiniteLossError, train
+    from . import PREEMPTED_EXIT, NonFiniteLossError, Preempted, train
+    from .save_io import CheckpointWriteError
     cfg = config_from_args(args)
     try:
         train(cfg)
         _shutdown()
+    except CheckpointWriteError as err:  # an OSError, but no bad input: the run failed
+        _say(f"train.py: error: rank {env_world()[0]}: {one_line(err)}")
+        return 1
+    except Preempted as err:
+        _say(f"train.py: {one_line(err)}")
+        _shutdown()
+        return PREEMPTED_EXIT
     except (NonFiniteLossError, CollectiveTimeout) as err:
         print(f"train.py: error: {one_line(err)}", file=sys.stderr)
         return 1
@@ -121,6 +136,12 @@ def _main(argv) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _say(line: str) -> None:
+    # One write per line: every rank prints its own, and two ranks' halves must not interleave.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _shutdown() -> None:

@@ -15,6 +15,7 @@ import torch
 
 from ..config import Config
 from ..vae import is_pixel_space, vae_downsample
+from ..preempt import worker_ignores_stop_signals
 
 
 @dataclass
@@ -236,6 +237,7 @@ def build_loader(info: DataInfo, cfg: Config, rank: int, world_size: int, device
         dataset, batch_sampler=order, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         timeout=cfg.train.collective_timeout if workers > 0 else 0,
+        worker_init_fn=worker_ignores_stop_signals if workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.train.global_seed))
     return loader, order
 
@@ -245,3 +247,13 @@ def set_data_epoch(info: DataInfo, order: ShardOrder, epoch: int, skip: int) -> 
     order.set_epoch(epoch, skip)
     if hasattr(info.dataset, "set_epoch"):
         info.dataset.set_epoch(epoch)
+
+
+def close_workers(loader) -> None:
+    """End the persistent DataLoader workers now, the graceful way (their done event). Left to
+    interpreter exit, multiprocessing would SIGTERM them, which they ignore (preempt.py): an
+    error path that keeps the loader alive until then would wait on them forever."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None

@@ -13,20 +13,25 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..checkpoint.run_files import step_dir_name
 from ..config import Config, config_to_dict, format_config, save_config
 from ..distributed import (broadcast_from_rank0, deepspeed_uses_cuda, env_world, guarded_collective,
                            init_distributed)
 from ..faults import maybe_fault, poison
-from .data import build_loader, open_training_data, set_data_epoch
-from .engine import build_deepspeed_config, build_engine, micro_batch_size, seed_everything
+from ..preempt import Preempted, PreemptionFlag
+from .data import build_loader, close_workers, open_training_data, set_data_epoch
+from .disk import check_disk_space
+from .engine import build_deepspeed_config, build_engine, micro_batch_size, seed_everything, zero_stage
 from .evaluate import TrainingEvaluator, check_evaluation
 from .metrics import LogStats, MetricsWriter, as_float, loss_scale, make_logger, peak_mem_mb
 from .objective import check_objective
+from .reshard import engine_load_dir
 from .resume import check_resume_latent_norm, check_resume_spec, resolve_resume
 from .run_dir import load_training_checkpoint, make_run_dir, save_training_checkpoint
 from .step import TrainStep
@@ -75,6 +80,9 @@ def prepare(cfg: Config):
     _check_data_fits(resolved, len(info.dataset), info.input_size, world_size)
     check_objective(resolved, info)  # REPA: images beside the data, the block, the encoder
     check_evaluation(resolved, world_size)
+    room = check_disk_space(resolved, zero_stage(ds_config))  # ValueError when one checkpoint won't fit
+    if room and env_world()[0] == 0:
+        print(f"train.py: warning: {room}", file=sys.stderr)
     return resolved, ds_config, info, _plan_init_from(resolved)
 
 
@@ -129,7 +137,7 @@ def train(cfg: Config) -> Position:
     logger = make_logger(run_dir, rank)
     if rank == 0:
         for note in choice.notes:
-            logger.info(note)
+            (logger.warning if note.startswith("WARNING") else logger.info)(note)
         save_config(cfg, run_dir / "config.json")
         logger.info(f"Experiment directory: {run_dir}  (world size {world})")
         logger.info("Config:\n" + format_config(cfg))
@@ -141,6 +149,8 @@ def train(cfg: Config) -> Position:
                     "(step 0, fresh optimizer, EMA = the loaded weights)")
         for note in init_plan.notes:
             logger.info(f"--init-from: {note}")
+    load_dir = None if choice.path is None else \
+        engine_load_dir(choice.path, world, rank, ds_config, logger.info)  # another world: universal
     engine, ema = build_engine(cfg, ds_config, device, rank, world, init_plan=init_plan)
     if rank == 0:
         dit = getattr(ema.model, "dit", ema.model)  # REPA trains the DiT inside a wrapper
@@ -153,7 +163,7 @@ def train(cfg: Config) -> Position:
     # A fresh EMA is already the fp32 copy of the initial weights (DiT's update_ema(decay=0));
     # copying back from the engine would round it to the engine's bf16.
     if choice.path is not None:
-        loop.resume(choice.path)  # restores this rank's RNG states too
+        loop.resume(choice.path, load_dir)  # restores this rank's RNG states too
     return loop.run()
 
 
@@ -169,19 +179,22 @@ class TrainLoop:
         self.vae = info.vae.to(device) if info.vae is not None else None
         self.train_step = TrainStep.from_config(cfg, engine, ema, device, self.vae)
         self.pos = Position()
-        self.resumed = False
+        self.resumed = self.resharded = False
         self.metrics = MetricsWriter(run_dir, self.rank)
         self.evaluator = TrainingEvaluator.maybe(cfg, device, self.rank, self.world, logger, self.metrics,
                                                  self.vae)
+        self.preempt = PreemptionFlag().install()  # SIGTERM/SIGUSR1/SIGINT: save, then stop
+        self.preempt.join_group(self.world)
 
     # ------------------------------------------------------------ resume / save
-    def resume(self, ckpt: Path) -> None:
+    def resume(self, ckpt: Path, load_dir: Path | None = None) -> None:
         state, ema_state = load_training_checkpoint(self.engine, ckpt, self.rank, self.world,
-                                                    config_to_dict(self.cfg)["model"])
+                                                    config_to_dict(self.cfg)["model"], load_dir)
         if self.ema.model is not None:
             self.ema.load_state_dict(ema_state)
         self.pos = Position(state["step"], state["epoch"], state["step_in_epoch"])
         self.resumed = True
+        self.resharded = load_dir is not None and Path(load_dir) != Path(ckpt)
         self.metrics.truncate_after(self.pos.step)  # the steps after it are about to run again
         if state["world_size"] != self.world:
             self.logger.warning(f"checkpoint was written by {state['world_size']} ranks, this run "
@@ -195,6 +208,7 @@ class TrainLoop:
             self.sync(stats, "the pre-checkpoint finite check")
         train_state = {"step": self.pos.step, "epoch": self.pos.epoch,
                        "step_in_epoch": self.pos.step_in_epoch, "world_size": self.world,
+                       "zero_stage": int(self.engine.zero_optimization_stage()),
                        "skipped_steps": self.skipped_steps(), "config": config_to_dict(self.cfg)}
         ema_state = self.ema.state_dict() if self.ema.model is not None else None
         path = save_training_checkpoint(self.engine, ema_state, train_state, self.run_dir,
@@ -212,8 +226,18 @@ class TrainLoop:
         return self.train_step.optimizer_step(batches)
 
     def run(self) -> Position:
-        """Train until --epochs or --max-steps; checkpoint every --ckpt-every and at the end."""
+        """Train until --epochs or --max-steps; checkpoint every --ckpt-every and at the end; on a
+        preemption signal, checkpoint the step every rank agreed on and raise Preempted."""
+        try:
+            return self._run()
+        finally:
+            self.preempt.uninstall()
+            close_workers(self.loader)
+
+    def _run(self) -> Position:
         t = self.cfg.train
+        if self.resharded:  # loaded the universal form: rewrite this step in
+            self.save()  # this world's own layout, so the next resume loads it directly
         if self._normalize_position():
             self.logger.info("Nothing to do: the resumed run already reached its end")
             return self.pos
@@ -239,6 +263,8 @@ class TrainLoop:
                 if self.pos.step % t.ckpt_every == 0:  # after the evaluation: a kill in it redoes it
                     self.save(stats)
                     last_saved = self.pos.step
+                if self.preempt.agreed(self.world):  # one tiny all-reduce per step
+                    self._stop_preempted(stats, last_saved)
             if self.pos.step_in_epoch >= self.steps_per_epoch:
                 self.pos.epoch += 1
                 self.pos.step_in_epoch = 0
@@ -251,6 +277,16 @@ class TrainLoop:
         self.logger.info("Done!")
         self.metrics.close()
         return self.pos
+
+    def _stop_preempted(self, stats: LogStats, last_saved: int) -> None:
+        got = self.preempt.signal_name
+        self.logger.info(f"Preemption signal ({got or 'on another rank'}): saving step "
+                         f"{self.pos.step}, then stopping")
+        path = self.save(stats) if last_saved != self.pos.step else \
+            self.run_dir / "checkpoints" / step_dir_name(self.pos.step)
+        self.metrics.close()
+        raise Preempted(f"stopped by a signal after step {self.pos.step}; checkpoint {path} is "
+                        "complete: rerun with --resume auto to continue")
 
     def _done(self) -> bool:
         t = self.cfg.train

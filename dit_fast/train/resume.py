@@ -10,7 +10,9 @@ the log. ``PATH`` is the deliberate choice: any difference is allowed (and logge
 model's shape, which cannot load.
 
 Before looking, an interrupted publish is repaired (run_dir.recover_checkpoints), so the previous
-complete checkpoint is always found.
+complete checkpoint is always found. The chosen checkpoint's files are checked against its
+manifest (integrity.py) before anything loads: ``auto`` skips a damaged one with a warning and
+takes the next newest, ``PATH`` refuses a damaged one.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint.run_files import STEP_DIR, TRAIN_STATE, is_complete, list_checkpoints
+from .integrity import verify_checkpoint
 from .run_dir import recover_checkpoints
 
 # Fields whose change makes a continued run another experiment. Speed switches (attention backend,
@@ -107,12 +110,18 @@ def choose_auto(results_dir: str | os.PathLike, current: dict) -> ResumeChoice:
         else:
             notes.append(f"--resume auto: candidate {path} matches")
             matching.append((mtime, step, path))
-    if matching:
-        chosen = max(matching)[2]
+    for _, _, chosen in sorted(matching, reverse=True):  # newest first; a damaged one is skipped
         if chosen.name.endswith(".old"):
             recover_checkpoints(chosen.parent)
             chosen = chosen.with_name(chosen.name[:-len(".old")])
-        notes.append(f"--resume auto: continuing {chosen} (the newest matching checkpoint)")
+        problems, note = verify_checkpoint(chosen)
+        if problems:
+            notes.append(f"WARNING --resume auto: skipping damaged checkpoint {chosen}: "
+                         f"{_summary(problems)}; falling back to the previous complete one")
+            continue
+        notes += [note] if note else []
+        notes.append(f"--resume auto: continuing {chosen} (the newest matching checkpoint, "
+                     f"{'files verified' if not note else 'not verified'})")
         return ResumeChoice(chosen, notes)
     tail = ("; use --resume PATH to continue one of them with these changes" if notes else "")
     notes.append(f"--resume auto: no matching checkpoint under {root}; starting fresh{tail}")
@@ -134,10 +143,19 @@ def resolve_resume(spec: str | None, results_dir: str, current: dict | None = No
     if not is_complete(path):
         raise FileNotFoundError(f"--resume {spec!r} is not a complete checkpoint dir (expected "
                                 f"<run>/checkpoints/step-NNNNNNN/ with {TRAIN_STATE})")
+    problems, note = verify_checkpoint(path)
+    if problems:
+        raise ValueError(f"--resume {spec!r} is damaged: {_summary(problems)}; use --resume auto "
+                         "(falls back to the newest intact checkpoint) or another checkpoint")
     saved = _saved_config(path)
     diffs = config_differences(saved, current) if saved is not None and current else []
     notes = [f"--resume {path}: continuing with changed settings: {'; '.join(diffs)}"] if diffs else []
-    return ResumeChoice(path, notes)
+    return ResumeChoice(path, notes + ([note] if note else []))
+
+
+def _summary(problems: list[str]) -> str:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return problems[0] + more
 
 
 def check_resume_latent_norm(spec: str | None, latent_norm: dict | None) -> None:

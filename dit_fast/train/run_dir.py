@@ -32,10 +32,12 @@ import torch.distributed as dist
 
 from ..atomic import fsync_dir, fsync_tree
 from ..checkpoint.run_files import TRAIN_STATE, ema_file_name, list_checkpoints, step_dir_name
-from ..checkpoint.safe_io import atomic_save, safe_torch_load
+from ..checkpoint.safe_io import safe_torch_load
 from ..config import Config
 from ..distributed import broadcast_from_rank0
 from ..faults import maybe_fault
+from .integrity import write_manifest
+from .save_io import CheckpointWriteError, SaveRecorder, failure_line
 
 DS_TAG = "ds"
 FORMAT_VERSION = 1
@@ -99,35 +101,77 @@ def restore_rng(state: dict) -> None:
 
 def save_training_checkpoint(engine, ema_state: dict | None, train_state: dict, run_dir: Path,
                              step: int, rank: int, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint dir."""
+    """Collective: every rank calls it. Returns the final checkpoint dir.
+
+    Every file goes through save_io (OS errors kept, size and CRC-32 recorded for manifest.json). A
+    write that fails on any rank (disk full, file-size limit, quota) fails the save on every rank
+    with CheckpointWriteError naming it; the .tmp dir is removed and the previous checkpoint stays.
+    """
     root = run_dir / "checkpoints"
     final, tmp = root / step_dir_name(step), root / (step_dir_name(step) + ".tmp")
+    recorder = SaveRecorder(tmp)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # a stale half-written save of this very step
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # a stale half-written save of this very step
+                shutil.rmtree(tmp)
+            (tmp / DS_TAG).mkdir(parents=True)  # so DeepSpeed's own makedirs cannot fail
+        except OSError as err:
+            recorder.fail(tmp, err)
+    status = [recorder.failure]
+    dist.broadcast_object_list(status, src=0)  # also the barrier: the .tmp dir exists
+    _raise_if_failed({0: status[0]} if status[0] else {}, rank, tmp, final)
+    _engine_save(engine, recorder, tmp)
     maybe_fault("save.after_engine", step)
-    atomic_save(capture_rng(), tmp / rng_file_name(rank))
+    recorder.save(capture_rng(), tmp / rng_file_name(rank))
     maybe_fault("save.after_rng", step)
     if rank == 0:
-        atomic_save(ema_file_payload(ema_state), tmp / ema_file_name(step))
+        recorder.save(ema_file_payload(ema_state), tmp / ema_file_name(step))
         maybe_fault("save.after_ema", step)
-        atomic_save({**train_state, "version": FORMAT_VERSION}, tmp / TRAIN_STATE)
+        recorder.save({**train_state, "version": FORMAT_VERSION}, tmp / TRAIN_STATE)
         maybe_fault("save.after_state", step)
-    dist.barrier()
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (recorder.files, recorder.failure))  # also the barrier
+    _raise_if_failed({r: f for r, (_, f) in enumerate(reports) if f}, rank, tmp, final)
     if rank == 0:
-        # DeepSpeed's files are written without fsync: make every byte durable before the
-        # rename publishes them (one file system walk; each rank's shards are in place by now).
-        fsync_tree(tmp)
-        maybe_fault("save.before_publish", step)
-        _publish(tmp, final, step)
+        try:
+            write_manifest(tmp, {k: v for files, _ in reports for k, v in files.items()})
+            # DeepSpeed's files are written without fsync: make every byte durable before the
+            # rename publishes them (one file system walk; each rank's shards are in place by now).
+            fsync_tree(tmp)
+            maybe_fault("save.before_publish", step)
+            _publish(tmp, final, step)
+        except OSError as err:
+            recorder.fail(tmp, err)
+    status = [recorder.failure]
+    dist.broadcast_object_list(status, src=0)
+    _raise_if_failed({0: status[0]} if status[0] else {}, rank, tmp, final)
+    if rank == 0:
         maybe_fault("save.before_prune", step)
         prune_checkpoints(root, keep_last)
     dist.barrier()
     return final
+
+
+def _engine_save(engine, recorder: SaveRecorder, tmp: Path) -> None:
+    """DeepSpeed's save with its writes recorded. Its only other writes (rank 0 copies the
+    zero_to_fp32.py script) come after all its collectives but its last barrier: a failure there
+    joins that barrier here, so no rank waits."""
+    with recorder.on_engine(engine):
+        try:
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        except OSError as err:
+            recorder.fail(tmp, err)
+            dist.barrier()
+
+
+def _raise_if_failed(failures: dict, rank: int, tmp: Path, final: Path) -> None:
+    if not failures:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    done = list_checkpoints(final.parent)
+    raise CheckpointWriteError(failure_line(failures, rank, final, done[-1][1] if done else None))
 
 
 def _publish(tmp: Path, final: Path, step: int) -> None:
@@ -187,8 +231,9 @@ def check_same_model(saved: dict, current: dict, ckpt: Path) -> None:
 
 
 def load_training_checkpoint(engine, ckpt: Path, rank: int, world_size: int,
-                             model_config: dict) -> tuple[dict, dict | None]:
-    """Collective: restore engine (module + optimizer) and this rank's RNG.
+                             model_config: dict, load_dir: Path | None = None) -> tuple[dict, dict | None]:
+    """Collective: restore engine (module + optimizer) and this rank's RNG. ``load_dir``: where
+    DeepSpeed reads the engine state (the universal form after a world-size change; reshard.py).
 
     Returns (train_state, ema_state); ema_state is None on ranks other than 0.
     """
@@ -197,7 +242,7 @@ def load_training_checkpoint(engine, ckpt: Path, rank: int, world_size: int,
         raise ValueError(f"{ckpt}: checkpoint format {state.get('version')} is not "
                          f"{FORMAT_VERSION}; it was written by another dit_fast version")
     check_same_model(state["config"]["model"], model_config, ckpt)
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_optimizer_states=True,
+    load_path, _ = engine.load_checkpoint(str(load_dir or ckpt), tag=DS_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no engine state under {ckpt / DS_TAG}")

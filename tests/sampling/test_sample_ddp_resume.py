@@ -49,3 +49,35 @@ def test_model_without_null_label_refuses_guidance_but_samples_without(tmp_path)
         sample_ddp.main(_ddp_args(ckpt, tmp_path / "s", "--cfg-scale", "4", "--num-fid-samples", "2"))
     out = sample_ddp.main(_ddp_args(ckpt, tmp_path / "s", "--cfg-scale", "1", "--num-fid-samples", "2"))
     assert out["npz"] is not None
+
+
+def test_signal_stops_between_batches_and_the_rerun_completes_the_set(tmp_path, monkeypatch):
+    """SIGINT (Ctrl-C) while the first batch is written: that batch's PNGs complete, no .npz, Preempted
+    (exit 75 from the CLI); the rerun samples the rest, and the .npz equals an uninterrupted run's."""
+    import os
+    import signal
+
+    import numpy as np
+
+    from dit_fast.preempt import Preempted
+    from dit_fast.sampling import resumable  # the batches loop writes the PNGs
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt", input_size=SIZE, in_channels=3,
+                                num_classes=CLASSES, seed=0)
+    whole = sample_ddp.main(_ddp_args(ckpt, tmp_path / "whole"))
+    real_save = resumable.save_png
+    written = []
+
+    def save_then_signal(image, path):
+        real_save(image, path)
+        written.append(path)
+        if len(written) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+    monkeypatch.setattr(resumable, "save_png", save_then_signal)
+    with pytest.raises(Preempted, match="stopped by SIGINT between batches"):
+        sample_ddp.main(_ddp_args(ckpt, tmp_path / "cut"))
+    folder = tmp_path / "cut" / whole["folder"].name
+    assert len(list(folder.glob("*.png"))) == 4 and not list(folder.parent.glob("*.npz"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    monkeypatch.setattr(resumable, "save_png", real_save)
+    again = sample_ddp.main(_ddp_args(ckpt, tmp_path / "cut"))
+    assert np.array_equal(np.load(again["npz"])["arr_0"], np.load(whole["npz"])["arr_0"])
