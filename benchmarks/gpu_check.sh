@@ -11,7 +11,9 @@
 #      (rows not started by 150 s are marked skipped; the files are rewritten after every row)  170 s
 #   3. sampling through sample.py's Sampler (DiT-XL/2, CFG, bf16 eager and compiled)  80 s
 #   4. adaLN kernel device times (CUDA-graph replay, fwd and bwd launcher)                 70 s
-# The timeouts add up to 510 s. Every step runs even if an earlier one failed (no `set -e`); pytest steps
+#   5. the objectives: DiT's diffusion vs --objective flow vs --repa (random DINOv2-B)  100 s
+#   6. evaluation cost: 2015 Inception features/s, Frechet distances, precision/recall   40 s
+# The timeouts add up to 650 s (steps 5-6 are last: they run only if the device budget allows). Every step runs even if an earlier one failed (no `set -e`); pytest steps
 # get SIGINT at their timeout, so they still print their summary and write their XML/JSON.
 # The machine has no network: the wheels for DeepSpeed / diffusers come from .whl/ (filled beforehand,
 # e.g. by the project's wheels script), installed into .site/ first.
@@ -78,6 +80,13 @@ run 80 python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_sampling.p
 step "4. adaLN kernel device times (fwd, bwd launcher) -> adaln.jsonl, adaln.json"
 run 70 python3 -m pytest -q -p no:cacheprovider benchmarks/test_bench_adaln.py \
   -k "not sweep and not test_forward_backward" --benchmark-json "$OUT/adaln.json" >>"$LOG" 2>&1
+
+step "5. objectives through train.py's step: DiT's diffusion vs --objective flow vs --repa -> objectives/"
+run 100 python3 benchmarks/table.py --out "$OUT/objectives" --max-seconds 85 --rows \
+mp_feat,flow_nockpt,ckpt_mp_feat,flow,repa_base,repa 2>>"$LOG" | tee -a "$LOG"
+
+step "6. evaluation cost (2015 Inception features/s, Frechet, precision/recall) -> eval_cost.txt"
+run 40 python3 benchmarks/eval_cost.py --device cuda --images 1024 >"$OUT/eval_cost.txt" 2>>"$LOG"
 
 step "done"
 ls -la "$OUT" >>"$LOG"

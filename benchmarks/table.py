@@ -73,6 +73,9 @@ ROWS: tuple[RowConfig, ...] = (
     RowConfig("selective_compile", "selective ckpt + compile (inductor adaLN)", (*_SEL_MP, "--compile")),
     RowConfig("selective_compile_fused", "selective ckpt + compile + fused adaLN",
               (*_SEL_MP, "--compile", "--fused-adaln")),
+    # SiT's objective against DiT's at the same settings (TARGETS: equal steps/s within noise)
+    RowConfig("flow_nockpt", "mp_feat + --objective flow (SiT's transport)", (*_MP, "--objective", "flow")),
+    RowConfig("flow", "ckpt_mp_feat + --objective flow (SiT's transport)", (*_CKPT_MP, "--objective", "flow")),
     # REPA against its own baseline (the tiny CPU model takes patch 8 there: REPA aligns token by token)
     RowConfig("repa_base", "REPA's baseline: ckpt + bf16 + features, no --repa", _CKPT_MP, tiny_patch=8),
     RowConfig("repa", "REPA: repa_base + --repa (frozen DINOv2: B/14, tiny on CPU; projector)",

@@ -40,7 +40,18 @@ def _single_process_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A 16-channel VAE with scale and shift in its config, 8 images in 2 classes, both extractions."""
+    """A 16-channel VAE with scale and shift in its config, 8 images in 2 classes, both extractions.
+    On one torch thread like the tests (a module fixture runs before their one_torch_thread), so a
+    re-extraction inside a test computes the very same latents, bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _make_inputs(tmp_path_factory)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _make_inputs(tmp_path_factory):
     base = tmp_path_factory.mktemp("ae")
     vae_dir = save_tiny_vae(base / "vae16", latent_channels=CHANNELS, scaling_factor=SCALE,
                             shift_factor=SHIFT)

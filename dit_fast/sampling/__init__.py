@@ -1,5 +1,6 @@
 """Sampling a DiT, one concern a module (the scripts sample.py / sample_ddp.py only call ``cli``).
 
+    config.py      SampleConfig: the scripts' settings, holding the one tree's ModelConfig / DiffusionConfig
     build.py       build_sampler(model, diffusion, method=...): the one construction point; METHODS
                    maps each --sampler name to its factory
     base.py        Sampler: the one interface (compile(z_shape) -> seconds, sample(z, labels) -> x_0)

@@ -11,11 +11,12 @@ from typing import Callable, Optional
 
 import torch
 
-from dit_fast.config import (MODEL_FLAG_DEFAULTS, PRECISIONS, DiffusionConfig, SampleConfig, TransportConfig,
-                             add_model_flags, add_transport_flags, model_config_from_args, transport_checks)
+from dit_fast.config import (MODEL_FLAG_DEFAULTS, PRECISIONS, DiffusionConfig, TransportConfig, add_model_flags,
+                             add_transport_flags, model_config_from_args, transport_checks)
 from dit_fast.vae import is_pixel_space, model_channels, vae_downsample
 
 from .build import SAMPLERS
+from .config import SampleConfig
 from .run_source import CkptSource, resolve_ckpt
 
 

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from ..cli import flag_named
-from ..config import Config, SampleConfig
+from ..config import Config
+from ..sampling.config import SampleConfig
 from ..faults import maybe_fault
 from ..vae import is_pixel_space
 
