@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -86,6 +87,20 @@ def _release_cpu_allreduce_segments() -> None:
     for segment in cpu_allreduce_segments(port):
         if port is not None and segment.name.endswith(f"_{port}_{me}"):
             segment.unlink(missing_ok=True)
+
+
+def exit_leaving_group(code: int) -> None:
+    """Exit with ``code``; when a process group is still joined (a failed run: a peer may be stuck in
+    a collective, so no barrier and no teardown), flush and leave through ``os._exit``: letting the
+    interpreter finalize beside gloo's live worker threads aborts the process now and then (SIGABRT,
+    "terminate called without an active exception") and turns exit 1 into -6."""
+    if dist.is_available() and dist.is_initialized():
+        import logging
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 DEFAULT_TIMEOUT_S = 600.0  # torch's own default: long enough for a slow checkpoint write

@@ -153,5 +153,6 @@ def _shutdown() -> None:
 
 
 def cli(argv=None) -> None:
-    """train.py's entry point: exit with main's code."""
-    sys.exit(main(argv))
+    """train.py's entry point: exit with main's code (a failed run's through exit_leaving_group)."""
+    from dit_fast.distributed import exit_leaving_group
+    exit_leaving_group(main(argv))
