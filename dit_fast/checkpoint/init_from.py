@@ -7,9 +7,13 @@ What carries over and what does not:
 - every tensor whose shape is the same in both models is copied;
 - ``pos_embed`` is never loaded: it is DiT's fixed sin-cos table, and the new model computed its own
   for its own patch grid (the same numbers when the grid is the same);
-- ``y_embedder.embedding_table`` with another number of rows is rebuilt from the new model's
-  initialisation; the checkpoint's null row (its LAST row, DiT's index num_classes) moves to the new
-  null index, and with ``keep_labels`` the rows of classes 0..min(old, new)-1 keep their vectors;
+- ``y_embedder.embedding_table`` for another number of classes is rebuilt from the new model's
+  initialisation; the checkpoint's null row (DiT's index num_classes, its last) moves to the new
+  null index, and with ``keep_labels`` the rows of classes 0..min(old, new)-1 keep their vectors. The
+  checkpoint's class count comes from its saved config where it has one (our run and step
+  directories and their EMA files, a diffusers folder), so a table without a null row (trained with
+  class dropout off) is read as one; a bare weights file is assumed to end with its null row, as
+  every DiT, SiT and REPA checkpoint does, and the log says so;
 - any other difference (patch size, width, depth, channels, learn-sigma) cannot carry over: a
   CheckpointError names the first such tensor, before anything is created.
 
@@ -25,7 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .loading import load_state_dict, normalize_keys
-from .safe_io import CheckpointError
+from .official import resolve_official
+from .run_files import TRAIN_STATE, is_complete, resolve_run_weights
+from .safe_io import CheckpointError, safe_torch_load
 
 POS_EMBED = "pos_embed"
 LABEL_TABLE = "y_embedder.embedding_table.weight"
@@ -51,7 +57,9 @@ def plan_init_from(source, model: torch.nn.Module, num_classes: int, keep_labels
 
     Raises CheckpointError naming the first tensor that cannot carry over.
     """
-    given = normalize_keys(load_state_dict(source))
+    loaded = load_state_dict(source)
+    source_classes = _source_classes(source, loaded)
+    given = normalize_keys(loaded)
     wanted = {name: tuple(t.shape) for name, t in normalize_keys(model.state_dict()).items()}
     plan = InitPlan(str(source))
     for name in sorted(given):
@@ -68,10 +76,11 @@ def plan_init_from(source, model: torch.nn.Module, num_classes: int, keep_labels
         elif have is None:
             raise CheckpointError(f"--init-from {source}: the checkpoint has no {name} {shape} "
                                   f"(another depth or architecture?)")
+        elif name == LABEL_TABLE and have[1:] == shape[1:] and (
+                have != shape or source_classes not in (None, num_classes)):  # other classes
+            _plan_labels(plan, given[name], shape[0], num_classes, keep_labels, source_classes)
         elif have == shape:
             plan.full[name] = given[name]
-        elif name == LABEL_TABLE and have[1:] == shape[1:]:
-            _plan_labels(plan, given[name], shape[0], num_classes, keep_labels)
         else:
             raise CheckpointError(
                 f"--init-from {source}: {name} is {have} in the checkpoint but {shape} in this model; only "
@@ -80,17 +89,44 @@ def plan_init_from(source, model: torch.nn.Module, num_classes: int, keep_labels
     return plan
 
 
-def _plan_labels(plan: InitPlan, old: torch.Tensor, rows: int, num_classes: int, keep_labels: bool) -> None:
-    """Rows of the rebuilt label table: the old null row (the last) to the new null index, and with
-    ``keep_labels`` the classes both tables have."""
-    old_classes = old.shape[0] - 1  # DiT's table is num_classes + 1 rows: the last is the null label
+def _source_classes(source, loaded) -> int | None:
+    """The class count ``source`` was trained with where it says: the config saved in our checkpoint
+    beside its EMA file, a diffusers transformer's config.json; None for a bare weights file."""
+    config = getattr(loaded, "config", None)  # a diffusers folder's config.json
+    if config is not None:
+        return config.get("num_embeds_ada_norm")
+    path = resolve_run_weights(resolve_official(source))
+    if path.is_file() and is_complete(path.parent):
+        saved = safe_torch_load(path.parent / TRAIN_STATE).get("config") or {}
+        return (saved.get("model") or {}).get("num_classes")
+    return None
+
+
+def _plan_labels(plan: InitPlan, old: torch.Tensor, rows: int, num_classes: int, keep_labels: bool,
+                 old_classes: int | None) -> None:
+    """Rows of the rebuilt label table: the old null row to the new null index, and with
+    ``keep_labels`` the classes both tables have. ``old_classes`` None: the table's last row is
+    assumed to be its null row (DiT's table is num_classes + 1 rows with class dropout on)."""
+    assumed = old_classes is None
+    old_classes = old.shape[0] - 1 if assumed else old_classes
+    if old.shape[0] not in (old_classes, old_classes + 1):
+        raise CheckpointError(f"--init-from {plan.source}: {LABEL_TABLE} has {old.shape[0]} rows, but the "
+                              f"checkpoint's config says {old_classes} classes (expected {old_classes} or "
+                              f"{old_classes + 1} rows)")
+    old_null = old_classes if old.shape[0] == old_classes + 1 else None
     kept = min(old_classes, num_classes) if keep_labels else 0
     plan.label_rows = [(i, i) for i in range(kept)]
-    if rows == num_classes + 1:  # the new model has a null row (class dropout on)
-        plan.label_rows.append((num_classes, old_classes))
+    new_null = rows == num_classes + 1  # the new model has a null row (class dropout on)
+    if new_null and old_null is not None:
+        plan.label_rows.append((num_classes, old_null))
     plan.labels = old
     what = f"rows of classes 0..{kept - 1} kept" if kept else "every class row newly initialised"
-    null = "the null row carried over" if rows == num_classes + 1 else "no null row (class dropout off)"
+    if not new_null:
+        null = "no null row (class dropout off)"
+    elif old_null is None:
+        null = "the null row newly initialised (the checkpoint has none: trained with class dropout off)"
+    else:
+        null = "the null row carried over" + (" (assumed to be the checkpoint's last row)" if assumed else "")
     plan.notes.append(f"{LABEL_TABLE}: rebuilt for {num_classes} classes (the checkpoint has {old_classes}): "
                       f"{what}, {null}")
 

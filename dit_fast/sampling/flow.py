@@ -13,7 +13,10 @@ device value per step; adaptive torchdiffeq solvers sync as they must to choose 
 The guidance interval's coordinate is SiT's t (0 = noise, 1 = data). For fixed-step methods the
 model times are the same for every sample, so they are recorded once on the host by a dry run of
 the loop on a 1-element state (``call_times``) and the guided or unguided step is chosen from that
-list; an adaptive solver's times depend on the state and are read from t itself.
+list; an adaptive solver's times depend on the state and are read from t itself, clamped to [0, 1]:
+torchdiffeq's dopri5 takes its last step past the end and interpolates back, so it calls the model at
+times up to about 2; those calls belong to the step that ends the solve, and are guided as its end is
+(without the clamp an interval reaching 1 left them unguided and changed the sample).
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ class FlowSampler(Sampler):
         if self.plain_step is None:
             pick = lambda t: self.step  # noqa: E731
         elif self.times is None:  # adaptive: the time is only known on the device
-            pick = lambda t: self.step_at(float(t.reshape(-1)[0]))  # noqa: E731
+            pick = lambda t: self.step_at(min(max(float(t.reshape(-1)[0]), 0.0), 1.0))  # noqa: E731
         else:
             clock = iter(self.times)
             pick = lambda t: self.step_at(next(clock))  # noqa: E731

@@ -61,7 +61,7 @@ def test_fine_tune_another_class_count_and_image_size(runs):
     source, three, base = runs
     new = ["--features-path", three, "--image-size", 16, "--num-classes", 3, "--max-steps", 1]
     train(*new, "--results-dir", base / "scratch")
-    train(*new, "--results-dir", base / "tuned", "--init-from", source, "--keep-labels")
+    train(*new, "--results-dir", base / "tuned", "--init-from", source, "--keep-labels", "--ckpt-every", 1)
     scratch, tuned = (next((base / d).iterdir()) for d in ("scratch", "tuned"))
     assert first_loss(tuned) < 0.5 * first_loss(scratch), (first_loss(tuned), first_loss(scratch))
     log = (tuned / "log.txt").read_text()
@@ -71,6 +71,13 @@ def test_fine_tune_another_class_count_and_image_size(runs):
     assert "(step=0000001)" in log  # a new run: step 0 -> 1, not the source's 300
     saved = json.loads((tuned / "config.json").read_text())["train"]
     assert saved["init_from"] == str(source) and saved["keep_labels"] is True
+    # The EMA started from the source's weights too (not the random init): after one Adam step of
+    # lr 1e-4 at decay 0.9999 it is within 1e-7 of them, and the random init is orders away.
+    from dit_fast.checkpoint import load_state_dict
+    was, ema = load_state_dict(source), load_state_dict(tuned)
+    for name in ("blocks.1.attn.qkv.weight", "final_layer.linear.weight", "t_embedder.mlp.0.weight"):
+        torch.testing.assert_close(ema[name], was[name], rtol=0, atol=1e-7, msg=name)
+    torch.testing.assert_close(ema[LABEL_TABLE][:3], was[LABEL_TABLE][:3], rtol=0, atol=1e-7)
 
 
 def test_a_shape_that_cannot_carry_over_is_one_line_and_nothing_is_created(runs):
@@ -143,3 +150,57 @@ def test_a_diffusers_folder_is_a_source(tmp_path):
     assert torch.equal(new.blocks[1].attn.qkv.weight, old.blocks[1].attn.qkv.weight)
     assert torch.equal(new.y_embedder.embedding_table.weight[[0, 1, 2, 3]],
                        old.y_embedder.embedding_table.weight[[0, 1, 2, 10]])
+
+
+def test_a_sit_training_file_is_a_source(tmp_path):
+    """SiT's train.py file ({"model", "ema", "opt", "args"}: an argparse.Namespace, read without
+    unpickling it) fine-tunes from its EMA, like our own."""
+    import argparse
+    old = _tiny(0)
+    zeros = {k: torch.zeros_like(v) for k, v in old.state_dict().items()}
+    torch.save({"model": zeros, "ema": old.state_dict(), "opt": {}, "args": argparse.Namespace(model="SiT-S/2")},
+               tmp_path / "0400000.pt")
+    new = _tiny(1, num_classes=3)
+    apply_init_from(new, tmp_path / "0400000.pt", keep_labels=True, log=lambda _: None)
+    assert torch.equal(new.blocks[0].adaLN_modulation[1].weight, old.blocks[0].adaLN_modulation[1].weight)
+    assert torch.equal(new.y_embedder.embedding_table.weight, old.y_embedder.embedding_table.weight[[0, 1, 2, 10]])
+
+
+def _saved_step(tmp_path, model, num_classes):
+    """A complete checkpoint directory as train.py writes it (EMA file + train_state.pt's config)."""
+    step = tmp_path / "run" / "checkpoints" / "step-0000005"
+    step.mkdir(parents=True)
+    atomic_save({"ema": model.state_dict()}, step / "ema-0000005.pt")
+    atomic_save({"config": {"model": {"num_classes": num_classes}}, "train_steps": 5}, step / "train_state.pt")
+    return step
+
+
+def test_a_source_without_a_null_row_is_read_from_its_saved_config(tmp_path):
+    """A run trained with class dropout off has num_classes rows, no null row: its last class must
+    not become the new null label; same rows, other meaning (11 classes -> 10 + null) too."""
+    old = _tiny(0, num_classes=11, class_dropout_prob=0.0)
+    step = _saved_step(tmp_path, old, 11)
+    assert old.y_embedder.embedding_table.weight.shape[0] == 11
+    new = _tiny(1, num_classes=10)  # 11 rows: 10 classes and the null label
+    fresh_null = new.y_embedder.embedding_table.weight[10].clone()
+    notes = []
+    plan = apply_init_from(new, step, keep_labels=True, log=notes.append)
+    assert plan.label_rows == [(i, i) for i in range(10)]
+    table = new.y_embedder.embedding_table.weight
+    assert torch.equal(table[:10], old.y_embedder.embedding_table.weight[:10])
+    assert torch.equal(table[10], fresh_null)  # not class 10's vector
+    assert any("the null row newly initialised (the checkpoint has none" in n for n in notes), notes
+
+    # The same weights as a bare file say nothing of their classes: the last row is taken for the
+    # null label, and the log says it was assumed.
+    atomic_save(old.state_dict(), tmp_path / "bare.pt")
+    notes = []
+    plan = apply_init_from(_tiny(1, num_classes=3), tmp_path / "bare.pt", log=notes.append)
+    assert plan.label_rows == [(3, 10)]
+    assert any("the null row carried over (assumed to be the checkpoint's last row)" in n for n in notes), notes
+
+
+def test_a_saved_config_that_contradicts_the_label_table_is_refused(tmp_path):
+    step = _saved_step(tmp_path, _tiny(0), 7)  # 11 rows, but the config says 7 classes
+    with pytest.raises(CheckpointError, match=r"has 11 rows, but the checkpoint's config says 7 classes"):
+        plan_init_from(step, _tiny(1, num_classes=3), 3)

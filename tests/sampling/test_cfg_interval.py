@@ -106,3 +106,22 @@ def test_whole_interval_is_guidance_and_empty_one_is_the_unguided_model(model, c
     assert not torch.equal(never, guided)
     if case[2] not in ("ddpm", "sde"):  # deterministic: the same numbers as sampling without guidance
         assert torch.equal(never, run(model, case, None, use_cfg=False)[0])
+
+
+def test_adaptive_dopri5_guides_exactly_the_calls_inside_the_interval(model):
+    """torchdiffeq's dopri5 picks its own times (other ones once the field changes), so the check is
+    per call: batch 2N at every model time inside the interval, N outside; the whole interval is the
+    guided solve and an empty one the unguided model's, bit for bit. Its last step overshoots t = 1
+    and interpolates back: those calls count as t = 1 (guided when the interval reaches 1)."""
+    pytest.importorskip("torchdiffeq")
+    case = ("dopri5", create_transport, "ode", dict(sampling_method="dopri5", atol=1e-4, rtol=1e-4), None, (0, 1))
+    guided, g_calls = run(model, case, None)
+    assert len(g_calls) > 10 and all(b == 2 * N for b, _, _ in g_calls)
+    assert any(t > 1 for _, t, _ in g_calls)  # the overshoot this test is about
+    for interval in ((0, 0.45), (0.45, 1)):
+        _, calls = run(model, case, interval)
+        flags = [inside(min(t, 1.0), interval) for _, t, _ in calls]
+        assert any(flags) and not all(flags), interval
+        assert [b for b, _, _ in calls] == [2 * N if f else N for f in flags]
+    assert torch.equal(run(model, case, case[5])[0], guided)
+    assert torch.equal(run(model, case, NEVER)[0], run(model, case, None, use_cfg=False)[0])

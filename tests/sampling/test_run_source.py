@@ -89,6 +89,11 @@ def test_contradicting_model_flag_is_one_line_exit_2(run, tmp_path, capsys, flag
         fid_set.cli(["--ckpt", str(run_dir), flag, value, "--sample-dir", str(tmp_path / "s")])
     assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+    from dit_fast.checkpoint.export import cli as export
+    code = export(["--ckpt", str(run_dir), flag, value, "--out", str(tmp_path / "pipe"), "--no-check"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "pipe").exists(), err
+    assert f"{flag} {value} contradicts" in err
 
 
 def test_resolve_ckpt_kinds(run, tmp_path):
