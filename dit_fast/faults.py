@@ -18,6 +18,7 @@ epoch.boundary (a new epoch, before its loader iterator starts), save.after_engi
 save.after_rng, save.after_ema, save.after_state, save.before_publish (files fsynced, not yet
 renamed), publish.between_renames (the old step dir moved aside, the new one not yet in place),
 save.before_prune; sync (a log/checkpoint sync point; use with hang); loss (use with nan).
+In dit_fast.sampling: sample.batch (sample_ddp's batch STEP written, before the next round).
 """
 from __future__ import annotations
 

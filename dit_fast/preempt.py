@@ -81,12 +81,15 @@ class PreemptionFlag:
 
     def agreed(self, world: int) -> bool:
         """Collective at a step boundary: True on every rank when any rank was signalled."""
-        local = self.signal_name is not None
+        return bool(self.max_over_ranks(int(self.signal_name is not None), world))
+
+    def max_over_ranks(self, value: int, world: int) -> int:
+        """Collective (after join_group): the largest ``value`` of all ranks, through the CPU group."""
         if world == 1:
-            return local
-        flag = torch.tensor([int(local)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
+            return value
+        most = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self._group)
+        return int(most.item())
 
 
 def _default_action_in_c() -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dit_fast.atomic import atomic_write_text
+from dit_fast.faults import maybe_fault
 from dit_fast.preempt import Preempted, PreemptionFlag
 
 from .build import decode
@@ -117,14 +118,24 @@ def batches_to_do(folder: Path, iterations: int, n: int, rank: int, world_size: 
 def run_batches(sampler, vae, folder: Path, todo: list, iterations: int, *, global_seed: int,
                 num_classes: int, rank: int, world_size: int, device, shape) -> None:
     """Sample the batches ``todo`` of shape ``shape`` (n, C, H, W) and write their PNGs. SIGTERM /
-    SIGUSR1 / SIGINT end the loop between batches (never mid-file) with Preempted: rerun to finish."""
+    SIGUSR1 / SIGINT end the loop between batches (never mid-file) with Preempted: rerun to finish.
+
+    The ranks agree before every batch (one all-reduce of one int, on a CPU gloo group under NCCL:
+    the preemption flag of training), so a signal to any rank stops them all after the same round
+    and every rank exits 75 -- a signalled rank no longer leaves its peers to sample on and then
+    fail at the barrier it never reaches. A rank with fewer batches left (a resumed set) takes part
+    in the rounds it has nothing to do in."""
     from tqdm import tqdm
     stop = PreemptionFlag().install()
     bar = tqdm(total=iterations, initial=iterations - len(todo), disable=rank != 0, desc="batches")
     try:
-        for b in todo:
-            if stop.signal_name:
+        stop.join_group(world_size)
+        for round_ in range(stop.max_over_ranks(len(todo), world_size)):
+            if stop.agreed(world_size):
                 break
+            if round_ >= len(todo):
+                continue
+            b = todo[round_]
             g = torch.Generator(device).manual_seed(batch_seed(global_seed, rank, b))
             z = torch.randn(shape, generator=g, device=device)
             y = torch.randint(0, num_classes, (shape[0],), generator=g, device=device)
@@ -132,9 +143,12 @@ def run_batches(sampler, vae, folder: Path, todo: list, iterations: int, *, glob
             for index, image in zip(batch_indices(b, shape[0], rank, world_size), images):
                 save_png(image, folder / f"{index:06d}.png")
             bar.update(1)
+            maybe_fault("sample.batch", b)
+        stopped = stop.agreed(world_size)  # a signal during the last batch stops every rank too
     finally:
         stop.uninstall()
         bar.close()
-    if stop.signal_name:
-        raise Preempted(f"rank {rank} stopped by {stop.signal_name} between batches; the PNGs "
+    if stopped:
+        who = stop.signal_name or "a signal to another rank"
+        raise Preempted(f"rank {rank} stopped by {who} between batches; the PNGs "
                         f"written are complete, no .npz yet: rerun the same command to finish {folder}")

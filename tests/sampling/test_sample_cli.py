@@ -174,17 +174,40 @@ def test_evaluate_writes_evaluate_py_metrics_beside_the_samples(ckpt, tmp_path, 
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes(ckpt, tmp_path):
-    # The script itself: ENV's PYTHONPATH makes it import this checkout's dit_fast.
+def _torchrun(ckpt, sample_dir, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "sample_ddp.py"),
-           *_ddp_args(ckpt, tmp_path, "--per-proc-batch-size", "3")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+           str(REPO / "sample_ddp.py"), *_ddp_args(ckpt, sample_dir, "--per-proc-batch-size", "3")]
+    # The script itself: ENV's PYTHONPATH makes it import this checkout's dit_fast.
+    return subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=sample_dir.parent,
+                          timeout=300)
+
+
+def test_torchrun_two_processes_and_a_signal_to_one_rank_stops_both(ckpt, tmp_path):
+    """Two ranks under torchrun; then SIGTERM to rank 1 after its first batch: the ranks agree, both
+    stop after that round (each says so; exit 75), and the rerun completes the set to the same .npz."""
+    name = "DiT-S-2-tiny-size-8-vae-none-cfg-1.5-seed-0"
+    (tmp_path / "a").mkdir()
+    proc = _torchrun(ckpt, tmp_path / "a")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    folder = tmp_path / "DiT-S-2-tiny-size-8-vae-none-cfg-1.5-seed-0"
+    folder = tmp_path / "a" / name
     arr = np.load(folder.with_name(folder.name + ".npz"))["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (10, SIZE, SIZE, 3)
     assert len(list(folder.glob("*.png"))) == 12  # ceil(10 / (2 x 3)) x 6
+
+    (tmp_path / "b").mkdir()
+    cut = _torchrun(ckpt, tmp_path / "b", {"DIT_FAST_FAULT": "term:sample.batch:0:1"})
+    text = cut.stdout + cut.stderr
+    assert cut.returncode != 0, text[-4000:]  # torchrun: a worker failed (its own traceback follows)
+    assert "rank 1 stopped by SIGTERM between batches" in text, text[-4000:]
+    assert "rank 0 stopped by a signal to another rank between batches" in text, text[-4000:]
+    # torchrun's report: the first rank out exited 75; torchrun then SIGTERMs the other, which may
+    # still be leaving (after its line above), so its code is 75 or -15.
+    assert "exitcode  : 75" in text and "Root Cause" in text, text[-4000:]
+    assert len(list((tmp_path / "b" / name).glob("*.png"))) == 6  # round 0 on both ranks, no more
+    assert not (tmp_path / "b" / f"{name}.npz").exists()
+    again = _torchrun(ckpt, tmp_path / "b")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-4000:]
+    assert np.array_equal(np.load(tmp_path / "b" / f"{name}.npz")["arr_0"], arr)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
