@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -478,31 +479,34 @@ def load_config(path: str | os.PathLike) -> Config:
 MODEL_FLAG_DEFAULTS = {"model": "DiT-XL/2", "image_size": 256, "num_classes": 1000}
 
 
-def add_model_flags(parser: argparse.ArgumentParser, *, defaults: bool = True,
+def add_model_flags(parser: argparse.ArgumentParser, *, defaults: bool | Mapping = True,
                     show_size_overrides: bool = True, model_choices: bool = True) -> None:
     """--model, --image-size, --num-classes, --depth/--hidden-size/--num-heads and the speed switches
     --attn-backend / --fused-adaln, with DiT's names.
 
     ``defaults=False`` leaves the model-defining flags at None, so a caller that reads the model from
-    a saved config can tell a flag that was given from one that was not. ``model_choices=False``
-    leaves an unknown --model to validate_config (train.py's message names the choices too).
+    a saved config can tell a flag that was given from one that was not; a mapping gives other
+    defaults by flag dest (the demo's small DiT). ``model_choices=False`` leaves an unknown --model to
+    validate_config (train.py's message names the choices too).
     """
     from .models import DiT_models
+    own = dict(defaults) if isinstance(defaults, Mapping) else {}
 
     def default(name):
-        return MODEL_FLAG_DEFAULTS[name] if defaults else None
+        return own.get(name, MODEL_FLAG_DEFAULTS.get(name)) if defaults is not False else None
 
     a = parser.add_argument
     a("--model", type=str, choices=list(DiT_models.keys()) if model_choices else None, default=default("model"),
-      help=f"name in dit_fast.models.DiT_models (default {MODEL_FLAG_DEFAULTS['model']})")
+      help=f"name in dit_fast.models.DiT_models (default {default('model') or MODEL_FLAG_DEFAULTS['model']})")
     a("--image-size", type=int, default=default("image_size"),
       help=f"pixels; divisible by 8 x patch (VAE) or by the patch size (--vae none) "
-           f"(default {MODEL_FLAG_DEFAULTS['image_size']})")
+           f"(default {default('image_size') or MODEL_FLAG_DEFAULTS['image_size']})")
     a("--num-classes", type=int, default=default("num_classes"),
-      help=f"class labels (default {MODEL_FLAG_DEFAULTS['num_classes']})")
+      help=f"class labels (default {default('num_classes') or MODEL_FLAG_DEFAULTS['num_classes']})")
     size_help = "custom-size model: override the {}" if show_size_overrides else None
     for flag, what in (("--depth", "depth"), ("--hidden-size", "width"), ("--num-heads", "heads")):
-        a(flag, type=int, default=None, help=size_help.format(what) if size_help else argparse.SUPPRESS)
+        a(flag, type=int, default=own.get(flag[2:].replace("-", "_")),
+          help=size_help.format(what) if size_help else argparse.SUPPRESS)
     a("--attn-backend", type=str, default="sdpa",
       help="sdpa | math | triton | flash_attn | xformers | auto (dit_fast.dispatch)")
     adaln = parser.add_mutually_exclusive_group()
@@ -510,6 +514,15 @@ def add_model_flags(parser: argparse.ArgumentParser, *, defaults: bool = True,
                        help="adaLN ops: torch (the original's), triton (fused kernels) or auto")
     adaln.add_argument("--fused-adaln", dest="adaln_backend", action="store_const", const="triton",
                        help="the fused Triton adaLN kernels (= --adaln-backend triton)")
+
+
+def model_flags(m: ModelConfig) -> list[str]:
+    """The flags add_model_flags reads back into ``m`` (a child train.py command: the demo)."""
+    flags = ["--model", m.model, "--image-size", str(m.image_size), "--num-classes", str(m.num_classes)]
+    for name in ("depth", "hidden_size", "num_heads"):
+        if getattr(m, name) is not None:
+            flags += ["--" + name.replace("_", "-"), str(getattr(m, name))]
+    return flags + ["--attn-backend", m.attn_backend, "--adaln-backend", m.adaln_backend]
 
 
 def model_config_from_args(args: argparse.Namespace, **resolved) -> ModelConfig:

@@ -34,19 +34,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 STEP_LINE = re.compile(r"\(step=(\d+)\)")
 
 
+DEMO_MODEL = dict(model="DiT-S/2", image_size=8, num_classes=10, depth=4, hidden_size=128, num_heads=4)
+DIGIT_CLASSES = 10
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .cli import OneLineParser
+    from .config import add_model_flags
     from .sampling import SAMPLERS
 
     p = OneLineParser(prog="dit_fast.demo", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--out", default="results/demo", help="output directory (its train/ subfolder is replaced)")
-    a("--image-size", type=int, default=8, help="digit side: 8 (the originals) or upsampled, e.g. 16")
-    a("--patch-size", type=int, default=2)
-    a("--hidden-size", type=int, default=128)
-    a("--depth", type=int, default=4)
-    a("--num-heads", type=int, default=4)
+    # train.py's model flags (one ModelConfig); the small DiT that learns the digits on a CPU in minutes.
+    # --image-size: 8 (the originals) or upsampled, e.g. 16.
+    add_model_flags(p, defaults=DEMO_MODEL)
     a("--max-steps", type=int, default=800, help="optimizer steps (800: 100%% class accuracy in a 2-core run, 2026-11-26)")
     a("--global-batch-size", type=int, default=128)
     a("--lr", type=float, default=2e-3)
@@ -71,23 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    """Fail before any work (before the output folder is touched), naming the flag to change."""
-    for flag in ("patch_size", "hidden_size", "depth", "num_heads"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    """Fail before any work (before the output folder is touched), naming the flag to change: the
+    training run is validated by train.py's own parser and config (the same messages)."""
+    from .config import config_from_args
+    from .train.cli import build_parser as train_parser
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise NotADirectoryError(f"--out {args.out!r} is a file; give a directory")
-    if not 0.0 <= args.ema_decay < 1.0 or args.lr <= 0 or args.threads < 0 or args.cfg_scale < 1.0:
-        raise ValueError("need 0 <= --ema-decay < 1, --lr > 0, --threads >= 0 and --cfg-scale >= 1 "
-                         f"(got {args.ema_decay}, {args.lr}, {args.threads}, {args.cfg_scale})")
-    if args.image_size < 8 or args.image_size % args.patch_size:
-        raise ValueError(f"--image-size {args.image_size} must be >= 8 and divisible by --patch-size "
-                         f"{args.patch_size}")
-    if args.hidden_size % args.num_heads:
-        raise ValueError(f"--hidden-size {args.hidden_size} must be divisible by --num-heads {args.num_heads}")
-    for flag in ("max_steps", "global_batch_size", "num_sampling_steps", "samples_per_class", "log_every"):
+    if args.threads < 0 or args.cfg_scale < 1.0:
+        raise ValueError(f"need --threads >= 0 and --cfg-scale >= 1 (got {args.threads}, {args.cfg_scale})")
+    for flag in ("max_steps", "num_sampling_steps", "samples_per_class"):  # max_steps: also --ckpt-every
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    m = config_from_args(train_parser().parse_args(train_argv(args, Path("features"), Path("runs")))).model
+    if m.num_classes != DIGIT_CLASSES:
+        raise ValueError(f"--num-classes {m.num_classes}: the digits have {DIGIT_CLASSES} classes")
+    if m.image_size < 8 or m.image_size % m.patch_size:
+        raise ValueError(f"--image-size {m.image_size} must be >= 8 and divisible by the patch size "
+                         f"{m.patch_size} of --model {m.model}")
 
 
 def busy_cores(seconds: float = 0.5) -> float:
@@ -118,21 +121,23 @@ def pick_threads(requested: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ training
+def train_argv(args, features: Path, results_dir: Path) -> list[str]:
+    """train.py's flags for the demo run: the model flags of the demo's ModelConfig, then the recipe."""
+    from .config import model_config_from_args, model_flags
+    return [*model_flags(model_config_from_args(args)),
+            "--features-path", str(features), "--vae", "none", "--global-batch-size", str(args.global_batch_size),
+            "--max-steps", str(args.max_steps), "--log-every", str(args.log_every),
+            "--ckpt-every", str(args.max_steps), "--keep-last", "1", "--results-dir", str(results_dir),
+            "--lr", str(args.lr), "--ema-decay", str(args.ema_decay), "--precision", "fp32",
+            "--global-seed", str(args.seed), "--num-workers", "0", "--objective", args.objective]
+
+
 def train_command(args, features: Path, results_dir: Path) -> list[str]:
     """The plain-python train.py command (a world of one; DeepSpeed ZeRO stage 0)."""
     train_py = REPO_ROOT / "train.py"
     if not train_py.is_file():
         raise FileNotFoundError(f"{train_py} not found: run the demo from a dit_fast source checkout")
-    # The named size only fixes the patch; --depth/--hidden-size/--num-heads shrink it for a CPU.
-    return [sys.executable, str(train_py),
-            "--model", f"DiT-S/{args.patch_size}", "--depth", str(args.depth),
-            "--hidden-size", str(args.hidden_size), "--num-heads", str(args.num_heads),
-            "--features-path", str(features), "--vae", "none", "--image-size", str(args.image_size),
-            "--num-classes", "10", "--global-batch-size", str(args.global_batch_size),
-            "--max-steps", str(args.max_steps), "--log-every", str(args.log_every),
-            "--ckpt-every", str(args.max_steps), "--keep-last", "1", "--results-dir", str(results_dir),
-            "--lr", str(args.lr), "--ema-decay", str(args.ema_decay), "--precision", "fp32",
-            "--global-seed", str(args.seed), "--num-workers", "0", "--objective", args.objective]
+    return [sys.executable, str(train_py), *train_argv(args, features, results_dir)]
 
 
 def run_training(cmd: list[str], max_steps: int, threads: int) -> list[str]:

@@ -286,7 +286,8 @@ EXPORT_CASES = [
 ]
 DEMO_CASES = [
     ("size not divisible", E("--image-size", "9"), "divisible"),
-    ("zero patch", E("--patch-size", "0"), "--patch-size must be positive"),
+    ("unknown model", E("--model", "DiT-S/3"), "invalid choice"),
+    ("other classes", E("--num-classes", "3"), "the digits have 10 classes"),
     ("zero heads", E("--num-heads", "0"), "--num-heads must be positive"),
     ("out is a file", E("--out", "{txt}"), "is a file"),
     ("EMA decay 1", E("--ema-decay", "1"), "--ema-decay"),
@@ -338,7 +339,7 @@ def test_bad_input_one_line_exit_2_nothing_created(prog, main, name, argv, expec
     ("extract_features.py", ["--data-path", "{txt}", "--features-path", "out"]),
     ("sample.py", [*SAMPLE_TINY, "--ckpt", "{junk}"]),
     ("sample_ddp.py", [*SAMPLE_TINY, "--ckpt", "{tiny}", "--cfg-scale", "0.5"]),
-    ("-m dit_fast.demo", ["--patch-size", "0"]),
+    ("-m dit_fast.demo", ["--num-heads", "0"]),
 ])
 def test_bad_input_through_a_real_process(script, args, files, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

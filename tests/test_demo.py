@@ -79,9 +79,12 @@ def test_flow_demo_end_to_end_tiny(tmp_path):
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (10, 8, 8, 1)
 
 
-@pytest.mark.parametrize("flags, match", [(["--image-size", "9"], "divisible by --patch-size"),
+@pytest.mark.parametrize("flags, match", [(["--image-size", "9"], "divisible by the patch size 2 of --model DiT-S/2"),
+                                          (["--model", "DiT-S/4", "--image-size", "10"], "patch size 4"),
                                           (["--hidden-size", "30"], "--num-heads"),
-                                          (["--max-steps", "0"], "--max-steps")])
+                                          (["--max-steps", "0"], "--max-steps"),
+                                          (["--ema-decay", "1"], "--ema-decay"),
+                                          (["--num-classes", "7"], "the digits have 10 classes")])
 def test_demo_rejects_bad_flags_before_any_work(tmp_path, flags, match):
     from dit_fast.demo import main
 

@@ -87,6 +87,24 @@ def test_config_round_trip_and_flags(tmp_path):
     assert torch.load(tmp_path / "c.pt", weights_only=True)["config"] == config_to_dict(cfg)
 
 
+def test_model_flags_read_back_into_the_same_model_config():
+    """config.model_flags (the demo's child train.py command) is add_model_flags' inverse, size
+    overrides and backends included; a defaults mapping changes the defaults and the help."""
+    import argparse
+
+    from dit_fast.config import ModelConfig, add_model_flags, model_config_from_args, model_flags
+    parser = argparse.ArgumentParser()
+    add_model_flags(parser)
+    for m in (ModelConfig(), ModelConfig(model="DiT-S/4", image_size=32, num_classes=7, depth=2, hidden_size=48,
+                                         num_heads=3, attn_backend="math", adaln_backend="triton")):
+        assert model_config_from_args(parser.parse_args(model_flags(m))) == m
+    small = argparse.ArgumentParser()
+    add_model_flags(small, defaults=dict(model="DiT-S/2", image_size=8, depth=4))
+    got = model_config_from_args(small.parse_args([]))
+    assert (got.model, got.image_size, got.num_classes, got.depth, got.hidden_size) == ("DiT-S/2", 8, 1000, 4, None)
+    assert "(default DiT-S/2)" in small.format_help()
+
+
 @pytest.mark.parametrize("extra, match", [
     ([], "exactly one of --features-path"),
     (["--features-path", "x", "--data-path", "y"], "exactly one of --features-path"),
