@@ -192,7 +192,8 @@ def test_two_ranks_to_one_and_one_to_two(tmp_path, digits8, reference):
     """The two-rank ZeRO-2 reference's step 4 resumed on one rank (plain python), then that run's
     step 6 on two again: DeepSpeed's universal checkpoint, converted once, logged; the consolidated
     fp32 master, both Adam moments and the EMA after loading equal the checkpoint's (the loaded step
-    is written again in the new layout); the loss goes on without a jump."""
+    is written again in the new layout); the loss goes on without a jump. Then step 7 on the same two
+    ranks under ZeRO-1: the same path for a change of stage."""
     import shutil
 
     from tests.test_reshard import assert_same_state, consolidated
@@ -230,3 +231,17 @@ def test_two_ranks_to_one_and_one_to_two(tmp_path, digits8, reference):
     assert_same_state(consolidated(step6, tmp_path / "u"), before)
     assert "step-0000007" in ckpt_names(run)
     assert [s for s, _ in losses(run)] == list(range(1, 8))
+
+    # Same two ranks, another ZeRO stage: step 7 (ZeRO-2) continued under ZeRO-1, through the
+    # universal form as well; the loaded state is the checkpoint's, and the next loss follows on.
+    step7 = run / "checkpoints" / "step-0000007"
+    before, seven = consolidated(step7, tmp_path / "u"), losses(run)
+    at = args.index("--deepspeed_config") + 1
+    zero1 = [*args[:at], str(ROOT / "configs/deepspeed/zero1.json"), *args[at + 1:]]
+    out = ok(launch([*zero1, "--max-steps", "8", "--resume", "auto"]))
+    log = out.stdout + out.stderr
+    assert "The checkpoint was written under ZeRO-2, this run uses ZeRO-1" in log, log[-3000:]
+    assert "through the universal form (another ZeRO stage)" in log
+    assert_same_state(consolidated(step7, tmp_path / "u"), before)
+    eight = losses(run)
+    assert eight[:7] == seven and eight[7][0] == 8 and abs(eight[7][1] - ref[7][1]) < 0.1 * ref[7][1], eight
