@@ -495,14 +495,17 @@ def add_model_flags(parser: argparse.ArgumentParser, *, defaults: bool | Mapping
     def default(name):
         return own.get(name, MODEL_FLAG_DEFAULTS.get(name)) if defaults is not False else None
 
+    shown = issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)  # adds "(default: X)"
+
+    def says(name):  # the default in the help text, unless the formatter already prints it
+        return "" if shown else f" (default {default(name) or MODEL_FLAG_DEFAULTS[name]})"
+
     a = parser.add_argument
     a("--model", type=str, choices=list(DiT_models.keys()) if model_choices else None, default=default("model"),
-      help=f"name in dit_fast.models.DiT_models (default {default('model') or MODEL_FLAG_DEFAULTS['model']})")
+      help="name in dit_fast.models.DiT_models" + says("model"))
     a("--image-size", type=int, default=default("image_size"),
-      help=f"pixels; divisible by 8 x patch (VAE) or by the patch size (--vae none) "
-           f"(default {default('image_size') or MODEL_FLAG_DEFAULTS['image_size']})")
-    a("--num-classes", type=int, default=default("num_classes"),
-      help=f"class labels (default {default('num_classes') or MODEL_FLAG_DEFAULTS['num_classes']})")
+      help="pixels; divisible by 8 x patch (VAE) or by the patch size (--vae none)" + says("image_size"))
+    a("--num-classes", type=int, default=default("num_classes"), help="class labels" + says("num_classes"))
     size_help = "custom-size model: override the {}" if show_size_overrides else None
     for flag, what in (("--depth", "depth"), ("--hidden-size", "width"), ("--num-heads", "heads")):
         a(flag, type=int, default=own.get(flag[2:].replace("-", "_")),

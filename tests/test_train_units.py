@@ -103,6 +103,9 @@ def test_model_flags_read_back_into_the_same_model_config():
     got = model_config_from_args(small.parse_args([]))
     assert (got.model, got.image_size, got.num_classes, got.depth, got.hidden_size) == ("DiT-S/2", 8, 1000, 4, None)
     assert "(default DiT-S/2)" in small.format_help()
+    shown = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_flags(shown, defaults=dict(model="DiT-S/2"))
+    assert "(default: DiT-S/2)" in shown.format_help() and "(default DiT-S/2)" not in shown.format_help()
 
 
 @pytest.mark.parametrize("extra, match", [
