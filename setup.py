@@ -8,7 +8,7 @@ REQUIRES = [
 EXTRAS = {
     "triton": ["triton"],
     "vae": ["diffusers"],
-    "train": ["deepspeed"],
+    "train": ["deepspeed", "tensorboard"],  # TensorBoard: train.py's scalars beside metrics.jsonl
     "demo": ["scikit-learn"],
     # evaluate.py: scipy's sqrtm for FID. torch-fidelity is NOT a dependency (our own Inception port;
     # tests compare with it from a private folder, see the Makefile)

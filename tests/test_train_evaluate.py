@@ -4,7 +4,7 @@ The real Inception architecture with random weights (nothing can be downloaded h
 8x8 digits, 4 samples per evaluation (the fewest precision and recall allow); tests/train_fast_frechet.py stands in for scipy's 2048-wide sqrtm.
 Checked: two DeepSpeed ranks log the metrics at the expected steps (log.txt, metrics.jsonl) and train
 bit-identically to the same run without evaluation; an evaluation killed midway is done again on resume
-and gives the numbers of the uninterrupted run.
+and gives the numbers of the uninterrupted run, in metrics.jsonl and in TensorBoard alike.
 """
 import json
 import os
@@ -88,3 +88,15 @@ def test_evaluation_killed_midway_is_redone_on_resume(tmp_path, inputs):
     losses, evals = records(run)
     assert losses == whole_losses and [r["step"] for r in evals] == [r["step"] for r in whole_evals] == [4]
     assert {k: evals[0][k] for k in METRICS} == {k: whole_evals[0][k] for k in METRICS}
+    # TensorBoard tells the same story: every step once (steps 1-2 on disk before the kill -- flushed
+    # with checkpoint 2 at the latest --, 3-4 purged and written again on resume), the evaluation at step 4.
+    assert tensorboard_scalars(run, "train/loss") == [(s, np.float32(v)) for s, v in losses]
+    assert tensorboard_scalars(run, "eval/fid") == [(4, np.float32(evals[0]["fid"]))]
+
+
+def tensorboard_scalars(run, tag: str) -> list:
+    """(step, value) of one scalar in the run's TensorBoard events, as TensorBoard reads them."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return [(e.step, np.float32(e.value)) for e in events.Scalars(tag)]

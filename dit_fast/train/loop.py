@@ -211,6 +211,7 @@ class TrainLoop:
                        "zero_stage": int(self.engine.zero_optimization_stage()),
                        "skipped_steps": self.skipped_steps(), "config": config_to_dict(self.cfg)}
         ema_state = self.ema.state_dict() if self.ema.model is not None else None
+        self.metrics.flush()  # the TensorBoard events up to this step, before the step is published
         path = save_training_checkpoint(self.engine, ema_state, train_state, self.run_dir,
                                         self.pos.step, self.rank, self.cfg.train.keep_last)
         self.logger.info(f"Saved checkpoint to {path}")
@@ -233,6 +234,7 @@ class TrainLoop:
         finally:
             self.preempt.uninstall()
             close_workers(self.loader)
+            self.metrics.close()  # a failed run's last TensorBoard events too
 
     def _run(self) -> Position:
         t = self.cfg.train
@@ -275,7 +277,6 @@ class TrainLoop:
             self.save(stats)
         self.engine.eval()
         self.logger.info("Done!")
-        self.metrics.close()
         return self.pos
 
     def _stop_preempted(self, stats: LogStats, last_saved: int) -> None:
@@ -284,7 +285,6 @@ class TrainLoop:
                          f"{self.pos.step}, then stopping")
         path = self.save(stats) if last_saved != self.pos.step else \
             self.run_dir / "checkpoints" / step_dir_name(self.pos.step)
-        self.metrics.close()
         raise Preempted(f"stopped by a signal after step {self.pos.step}; checkpoint {path} is "
                         "complete: rerun with --resume auto to continue")
 

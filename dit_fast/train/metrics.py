@@ -122,11 +122,20 @@ class MetricsWriter:
                 if key != "step" and value is not None:
                     self.tb.add_scalar(f"{group}/{key}", value, record["step"])
 
+    def flush(self) -> None:
+        """TensorBoard's events on disk (its writer buffers up to 2 minutes): called with every
+        checkpoint, so a kill loses no event of a step that resume keeps."""
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
+        """Idempotent: the trainer closes on every way out, failures included."""
         if self.file is not None:
             self.file.close()
+            self.file = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def as_float(value) -> float | None:
