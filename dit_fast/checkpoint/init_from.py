@@ -30,8 +30,8 @@ import torch
 
 from .loading import load_state_dict, normalize_keys
 from .official import resolve_official
-from .run_files import TRAIN_STATE, is_complete, resolve_run_weights
-from .safe_io import CheckpointError, safe_torch_load
+from .run_files import resolve_run_weights, saved_config
+from .safe_io import CheckpointError
 
 POS_EMBED = "pos_embed"
 LABEL_TABLE = "y_embedder.embedding_table.weight"
@@ -95,11 +95,8 @@ def _source_classes(source, loaded) -> int | None:
     config = getattr(loaded, "config", None)  # a diffusers folder's config.json
     if config is not None:
         return config.get("num_embeds_ada_norm")
-    path = resolve_run_weights(resolve_official(source))
-    if path.is_file() and is_complete(path.parent):
-        saved = safe_torch_load(path.parent / TRAIN_STATE).get("config") or {}
-        return (saved.get("model") or {}).get("num_classes")
-    return None
+    saved = saved_config(resolve_run_weights(resolve_official(source)))
+    return None if saved is None else saved["model"]["num_classes"]
 
 
 def _plan_labels(plan: InitPlan, old: torch.Tensor, rows: int, num_classes: int, keep_labels: bool,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .safe_io import safe_torch_load
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAIN_STATE = "train_state.pt"
 CHECKPOINTS = "checkpoints"
@@ -60,3 +62,12 @@ def resolve_run_weights(path) -> Path:
                                     f"{CHECKPOINTS}/ yet")
         return resolve_run_weights(found[-1][1])
     return path
+
+
+def saved_config(weights) -> dict | None:
+    """The resolved training config (a plain dict) rank 0 saved in train_state.pt beside ``weights``
+    when it is the EMA file of a complete checkpoint; None for any other file."""
+    weights = Path(weights)
+    if weights.is_file() and is_complete(weights.parent):
+        return safe_torch_load(weights.parent / TRAIN_STATE)["config"]
+    return None

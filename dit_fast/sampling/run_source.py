@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dit_fast.checkpoint.run_files import TRAIN_STATE, is_complete, resolve_run_weights
+from dit_fast.checkpoint.run_files import resolve_run_weights, saved_config
 from dit_fast.config import Config, config_from_dict
 
 
@@ -34,13 +34,6 @@ class CkptSource:
     """Where the config was read, for messages."""
 
 
-def _saved_config_of_step(step_dir: Path) -> Config:
-    """The resolved config rank 0 saved in the checkpoint's train_state.pt."""
-    from dit_fast.checkpoint import safe_torch_load
-    state = safe_torch_load(step_dir / TRAIN_STATE)
-    return config_from_dict(state["config"])
-
-
 def resolve_ckpt(spec: str) -> CkptSource:
     """--ckpt -> the weights and, for a run dir / step dir / EMA file in a step dir, the saved config.
 
@@ -55,6 +48,7 @@ def resolve_ckpt(spec: str) -> CkptSource:
                                 f"checkpoints/step-NNNNNNN directory, a checkpoint file or one of "
                                 f"{', '.join(OFFICIAL_CHECKPOINTS)}")
     weights = resolve_run_weights(path)
-    if weights.is_file() and is_complete(weights.parent):
-        return CkptSource(spec, weights, _saved_config_of_step(weights.parent), str(weights.parent))
+    saved = saved_config(weights)
+    if saved is not None:
+        return CkptSource(spec, weights, config_from_dict(saved), str(weights.parent))
     return CkptSource(spec, weights)
