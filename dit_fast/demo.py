@@ -34,8 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 STEP_LINE = re.compile(r"\(step=(\d+)\)")
 
 
-DEMO_MODEL = dict(model="DiT-S/2", image_size=8, num_classes=10, depth=4, hidden_size=128, num_heads=4)
 DIGIT_CLASSES = 10
+DEMO_MODEL = dict(model="DiT-S/2", image_size=8, num_classes=DIGIT_CLASSES, depth=4, hidden_size=128, num_heads=4)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,12 +202,12 @@ def sample_digits(model, args, device: torch.device, run_dir: Path | None = None
     from .sampling import build_sampler
 
     torch.manual_seed(args.seed)
-    labels = torch.arange(10).repeat_interleave(args.samples_per_class)  # (N,)
+    labels = torch.arange(DIGIT_CLASSES).repeat_interleave(args.samples_per_class)  # (N,)
     z = torch.randn(len(labels), model.in_channels, args.image_size, args.image_size)
     # One grey channel with a learned variance: the output is [eps, variance], so the original's
     # "first three channels" would also extrapolate the variance weight; guide the noise channel only.
     process, method, options = _process(args, run_dir)
-    sampler = build_sampler(model, process, method=method, cfg_scale=args.cfg_scale, num_classes=10,
+    sampler = build_sampler(model, process, method=method, cfg_scale=args.cfg_scale, num_classes=DIGIT_CLASSES,
                             use_cfg=True, guide_all_channels=True, **options)
     samples = sampler.sample(z.to(device), labels.to(device), progress=True)
     return samples.clamp(-1, 1).cpu(), labels.numpy()
