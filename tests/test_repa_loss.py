@@ -116,3 +116,10 @@ def test_projector_and_model_get_gradients_through_repa_model():
     assert dit.final_layer.linear.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError):
         REPAModel(dit, [projector], encoder_depth=4)
+
+
+def test_repa_option_lists_agree_with_the_config():
+    """repa.loss keeps its own copy (config imports the repa package, so it cannot import config)."""
+    from dit_fast.config import REPA_PATH_TYPES, REPA_WEIGHTINGS
+    from dit_fast.repa import loss
+    assert (loss.PATH_TYPES, loss.WEIGHTINGS) == (REPA_PATH_TYPES, REPA_WEIGHTINGS)

@@ -7,6 +7,7 @@ so transformers' per-call interpolation (no antialiasing) never runs and the tok
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -33,10 +34,17 @@ def preprocess_raw_image(images: torch.Tensor, resolution: int | None = None) ->
     REPA normalises before resizing (bicubic weights sum to one, so the order changes only rounding).
     """
     side = encoder_input_size(resolution or images.shape[-1])
-    mean = images.new_tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    mean, std = _imagenet_stats(images.device)
     x = (images.float() / 255.0 - mean) / std
     return F.interpolate(x, size=(side, side), mode="bicubic")
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std as (1, 3, 1, 1) tensors on ``device``, made once (not a host-to-device
+    copy every training micro-step)."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def parse_enc_type(enc_type: str) -> tuple[bool, str]:

@@ -15,13 +15,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-PATH_TYPES = ("linear", "cosine")
-WEIGHTINGS = ("uniform", "lognormal")
+from ..diffusion.losses import mean_flat
 
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """(N, ...) -> (N,): the mean over every dimension but the batch."""
-    return x.mean(dim=tuple(range(1, x.ndim)))
+PATH_TYPES = ("linear", "cosine")  # = config.REPA_PATH_TYPES (config imports this package: no import here)
+WEIGHTINGS = ("uniform", "lognormal")  # = config.REPA_WEIGHTINGS
 
 
 def alignment_loss(zs, zs_tilde) -> torch.Tensor:

@@ -31,10 +31,11 @@ import math
 
 import torch
 
+from dit_fast.config import REPA_PATH_TYPES as PATH_TYPES
+
 from .base import Sampler, first_channels, with_progress
 from .guidance import Guidance
 
-PATH_TYPES = ("linear", "cosine")
 MODES = ("SDE", "ODE")
 SDE_LAST_T = 0.04  # REPA's Euler-Maruyama stops its noisy steps here; one mean step to t = 0
 
