@@ -25,11 +25,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input (a flag, a file, a folder), not a bug."""
+    """Exception types that mean bad input (a flag, a file, a folder, a missing optional package:
+    our ImportErrors name the extra to install), not a bug."""
     from .checkpoint import CheckpointError
     from .distributed import RemoteError
     from .vae import VAEError
-    return (ValueError, OSError, CheckpointError, VAEError, RemoteError)
+    return (ValueError, OSError, ImportError, CheckpointError, VAEError, RemoteError)
 
 
 def one_line(err: BaseException) -> str:

@@ -95,6 +95,16 @@ def adaln_backend_name(value) -> str:
                      f"False or 'auto', or 1 / 0, 'true' / 'false'), got {value!r}")
 
 
+def check_backends(attn_backend: str, adaln_backend, device) -> None:
+    """An unknown or unavailable --attn-backend / --adaln-backend on ``device`` is a ValueError (bad
+    input, one line), raised before a command writes anything."""
+    try:
+        resolve_attn_backend(attn_backend, device)
+        resolve_adaln_backend(adaln_backend, device)
+    except RuntimeError as err:  # "asked for but unavailable"
+        raise ValueError(str(err)) from err
+
+
 def resolve_attn_backend(name: str, device) -> str:
     """The concrete attention backend for ``name`` on ``device``; raises if asked for and unavailable."""
     key = ("attn", name, torch.device(device).type, os.environ.get("TRITON_INTERPRET", "0"))

@@ -275,7 +275,13 @@ SAMPLE_DDP_CASES = [
     ("grey images for the npz", S("--in-channels", "1"), "RGB"),
     ("batch not an int", S("--per-proc-batch-size", "x"), "invalid int value"),
     ("negative seed", S("--global-seed", "-1"), "--global-seed must be >= 0"),
-]
+    # Each of these used to fail after sample_ddp.json was written, so the corrected rerun was refused.
+    ("unknown device", S("--device", "bogus"), "--device bogus"),
+    ("unknown compile mode", S("--compile", "--compile-mode", "fastest"), "invalid choice"),
+    ("FlashAttention not installed", S("--device", "cpu", "--attn-backend", "flash_attn"),
+     "'flash_attn' was asked for but is unavailable"),
+] + ([] if torch.cuda.is_available() else [
+    ("CUDA absent", S("--device", "cuda"), "CUDA is not available on this machine")])
 EXPORT_TINY = SAMPLE_TINY[:-4]  # the tiny checkpoint's model flags, without the sampling ones
 EXPORT_CASES = [
     ("checkpoint missing", E(*EXPORT_TINY, "--ckpt", "{base}/nope.pt", "--out", "x"), "No checkpoint"),

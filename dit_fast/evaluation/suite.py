@@ -26,6 +26,25 @@ def minimum_images(k: int) -> int:
     return max(k + 1, 2)
 
 
+def check_reference(path, weights, flag: str, num_samples: Optional[int] = None) -> None:
+    """Before anything is sampled (sample_ddp.py --evaluate, train.py --eval-ref): the reference
+    batch's headers and size, the number of samples, the Inception weights file and scipy (FID's
+    sqrtm), each a one-line error naming ``flag`` -- not a failure after hours of sampling."""
+    from ..cli import flag_named
+    try:
+        import scipy.linalg  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"{flag} needs scipy for FID: pip install 'dit-fast[eval]'") from err
+    with flag_named(flag):
+        ref = open_batch(path, need_images=False)
+    need = minimum_images(3)
+    if ref.shape is not None and ref.count < need:
+        raise ValueError(f"{flag} {ref.path} has {ref.count} images; precision and recall need >= {need}")
+    if num_samples is not None and num_samples < need:
+        raise ValueError(f"{flag} needs --num-fid-samples >= {need} (precision and recall, k=3)")
+    resolve_weights(weights)
+
+
 def evaluate_features(sample: Features, ref: Optional[Features], ref_stats: Optional[dict] = None, *,
                       k: int = 3, split_size: int = 5000, arithmetic: str = "fp64", device=None) -> dict:
     """ADM's metrics of `sample` against `ref`: {inception_score, fid, sfid, precision, recall}.

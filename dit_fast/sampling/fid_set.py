@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dit_fast.checkpoint import official_checkpoint_name
-from dit_fast.cli import OneLineParser, flag_named
+from dit_fast.cli import OneLineParser
 from dit_fast.distributed import init_distributed
 from dit_fast.preempt import PREEMPTED_EXIT, Preempted
 from dit_fast.vae import is_pixel_space
@@ -66,17 +66,8 @@ def _check(cfg) -> None:
 
 def _check_evaluation(cfg) -> None:
     """--evaluate's reference, the sample count and the Inception weights, before anything is sampled."""
-    from dit_fast.evaluation.batches import open_batch
-    from dit_fast.evaluation.features import resolve_weights
-    from dit_fast.evaluation.suite import minimum_images
-    with flag_named("--evaluate"):
-        ref = open_batch(cfg.evaluate, need_images=False)
-    need = minimum_images(3)
-    if ref.shape is not None and ref.count < need:
-        raise ValueError(f"--evaluate: {ref.path} has {ref.count} images; precision and recall need >= {need}")
-    if cfg.num_fid_samples < need:
-        raise ValueError(f"--evaluate needs --num-fid-samples >= {need} (precision and recall, k=3)")
-    resolve_weights(cfg.inception_weights)
+    from dit_fast.evaluation.suite import check_reference
+    check_reference(cfg.evaluate, cfg.inception_weights, "--evaluate", cfg.num_fid_samples)
 
 
 def main(argv=None) -> dict:
@@ -85,8 +76,10 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     cfg, source = resolve_sample_config(args)
     _check(cfg)
-    ctx = init_distributed(cfg.device)  # a process group only under torchrun (NCCL / Gloo)
-    device = resolve_device(str(ctx.device), cfg.tf32)
+    # A bad --device or backend: one line before sample_ddp.json or a PNG exists (a rerun would be refused).
+    device = resolve_device(cfg.device, cfg.tf32, cfg.model)
+    ctx = init_distributed(str(device))  # a process group only under torchrun (NCCL / Gloo)
+    device = ctx.device  # cuda:LOCAL_RANK
     try:
         with torch.set_grad_enabled(False):
             return _sample_all(cfg, source, ctx.rank, ctx.world_size, device)

@@ -87,7 +87,8 @@ def add_common_flags(parser, *, cfg_default: float, vae_default: str) -> None:
     parser.add_argument("--guide-all-channels", action="store_true",
                         help="guide every channel (default: the first three, as the original)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the per-step function")
-    parser.add_argument("--compile-mode", type=str, default=None,
+    parser.add_argument("--compile-mode", default=None,
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                         help='torch.compile mode (default: "reduce-overhead" on CUDA, "default" on CPU)')
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="autocast dtype of the model call; the diffusion math stays fp32")
@@ -292,17 +293,11 @@ def _from_flags(args) -> tuple:
     return model, DiffusionConfig(), vae, objective, transport
 
 
-def resolve_model(args: argparse.Namespace) -> tuple:
-    """(ModelConfig with input_size resolved, DiffusionConfig, vae, CkptSource or None) of a command
-    line with add_common_flags' model flags: from the run --ckpt names (its saved config), else from
-    the flags. Shared by sample.py, sample_ddp.py and the export. None: no --ckpt (official)."""
-    model, diffusion, vae, _, _, source = resolve_run(args)
-    return model, diffusion, vae, source
-
-
 def resolve_run(args: argparse.Namespace) -> tuple:
-    """resolve_model's answer with the objective and TransportConfig in the middle:
-    (model, diffusion, vae, objective, transport, source)."""
+    """(model, diffusion, vae, objective, transport, source) of a command line with add_common_flags'
+    model flags: from the run --ckpt names (its saved config), else from the flags; ModelConfig with
+    input_size resolved; source None without --ckpt (official). Shared by sample.py, sample_ddp.py
+    and the export."""
     from dit_fast.vae import check_vae_spec
     source = resolve_ckpt(args.ckpt) if args.ckpt is not None else None
     if source is not None and source.config is not None:
@@ -416,9 +411,19 @@ def format_sample_config(cfg: SampleConfig) -> str:
     return "\n".join(lines)
 
 
-def resolve_device(name: Optional[str], tf32: bool = True) -> torch.device:
-    """The sampling device; on CUDA also applies the TF32 choice (the original turns TF32 on)."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+def resolve_device(name: Optional[str], tf32: bool = True, model=None) -> torch.device:
+    """The sampling device; on CUDA also applies the TF32 choice (the original turns TF32 on).
+    A device that cannot exist here, or (with ``model``, a ModelConfig) a backend that cannot run on
+    it, is a ValueError naming the flag."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if model is not None:
+        from dit_fast.dispatch import check_backends
+        check_backends(model.attn_backend, model.adaln_backend, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         if tf32:  # cuDNN's TF32 is on by default anyway; sample_ddp.py's --no-tf32 leaves it, as the original
@@ -430,8 +435,6 @@ def run_cli(main: Callable, prog: str, argv=None) -> None:
     """Run a sampling CLI's ``main``; library errors (bad flags, missing checkpoint or VAE, diffusers
     missing for a solver) exit with one clear line and exit code 2 instead of a traceback (dit_fast.cli)."""
     from dit_fast.cli import run_entry
-
-    from .solvers import MissingDiffusersError
-    code = run_entry(main, prog, argv, extra=(MissingDiffusersError,))
+    code = run_entry(main, prog, argv)
     if code:
         sys.exit(code)

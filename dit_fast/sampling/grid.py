@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
         raise IsADirectoryError(f"--out {cfg.out!r} is a directory; give the path of the PNG to write")
     check_class_labels(cfg.class_labels, cfg.model.num_classes)
     print(format_sample_config(cfg))
-    device = resolve_device(cfg.device, cfg.tf32)
+    device = resolve_device(cfg.device, cfg.tf32, cfg.model)
     m = cfg.model
 
     # The original's order of RNG use: seed, model init, (weights), VAE load, x_T, per-step noise.

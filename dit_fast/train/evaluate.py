@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..cli import flag_named
 from ..config import Config
 from ..sampling.config import SampleConfig
 from ..faults import maybe_fault
@@ -106,15 +105,8 @@ def check_evaluation(cfg: Config, world_size: int) -> None:
         if not ok:
             raise ValueError(message)
     _check_sampler(cfg)
-    from ..evaluation.batches import open_batch
-    from ..evaluation.features import resolve_weights
-    from ..evaluation.suite import minimum_images
-    with flag_named("--eval-ref"):
-        ref = open_batch(e.eval_ref, need_images=False)
-    if ref.shape is not None and ref.count < minimum_images(3):
-        raise ValueError(f"--eval-ref {ref.path} has {ref.count} images; precision and recall need "
-                         f">= {minimum_images(3)}")
-    resolve_weights(e.inception_weights)
+    from ..evaluation.suite import check_reference
+    check_reference(e.eval_ref, e.inception_weights, "--eval-ref")
 
 
 def sample_config(cfg: Config) -> SampleConfig:

@@ -21,6 +21,7 @@ import torch
 
 from ..checkpoint.run_files import step_dir_name
 from ..config import Config, config_to_dict, format_config, save_config
+from ..dispatch import check_backends
 from ..distributed import (broadcast_from_rank0, deepspeed_uses_cuda, env_world, guarded_collective,
                            init_distributed)
 from ..faults import maybe_fault, poison
@@ -65,7 +66,7 @@ def prepare(cfg: Config):
     if cfg.train.precision == "fp16" and not on_gpu:
         raise ValueError("--precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
                          "use --precision bf16 or fp32 on CPU")
-    _check_backends(cfg, "cuda" if on_gpu else "cpu")
+    check_backends(cfg.model.attn_backend, cfg.model.adaln_backend, "cuda" if on_gpu else "cpu")
     results = Path(cfg.train.results_dir)
     if results.exists() and not results.is_dir():
         raise NotADirectoryError(f"--results-dir {str(results)!r} is a file, not a directory")
@@ -112,17 +113,6 @@ def _check_data_fits(cfg: Config, items: int, input_size: int, world_size: int) 
         raise ValueError(f"{items} items give each of the {world_size} rank(s) {per_rank}, fewer "
                          f"than one optimizer step ({per_step}: micro batch x --grad-accum); lower "
                          "--global-batch-size or use more data")
-
-
-def _check_backends(cfg: Config, device_type: str) -> None:
-    """An unknown or unavailable --attn-backend / --adaln-backend (--fused-adaln) fails here, not after the group,
-    the run directory and config.json exist."""
-    from ..dispatch import resolve_adaln_backend, resolve_attn_backend
-    try:
-        resolve_attn_backend(cfg.model.attn_backend, device_type)
-        resolve_adaln_backend(cfg.model.adaln_backend, device_type)
-    except RuntimeError as err:  # dispatch says "asked for but unavailable" with a RuntimeError
-        raise ValueError(str(err)) from err
 
 
 def train(cfg: Config) -> Position:
